@@ -1,0 +1,228 @@
+"""attach / detach / save / load: the Caprese adapter's life cycle on a Hugging Face model.
+
+An adapter directory holds two files:
+- caprese_config.json: the CapreseConfig (method, density, rank, layers, ...), the base
+  model's fingerprint, and the sha256 of the weights file;
+- adapter.safetensors: L and R of every modified layer ("layers.{i}.L", "layers.{i}.R").
+Both are written to temporary files and renamed into place; the checksum ties the pair
+together, so a half-updated or truncated adapter is refused instead of silently loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from caprese.block import CapreseBlock
+from caprese.config import CapreseConfig
+from caprese.families import (
+    check_gated_mlp,
+    decoder_layers,
+    family_of,
+    mlp_of,
+    set_mlp,
+    text_config,
+)
+from caprese.families import fingerprint as config_fingerprint
+from caprese.methods import build_method
+from caprese.phases import PhaseState, handle_of, make_pre_hook, wrap_generate
+
+CONFIG_FILE = "caprese_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used: missing, corrupt, or made for another model."""
+
+
+@dataclass
+class Handle:
+    """What attach changed on a model, so that detach can undo exactly that."""
+
+    config: CapreseConfig
+    state: PhaseState
+    blocks: dict[int, CapreseBlock]
+    hook: torch.utils.hooks.RemovableHandle
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def fingerprint(model: nn.Module) -> dict:
+    return {"architecture": type(model).__name__, **config_fingerprint(model.config)}
+
+
+def blocks(model: nn.Module) -> dict[int, CapreseBlock]:
+    """Layer index -> CapreseBlock of an attached model."""
+    return handle_of(model).blocks
+
+
+def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
+    """Replace the chosen layers' MLPs with Caprese blocks, in place; freeze the base."""
+    if getattr(model, "_caprese", None) is not None:
+        raise ValueError("caprese is already attached to this model: call caprese.detach first")
+    family_of(model.config)
+    text = text_config(model.config)
+    layers = config.resolve_layers(len(decoder_layers(model)))
+    config.check_rank(text.hidden_size)
+    config = dataclasses.replace(config, layers=layers, fingerprint=fingerprint(model))
+    for index in layers:
+        check_gated_mlp(mlp_of(model, index), index)
+
+    state = PhaseState()
+    method = build_method(config.method, config.density)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    created = {}
+    for index in layers:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        block = CapreseBlock(mlp_of(model, index), method, state, config.rank,
+                             config.init, generator)
+        set_mlp(model, index, block)
+        created[index] = block
+    hook = model.register_forward_pre_hook(
+        make_pre_hook(state, inspect.signature(model.forward)), with_kwargs=True
+    )
+    model._caprese = Handle(config, state, created, hook, requires_grad)
+    model.generate = wrap_generate(model.generate)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Put the original MLP modules back and undo every other change attach made."""
+    handle = handle_of(model)
+    for index, block in handle.blocks.items():
+        set_mlp(model, index, block.mlp)
+    handle.hook.remove()
+    del model.generate  # the instance attribute set by attach; the class method shows again
+    for name, param in model.named_parameters():
+        param.requires_grad_(handle.requires_grad.get(name, param.requires_grad))
+    del model._caprese
+    return model
+
+
+def config_of(model: nn.Module) -> CapreseConfig:
+    return handle_of(model).config
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over path: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter (L, R per layer + config) to `directory`; returns its path."""
+    config = config_of(model)
+    if config.rank is None:
+        raise ValueError("this model has the method alone (rank=None): there is nothing to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for index, block in blocks(model).items():
+        tensors[f"layers.{index}.L"] = block.L.detach().to("cpu").contiguous()
+        tensors[f"layers.{index}.R"] = block.R.detach().to("cpu").contiguous()
+    weights = directory / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
+    record = json.loads(config.to_json())
+    record["weights_sha256"] = _sha256(weights)
+    text = json.dumps(record, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> tuple[CapreseConfig, str]:
+    """The adapter's config and the checksum recorded for its weights."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: is {directory} a caprese adapter directory?")
+    try:
+        record = json.loads(path.read_text())
+        checksum = record.pop("weights_sha256")
+        return CapreseConfig.from_json(json.dumps(record)), checksum
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise AdapterError(f"{path} is not a valid caprese config: {error}") from error
+
+
+def _check_fingerprint(expected: dict, model: nn.Module) -> None:
+    actual = fingerprint(model)
+    differences = [
+        f"{key}: adapter {expected.get(key)!r}, model {actual.get(key)!r}"
+        for key in sorted(set(expected) | set(actual))
+        if expected.get(key) != actual.get(key)
+    ]
+    if differences:
+        raise AdapterError(
+            "adapter was made for a different model architecture (" + "; ".join(differences) + ")"
+        )
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the saved config to `model` and fill in the saved L and R."""
+    config, checksum = read_config(directory)
+    _check_fingerprint(config.fingerprint, model)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{weights} not found: the adapter directory is incomplete")
+    if _sha256(weights) != checksum:
+        raise AdapterError(
+            f"{weights} does not match the checksum in {CONFIG_FILE}: the file is corrupt, "
+            "truncated or from another save; save the adapter again"
+        )
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {error}") from error
+    attach(model, config)
+    try:
+        _fill(model, tensors, weights)
+    except AdapterError:
+        detach(model)
+        raise
+    return model
+
+
+@torch.no_grad()
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected = set()
+    for index, block in blocks(model).items():
+        for name in ("L", "R"):
+            key = f"layers.{index}.{name}"
+            expected.add(key)
+            param = getattr(block, name)
+            if key not in tensors:
+                raise AdapterError(f"{source} has no tensor {key}")
+            if tensors[key].shape != param.shape:
+                raise AdapterError(
+                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                    f"{tuple(param.shape)}"
+                )
+            param.copy_(tensors[key])
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise AdapterError(f"{source} has tensors for layers the config does not list: {extra}")

@@ -1,0 +1,185 @@
+"""CapreseBlock: one gated MLP, its efficient method, and the low-rank path x L R.
+
+    FF+(x) = FFhat(x) + x L R          L: D x r,  R: r x D,  R = 0 at start
+
+Two decode forms compute the same thing:
+- reference: the masked dense MLP plus (x L) R, differentiable, used for training and tests;
+- fused (the paper's inference form): u = x [W1hat | L]; the gate multiplies only the first
+  k entries of u; out = u [W2hat ; R]. Decode then runs exactly the efficient method's three
+  matrix products, the low-rank path riding along inside them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from caprese.methods import FastWeights, Method
+from caprese.methods.base import linear_rows
+from caprese.phases import Phase, PhaseState
+
+
+def init_left(hidden: int, rank: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """L must be nonzero (with R = 0, the gradient of R is (x L)^T g).
+
+    N(0, 1/D) keeps x L at the scale of x per entry, like a standard linear init; orthogonal
+    columns make x L an exact projection, which conditions the first steps of R's training.
+    """
+    left = torch.randn(hidden, rank, generator=generator) / math.sqrt(hidden)
+    if kind == "orthogonal":
+        left = torch.linalg.qr(left).Q
+    return left
+
+
+class CapreseBlock(nn.Module):
+    """Replaces one model MLP; the original module lives on as `self.mlp`, untouched."""
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        method: Method,
+        state: PhaseState,
+        rank: int | None,
+        init: str = "gaussian",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.method = method
+        self.phase_state = state
+        self.fused = True
+        weight = mlp.up_proj.weight
+        hidden = weight.shape[1]
+        if rank is None:
+            self.L = self.R = None
+        else:
+            left = init_left(hidden, rank, init, generator or torch.Generator())
+            self.L = nn.Parameter(left.to(device=weight.device, dtype=weight.dtype))
+            self.R = nn.Parameter(torch.zeros(rank, hidden, device=weight.device,
+                                              dtype=weight.dtype))
+        self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
+        self.batch_size: int | None = None
+        self.fast: FastWeights | None = None
+        self._shared_fast: tuple[tuple, FastWeights] | None = None
+
+    # -- the pieces -------------------------------------------------------------------------
+    def _dense_parts(self, x: torch.Tensor):
+        """act(gate), up and their product: the original MLP's ops, in its order."""
+        act_gate = self.mlp.act_fn(self.mlp.gate_proj(x))
+        up = self.mlp.up_proj(x)
+        return act_gate, up, act_gate * up
+
+    def lowrank(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.L is None else (x @ self.L) @ self.R
+
+    def _select(self, act_gate, hidden, valid) -> None:
+        self.selection = self.method.select(act_gate, hidden, valid)
+        self.batch_size = hidden.shape[0]
+        self.fast = None
+
+    # -- phases -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        phase = self.phase_state.phase
+        if phase is Phase.DENSE:
+            return self.mlp(x)
+        if phase is Phase.PREFILL:
+            return self._prefill(x)
+        if phase is Phase.DECODE:
+            return self._decode(x)
+        return self._split(x)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        act_gate, up, hidden = self._dense_parts(x)
+        self._select(act_gate, hidden, self.phase_state.valid)
+        if self.fused and not torch.is_grad_enabled():
+            self.fast = self._fast_weights()  # gathering is part of time to first token
+        return self.mlp.down_proj(hidden)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_size is None:
+            raise RuntimeError("decode before prefill: run the prompt through the model first")
+        if x.shape[0] != self.batch_size:
+            raise RuntimeError(
+                f"decode batch of {x.shape[0]} after a prefill of {self.batch_size}; beam "
+                "search and batch reordering are not supported: run a new prefill"
+            )
+        if self.fused and not torch.is_grad_enabled():
+            return self._decode_fused(x)
+        return self._decode_reference(x)
+
+    def _compressed(self, act_gate, up, hidden) -> torch.Tensor:
+        mask = self.method.keep_mask(self.selection, act_gate)
+        return hidden if mask is None else act_gate * mask * up
+
+    def _decode_reference(self, x: torch.Tensor) -> torch.Tensor:
+        act_gate, up, hidden = self._dense_parts(x)
+        out = self.mlp.down_proj(self._compressed(act_gate, up, hidden))
+        extra = self.lowrank(x)
+        return out if extra is None else out + extra
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.phase_state
+        positions = torch.arange(x.shape[1], device=x.device)
+        is_decode = positions[None, :] >= state.boundary[:, None]  # (B, S)
+        act_gate, up, hidden = self._dense_parts(x)
+        self._select(act_gate, hidden, state.valid & ~is_decode)
+        mixed = torch.where(is_decode[..., None], self._compressed(act_gate, up, hidden), hidden)
+        out = self.mlp.down_proj(mixed)
+        extra = self.lowrank(x)
+        if extra is None:
+            return out
+        return out + extra * is_decode[..., None].to(extra.dtype)
+
+    # -- fused fast path --------------------------------------------------------------------
+    def _fast_weights(self) -> FastWeights:
+        """The method's decode weights with L appended to up and R to down (rows)."""
+        gathered = self.method.gather(self.mlp, self.selection)
+        if gathered.up.dim() == 3:  # per-sample matrices, rebuilt at every prefill
+            return self._append_lowrank(gathered)
+        # Shared matrices: cached while L and R are unchanged (version counters track
+        # in-place optimizer updates).
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype)
+                    for p in (gathered.up, self.L, self.R) if p is not None)
+        if self._shared_fast is None or self._shared_fast[0] != key:
+            self._shared_fast = (key, self._append_lowrank(gathered))
+        return self._shared_fast[1]
+
+    @torch.no_grad()
+    def _append_lowrank(self, fast: FastWeights) -> FastWeights:
+        if self.L is None:
+            return fast
+        left_rows, right = self.L.t(), self.R
+        if fast.up.dim() == 3:
+            batch = fast.up.shape[0]
+            left_rows = left_rows.expand(batch, -1, -1)
+            right = right.expand(batch, -1, -1)
+        up_bias = fast.up_bias
+        if up_bias is not None:
+            up_bias = torch.cat([up_bias, up_bias.new_zeros(*up_bias.shape[:-1], self.L.shape[1])],
+                                dim=-1)
+        return FastWeights(
+            gate=fast.gate,
+            gate_bias=fast.gate_bias,
+            up=torch.cat([fast.up, left_rows], dim=-2),
+            up_bias=up_bias,
+            down_rows=torch.cat([fast.down_rows, right], dim=-2),
+        )
+
+    def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast is None:
+            self.fast = self._fast_weights()
+        fast = self.fast
+        act_gate = self.mlp.act_fn(linear_rows(x, fast.gate, fast.gate_bias))
+        tau = self.method.gate_threshold(self.selection)
+        if tau is not None:
+            act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
+        up = linear_rows(x, fast.up, fast.up_bias)
+        kept = act_gate.shape[-1]
+        if up.shape[-1] == kept:
+            hidden = act_gate * up
+        else:  # the gate multiplies the first k entries; the last r are x L
+            hidden = up
+            hidden[..., :kept].mul_(act_gate)
+        return linear_rows(hidden, fast.down_rows.transpose(-2, -1), self.mlp.down_proj.bias)

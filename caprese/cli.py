@@ -1,0 +1,32 @@
+"""The `caprese` command line: one subcommand per part of the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from caprese import info, models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caprese",
+        description="Low-rank distillation for sparsified LLM feed-forward blocks (Caprese).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    info.add_cli(subparsers)
+    models.add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"caprese {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

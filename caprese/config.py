@@ -1,0 +1,94 @@
+"""CapreseConfig: which efficient method, where, and how large the low-rank path is.
+
+The config is the single source of truth for an adapter: it is written as JSON beside the
+adapter weights and read back by `caprese.load`, so every field must be JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("griffin", "cats", "none")
+L_INITS = ("gaussian", "orthogonal")
+
+
+@dataclass
+class CapreseConfig:
+    """How to compress the MLPs and how to compensate them.
+
+    method:  "griffin" (per-prompt neuron selection), "cats" (per-prompt activation
+             threshold) or "none" (dense MLP; the low-rank path alone, for tests).
+    density: fraction of MLP neurons (griffin) or gate activations (cats) kept, in (0, 1].
+    rank:    r of the low-rank path x L R; None attaches the method alone.
+    layers:  decoder-layer indices to modify; None = the method's default (griffin: first
+             half, as in the paper; cats and none: all layers).
+    init:    how L starts ("gaussian": N(0, 1/D), "orthogonal"); R always starts at zero so
+             that an untrained adapter is exactly the efficient method.
+    seed:    seed for L's initialisation, so that attach is reproducible.
+    """
+
+    method: str = "griffin"
+    density: float = 0.5
+    rank: int | None = 256
+    layers: list[int] | None = None
+    init: str = "gaussian"
+    seed: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
+        if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        self.density = float(self.density)
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(
+                f"rank must be a positive integer (or None for the method alone), "
+                f"got {self.rank!r}"
+            )
+        if self.init not in L_INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(L_INITS)}")
+        if self.layers is not None:
+            self.layers = sorted({int(i) for i in self.layers})
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The layer indices this config modifies on a model with `num_layers` layers."""
+        if self.layers is None:
+            if self.method == "griffin":
+                return list(range(num_layers // 2))
+            return list(range(num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"layers {bad} do not exist: the model has {num_layers} layers "
+                f"(0..{num_layers - 1})"
+            )
+        return list(self.layers)
+
+    def check_rank(self, hidden_size: int) -> None:
+        """A rank of D or more is no longer low-rank (and costs more than a dense D x D map)."""
+        if self.rank is not None and self.rank >= hidden_size:
+            raise ValueError(
+                f"rank {self.rank} must be smaller than the hidden size {hidden_size}"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CapreseConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("caprese config JSON must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown caprese config fields {unknown}; was it written by a newer caprese?"
+            )
+        return cls(**data)

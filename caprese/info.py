@@ -1,0 +1,133 @@
+"""`caprese info`: parameter budget of a model under a method and Caprese, from its config.
+
+The model is built on the meta device, so a 14B configuration costs no memory and no
+download of weights. "Active parameters per decode token" counts the weights a generated
+token multiplies with: every decoder layer plus the LM head (the embedding is a lookup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from caprese.config import CapreseConfig
+from caprese.families import decoder_layers, family_of, text_config
+
+
+@dataclass
+class Budget:
+    model_type: str
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    total_params: int
+    method: str
+    density: float
+    rank: int | None
+    method_layers: list[int]
+    caprese_params: int
+    caprese_share: float  # of the base model's parameters
+    active_full: int
+    active_method: int
+    active_caprese: int
+
+
+def load_config(model: str) -> transformers.PretrainedConfig:
+    """A config from a config.json file, a model folder, or a Hub id (no weights)."""
+    path = Path(model)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise ValueError(f"{path} has no model_type: is it a transformers config.json?")
+        return transformers.AutoConfig.for_model(**data)
+    return transformers.AutoConfig.from_pretrained(model)
+
+
+def budget(config: transformers.PretrainedConfig, caprese: CapreseConfig) -> Budget:
+    family_of(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    text = text_config(config)
+    d, d_ff = text.hidden_size, text.intermediate_size
+    layers = decoder_layers(model)
+    chosen = caprese.resolve_layers(len(layers))
+    caprese.check_rank(d)
+
+    total = sum(p.numel() for p in model.parameters())
+    active_full = sum(p.numel() for p in layers.parameters())
+    active_full += sum(p.numel() for p in model.get_output_embeddings().parameters())
+    mlp = 3 * d * d_ff
+    saved = {"griffin": mlp, "cats": 2 * d * d_ff, "none": 0}[caprese.method]
+    active_method = active_full - round(len(chosen) * saved * (1.0 - caprese.density))
+    path = 0 if caprese.rank is None else 2 * d * caprese.rank * len(chosen)
+    return Budget(
+        model_type=config.model_type,
+        layers=len(layers),
+        hidden_size=d,
+        intermediate_size=d_ff,
+        total_params=total,
+        method=caprese.method,
+        density=caprese.density,
+        rank=caprese.rank,
+        method_layers=chosen,
+        caprese_params=path,
+        caprese_share=path / total,
+        active_full=active_full,
+        active_method=active_method,
+        active_caprese=active_method + path,
+    )
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers))
+
+
+def format_budget(b: Budget) -> str:
+    def millions(n: int) -> str:
+        return f"{n / 1e6:,.1f}M"
+
+    rows = [
+        ("model type", b.model_type),
+        ("layers / D / D_FF", f"{b.layers} / {b.hidden_size} / {b.intermediate_size}"),
+        ("parameters", millions(b.total_params)),
+        ("method", f"{b.method}, density {b.density:g}, layers {_layer_ranges(b.method_layers)}"),
+        ("Caprese rank", "none (method alone)" if b.rank is None else str(b.rank)),
+        ("Caprese parameters",
+         f"{millions(b.caprese_params)} ({100 * b.caprese_share:.2f}% of the model; "
+         f"2*D*r = {millions(2 * b.hidden_size * (b.rank or 0))} per layer)"),
+        ("active params / decode token", ""),
+        ("  full", millions(b.active_full)),
+        ("  method", f"{millions(b.active_method)} ({100 * b.active_method / b.active_full:.1f}%)"),
+        ("  Caprese",
+         f"{millions(b.active_caprese)} ({100 * b.active_caprese / b.active_full:.1f}%)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    caprese = CapreseConfig(method=args.method, density=args.density,
+                            rank=None if args.rank == 0 else args.rank)
+    result = budget(load_config(args.model), caprese)
+    print(json.dumps(asdict(result), indent=2) if args.json else format_budget(result))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "info", help="parameter budget of a model under a method and Caprese (no weights loaded)"
+    )
+    parser.add_argument("--model", required=True,
+                        help="config.json file, model folder, or Hugging Face model id")
+    parser.add_argument("--method", default="griffin", choices=["griffin", "cats", "none"])
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--rank", type=int, default=256, help="0 for the method alone")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)

@@ -1,0 +1,67 @@
+"""The interface every efficient method implements, and the fast-decode weight bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FastWeights:
+    """Weights the fast decode path multiplies with, in nn.Linear layout (out, in).
+
+    Shared weights are 2-D; per-sample weights (GRIFFIN's gathered neurons) carry a leading
+    batch dimension. `down_rows` is the transposed down projection, (..., k, D), so that a
+    low-rank R (r x D) appends as extra rows.
+    """
+
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down_rows: torch.Tensor
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias for shared (2-D) or per-sample (3-D) weights."""
+    if weight.dim() == 2:
+        return nn.functional.linear(x, weight, bias)
+    y = torch.bmm(x, weight.transpose(1, 2))
+    if bias is None:
+        return y
+    return y + (bias if bias.dim() == 1 else bias[:, None, :])
+
+
+class Method:
+    """A compressed MLP: what to keep is decided once per sample, from the prompt."""
+
+    name = "base"
+
+    def __init__(self, density: float) -> None:
+        self.density = density
+
+    def select(
+        self, act_gate: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-sample state from prompt positions where `valid` (B, S) is True."""
+        raise NotImplementedError
+
+    def keep_mask(self, state: torch.Tensor | None, act_gate: torch.Tensor) -> torch.Tensor | None:
+        """Reference form: a 0/1 mask broadcastable to act_gate (None keeps everything)."""
+        raise NotImplementedError
+
+    def gather(self, mlp: nn.Module, state: torch.Tensor | None) -> FastWeights:
+        """The (possibly smaller) weights the fast decode path reads."""
+        return FastWeights(
+            gate=mlp.gate_proj.weight,
+            gate_bias=mlp.gate_proj.bias,
+            up=mlp.up_proj.weight,
+            up_bias=mlp.up_proj.bias,
+            down_rows=mlp.down_proj.weight.t(),
+        )
+
+    def gate_threshold(self, state: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-sample |gate| threshold applied in the fast path (CATS), else None."""
+        return None

@@ -1,0 +1,163 @@
+"""Which phase a forward pass is in, decided in one place for every Caprese block.
+
+- PREFILL: the prompt. The MLP runs dense (output exactly the original's) and each block
+  keeps its per-sample selection or threshold.
+- DECODE: generated tokens. Compressed MLP + x L R.
+- SPLIT: teacher forcing. One forward over prompt + continuation; positions before each
+  sample's boundary run as PREFILL, the rest as DECODE. Training and fidelity use it.
+- DENSE: the original model (teacher), nothing selected.
+
+Without an explicit context, a forward is a PREFILL when its KV cache is empty and a DECODE
+when it extends a non-empty cache: that is exactly what prefill and decode mean, and it is how
+`model.generate` drives the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class Phase(enum.Enum):
+    DENSE = "dense"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SPLIT = "split"
+
+
+@dataclass
+class PhaseState:
+    """Shared by all blocks of one model; written only by the forward pre-hook below."""
+
+    phase: Phase = Phase.DENSE
+    valid: torch.Tensor | None = None  # (B, S) bool: real tokens of the current input
+    boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
+    forced: Phase | None = None
+    teacher_depth: int = 0
+
+
+def _past_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    raise TypeError(
+        f"caprese needs a transformers Cache object as past_key_values, got {type(cache).__name__}"
+    )
+
+
+def _cache_argument(arguments: dict):
+    """The KV cache: `cache` since transformers 5.x, `past_key_values` before."""
+    for source in (arguments, arguments.get("kwargs") or {}):
+        for name in ("cache", "past_key_values"):
+            if source.get(name) is not None:
+                return source[name]
+    return None
+
+
+def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask[:, -shape[1]:].to(device=device, dtype=torch.bool)
+    return torch.ones(shape, dtype=torch.bool, device=device)
+
+
+def make_pre_hook(state: PhaseState, forward_signature: inspect.Signature):
+    """A forward pre-hook (with kwargs) for the causal-LM module that sets the phase."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+        bound = forward_signature.bind_partial(*args, **kwargs).arguments
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        if state.teacher_depth > 0:
+            state.phase = Phase.DENSE
+        elif state.forced is not None:
+            state.phase = state.forced
+        else:
+            cache = _cache_argument(bound)
+            state.phase = Phase.PREFILL if _past_length(cache) == 0 else Phase.DECODE
+        if tokens is not None and state.phase in (Phase.PREFILL, Phase.SPLIT):
+            state.valid = _valid_mask(bound.get("attention_mask"), tokens.shape[:2], tokens.device)
+        if state.phase is Phase.SPLIT:
+            if state.boundary is None or tokens is None or len(state.boundary) != tokens.shape[0]:
+                raise ValueError("split forward needs one boundary per sample in the batch")
+            state.boundary = state.boundary.to(tokens.device)
+        return None
+
+    return pre_hook
+
+
+def handle_of(model: nn.Module):
+    """What caprese.attach recorded on the model (an adapter.Handle)."""
+    handle = getattr(model, "_caprese", None)
+    if handle is None:
+        raise ValueError("this model has no caprese blocks: call caprese.attach(model, config)")
+    return handle
+
+
+def state_of(model: nn.Module) -> PhaseState:
+    return handle_of(model).state
+
+
+@contextlib.contextmanager
+def teacher(model: nn.Module) -> Iterator[nn.Module]:
+    """The original dense model from the same weights: method and low-rank path off."""
+    state = state_of(model)
+    state.teacher_depth += 1
+    try:
+        yield model
+    finally:
+        state.teacher_depth -= 1
+
+
+@contextlib.contextmanager
+def split(model: nn.Module, boundary: torch.Tensor | list[int]) -> Iterator[nn.Module]:
+    """Teacher-forced forwards: sample b's positions < boundary[b] are prompt (prefill).
+
+    Boundaries index the padded input, so with left padding they include the pad count.
+    """
+    state = state_of(model)
+    if state.forced is not None:
+        raise RuntimeError("caprese.split contexts cannot be nested")
+    state.forced, state.boundary = Phase.SPLIT, torch.as_tensor(boundary, dtype=torch.long)
+    try:
+        yield model
+    finally:
+        state.forced, state.boundary = None, None
+
+
+@contextlib.contextmanager
+def forced_phase(model: nn.Module, phase: Phase) -> Iterator[nn.Module]:
+    """Run in one phase regardless of the cache: hand-written decode loops, or calling
+    blocks directly (the phase is set at once, not only at the next model forward)."""
+    state = state_of(model)
+    previous = state.forced, state.phase
+    state.forced = state.phase = phase
+    try:
+        yield model
+    finally:
+        state.forced, state.phase = previous
+
+
+def wrap_generate(generate):
+    """model.generate, refusing cache-less generation (every step would look like a prompt)."""
+
+    @functools.wraps(generate)
+    def caprese_generate(*args, **kwargs):
+        config = kwargs.get("generation_config")
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if use_cache is False:
+            raise ValueError(
+                "caprese generation needs the KV cache (use_cache=True): the prompt runs "
+                "dense once and only generated tokens run compressed"
+            )
+        return generate(*args, **kwargs)
+
+    return caprese_generate

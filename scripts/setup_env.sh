@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Make (or reuse) .venv and install caprese into it.
+# CPU machines get the pinned CPU wheel of torch; on a GPU machine set CAPRESE_TORCH to the
+# torch requirement you want (for example CAPRESE_TORCH="torch" for the default CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "${CAPRESE_TORCH:-torch==2.13.0}"
+python -m pip install --quiet -e ".[dev]"

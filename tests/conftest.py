@@ -1,0 +1,63 @@
+"""Tiny random-weight models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILY_CONFIGS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "gemma2": (transformers.Gemma2Config, {"sliding_window": 16}),
+    "gemma3_text": (transformers.Gemma3TextConfig, {"sliding_window": 16}),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_class, extra = FAMILY_CONFIGS[family]
+    config = config_class(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval()
+    # Frozen like an inference model and like the base under caprese.attach: PyTorch picks a
+    # different (bitwise) matmul kernel for strided inputs when the weight requires grad.
+    model.requires_grad_(False)
+    # Random init leaves the MLP outputs tiny next to the residual stream; scale them up so
+    # that compressing the MLP changes the logits visibly.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mlp" in name:
+                param.mul_(4.0)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def prompt_ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, COMMON["vocab_size"], (batch, length), generator=generator)

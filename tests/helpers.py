@@ -1,0 +1,42 @@
+"""Shared test utilities: generation with per-step logits, and model copies."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import caprese
+
+
+def generate_with_logits(model, ids, steps=4, attention_mask=None, **kwargs):
+    """Greedy tokens (B, S + steps) and the logits of every generated step (B, steps, V)."""
+    out = model.generate(
+        ids,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def attached_copy(model, **config):
+    return caprese.attach(copy.deepcopy(model), caprese.CapreseConfig(**config))
+
+
+def randomize_lowrank(model, seed=0, scale=0.5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in caprese.blocks(model).values():
+            block.L.copy_(torch.randn(block.L.shape, generator=generator) * scale)
+            block.R.copy_(torch.randn(block.R.shape, generator=generator) * scale)
+
+
+def set_fused(model, fused: bool) -> None:
+    for block in caprese.blocks(model).values():
+        block.fused = fused

@@ -1,0 +1,37 @@
+"""`caprese info` on the public configs of the paper's models (no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from caprese.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_info_llama_8b_matches_the_paper_share(capsys):
+    assert main(["info", "--model", str(CONFIGS / "llama-3.1-8b.json"), "--method", "cats",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layers"] == 32 and result["hidden_size"] == 4096
+    assert abs(result["total_params"] - 8.03e9) < 0.01e9
+    assert result["caprese_params"] == 2 * 4096 * 256 * 32
+    assert round(100 * result["caprese_share"], 2) == 0.84  # the paper's 0.84%
+    assert result["active_caprese"] - result["active_method"] == result["caprese_params"]
+
+
+def test_info_griffin_defaults_to_first_half(capsys):
+    assert main(["info", "--model", str(CONFIGS / "qwen2.5-14b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "griffin, density 0.5, layers 0-23" in out
+    assert "48 / 5120 / 13824" in out
+
+
+def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text("{}")
+    assert main(["info", "--model", str(bad)]) == 2
+    assert "has no model_type" in capsys.readouterr().err
+    assert main(["info", "--model", str(CONFIGS / "llama-3.1-8b.json"), "--rank", "4096"]) == 2
+    assert "must be smaller than the hidden size" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""GRIFFIN's selection and CATS's threshold against direct reference computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caprese.methods import Cats, Griffin
+
+
+def random_prompt(batch=3, seq=7, d_ff=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    act = torch.randn(batch, seq, d_ff, generator=generator)
+    hidden = act * torch.randn(batch, seq, d_ff, generator=generator)
+    valid = torch.ones(batch, seq, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    valid[2, 5:] = False  # right padding
+    return act, hidden, valid
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
+def test_griffin_selection_matches_reference(density):
+    act, hidden, valid = random_prompt()
+    selection = Griffin(density).select(act, hidden, valid)
+    k = round(density * 40)
+    for b in range(3):
+        z = hidden[b][valid[b]]  # the sample's real prompt tokens only
+        scores = torch.zeros(40)
+        for j in range(40):  # column l2 norm of the row-normalised activations
+            scores[j] = sum((z[t, j] / z[t].norm()) ** 2 for t in range(len(z))).sqrt()
+        expected = sorted(scores.argsort(descending=True)[:k].tolist())
+        assert selection[b].tolist() == expected
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
+def test_cats_threshold_matches_reference(density):
+    act, hidden, valid = random_prompt()
+    tau = Cats(density).select(act, hidden, valid)
+    for b in range(3):
+        values = act[b][valid[b]].abs().flatten()
+        expected = torch.quantile(values, 1.0 - density, interpolation="lower")
+        assert tau[b] == expected
+        kept = (values > tau[b]).float().mean().item()
+        assert abs(kept - density) <= 2 / values.numel()
+
+
+def test_masks_keep_what_was_selected():
+    act, hidden, valid = random_prompt()
+    griffin = Griffin(0.25)
+    selection = griffin.select(act, hidden, valid)
+    mask = griffin.keep_mask(selection, act)
+    assert mask.shape == (3, 1, 40)
+    assert mask.sum(dim=-1).flatten().tolist() == [10, 10, 10]
+    cats = Cats(0.25)
+    tau = cats.select(act, hidden, valid)
+    assert torch.equal(cats.keep_mask(tau, act), (act.abs() > tau[:, None, None]).float())
+
+
+def test_density_one_keeps_everything():
+    act, hidden, valid = random_prompt()
+    assert Griffin(1.0).select(act, hidden, valid) is None
+    assert Cats(1.0).select(act, hidden, valid) is None
+    assert Griffin(1.0).keep_mask(None, act) is None
+
+
+def test_gathered_equals_masked():
+    """GRIFFIN's gathered small matrices compute the masked dense MLP."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Module()
+    mlp.gate_proj = torch.nn.Linear(16, 40, bias=True)
+    mlp.up_proj = torch.nn.Linear(16, 40, bias=True)
+    mlp.down_proj = torch.nn.Linear(40, 16, bias=True)
+    act, hidden, valid = random_prompt()
+    griffin = Griffin(0.5)
+    selection = griffin.select(act, hidden, valid)
+    fast = griffin.gather(mlp, selection)
+    x = torch.randn(3, 2, 16)
+    small = torch.nn.functional.silu(torch.bmm(x, fast.gate.transpose(1, 2))
+                                     + fast.gate_bias[:, None])
+    small = small * (torch.bmm(x, fast.up.transpose(1, 2)) + fast.up_bias[:, None])
+    small = torch.bmm(small, fast.down_rows) + mlp.down_proj.bias
+    act_full = torch.nn.functional.silu(mlp.gate_proj(x))
+    masked = mlp.down_proj(act_full * griffin.keep_mask(selection, act_full) * mlp.up_proj(x))
+    torch.testing.assert_close(small, masked, rtol=1e-5, atol=1e-5)
