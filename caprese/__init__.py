@@ -17,6 +17,7 @@ from caprese.adapter import (
     detach,
     fingerprint,
     load,
+    load_weights,
     read_config,
     save,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "fingerprint",
     "forced_phase",
     "load",
+    "load_weights",
     "read_config",
     "save",
     "split",

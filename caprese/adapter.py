@@ -11,11 +11,9 @@ together, so a half-updated or truncated adapter is refused instead of silently 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from caprese.block import CapreseBlock
 from caprese.config import CapreseConfig
 from caprese.families import (
     check_gated_mlp,
+    decoder,
     decoder_layers,
     family_of,
     mlp_of,
@@ -35,6 +34,7 @@ from caprese.families import (
     text_config,
 )
 from caprese.families import fingerprint as config_fingerprint
+from caprese.io import atomic_write, atomic_write_text, sha256_file
 from caprese.methods import build_method
 from caprese.phases import PhaseState, handle_of, make_pre_hook, wrap_generate
 
@@ -86,11 +86,12 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     for index in layers:
         generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
         block = CapreseBlock(mlp_of(model, index), method, state, config.rank,
-                             config.init, generator)
+                             config.init, generator, layer_index=index)
         set_mlp(model, index, block)
         created[index] = block
-    hook = model.register_forward_pre_hook(
-        make_pre_hook(state, inspect.signature(model.forward)), with_kwargs=True
+    stack = decoder(model)  # hooked below the LM head, so model.model(...) sees phases too
+    hook = stack.register_forward_pre_hook(
+        make_pre_hook(state, inspect.signature(stack.forward)), with_kwargs=True
     )
     model._caprese = Handle(config, state, created, hook, requires_grad)
     model.generate = wrap_generate(model.generate)
@@ -114,28 +115,6 @@ def config_of(model: nn.Module) -> CapreseConfig:
     return handle_of(model).config
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over path: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapter (L, R per layer + config) to `directory`; returns its path."""
     config = config_of(model)
@@ -148,11 +127,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         tensors[f"layers.{index}.L"] = block.L.detach().to("cpu").contiguous()
         tensors[f"layers.{index}.R"] = block.R.detach().to("cpu").contiguous()
     weights = directory / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
     record = json.loads(config.to_json())
-    record["weights_sha256"] = _sha256(weights)
+    record["weights_sha256"] = sha256_file(weights)
     text = json.dumps(record, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(directory / CONFIG_FILE, text)
     return directory
 
 
@@ -184,12 +163,27 @@ def _check_fingerprint(expected: dict, model: nn.Module) -> None:
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the saved config to `model` and fill in the saved L and R."""
-    config, checksum = read_config(directory)
+    config, _ = read_config(directory)
     _check_fingerprint(config.fingerprint, model)
+    attach(model, config)
+    try:
+        load_weights(model, directory)
+    except AdapterError:
+        detach(model)
+        raise
+    return model
+
+
+def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Fill an attached model's L and R from an adapter saved with the same config."""
+    config, checksum = read_config(directory)
+    if config != config_of(model):
+        raise AdapterError(f"{directory} was saved with another caprese config than the "
+                           "one attached to this model")
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights} not found: the adapter directory is incomplete")
-    if _sha256(weights) != checksum:
+    if sha256_file(weights) != checksum:
         raise AdapterError(
             f"{weights} does not match the checksum in {CONFIG_FILE}: the file is corrupt, "
             "truncated or from another save; save the adapter again"
@@ -198,12 +192,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{weights} is not a readable safetensors file: {error}") from error
-    attach(model, config)
-    try:
-        _fill(model, tensors, weights)
-    except AdapterError:
-        detach(model)
-        raise
+    _fill(model, tensors, weights)
     return model
 
 

@@ -44,9 +44,11 @@ class CapreseBlock(nn.Module):
         rank: int | None,
         init: str = "gaussian",
         generator: torch.Generator | None = None,
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
         self.mlp = mlp
+        self.layer_index = layer_index
         self.method = method
         self.phase_state = state
         self.fused = True
@@ -55,10 +57,11 @@ class CapreseBlock(nn.Module):
         if rank is None:
             self.L = self.R = None
         else:
+            # float32 whatever the model's dtype: L and R are small, and Adam's updates at
+            # end-to-end learning rates fall below bf16's resolution.
             left = init_left(hidden, rank, init, generator or torch.Generator())
-            self.L = nn.Parameter(left.to(device=weight.device, dtype=weight.dtype))
-            self.R = nn.Parameter(torch.zeros(rank, hidden, device=weight.device,
-                                              dtype=weight.dtype))
+            self.L = nn.Parameter(left.to(device=weight.device))
+            self.R = nn.Parameter(torch.zeros(rank, hidden, device=weight.device))
         self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
         self.batch_size: int | None = None
         self.fast: FastWeights | None = None
@@ -72,7 +75,9 @@ class CapreseBlock(nn.Module):
         return act_gate, up, act_gate * up
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor | None:
-        return None if self.L is None else (x @ self.L) @ self.R
+        if self.L is None:
+            return None
+        return (x @ self.L.to(x.dtype)) @ self.R.to(x.dtype)
 
     def _select(self, act_gate, hidden, valid) -> None:
         self.selection = self.method.select(act_gate, hidden, valid)
@@ -88,7 +93,7 @@ class CapreseBlock(nn.Module):
             return self._prefill(x)
         if phase is Phase.DECODE:
             return self._decode(x)
-        return self._split(x)
+        return self._split(x)  # SPLIT or CAPTURE
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         act_gate, up, hidden = self._dense_parts(x)
@@ -120,17 +125,27 @@ class CapreseBlock(nn.Module):
         return out if extra is None else out + extra
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.phase_state
-        positions = torch.arange(x.shape[1], device=x.device)
-        is_decode = positions[None, :] >= state.boundary[:, None]  # (B, S)
-        act_gate, up, hidden = self._dense_parts(x)
-        self._select(act_gate, hidden, state.valid & ~is_decode)
-        mixed = torch.where(is_decode[..., None], self._compressed(act_gate, up, hidden), hidden)
+        is_decode, act_gate, up, hidden = self._teacher_forced_parts(x)
+        compressed = self._compressed(act_gate, up, hidden)
+        if self.phase_state.phase is Phase.CAPTURE:
+            continuation = is_decode & self.phase_state.valid
+            self.phase_state.observer(self, x, hidden - compressed, continuation)
+            return self.mlp.down_proj(hidden)
+        mixed = torch.where(is_decode[..., None], compressed, hidden)
         out = self.mlp.down_proj(mixed)
         extra = self.lowrank(x)
         if extra is None:
             return out
         return out + extra * is_decode[..., None].to(extra.dtype)
+
+    def _teacher_forced_parts(self, x: torch.Tensor):
+        """Dense parts of the whole sequence, selecting from each sample's prompt positions."""
+        state = self.phase_state
+        positions = torch.arange(x.shape[1], device=x.device)
+        is_decode = positions[None, :] >= state.boundary[:, None]  # (B, S)
+        act_gate, up, hidden = self._dense_parts(x)
+        self._select(act_gate, hidden, state.valid & ~is_decode)
+        return is_decode, act_gate, up, hidden
 
     # -- fused fast path --------------------------------------------------------------------
     def _fast_weights(self) -> FastWeights:
@@ -150,7 +165,8 @@ class CapreseBlock(nn.Module):
     def _append_lowrank(self, fast: FastWeights) -> FastWeights:
         if self.L is None:
             return fast
-        left_rows, right = self.L.t(), self.R
+        dtype = fast.up.dtype
+        left_rows, right = self.L.t().to(dtype), self.R.to(dtype)
         if fast.up.dim() == 3:
             batch = fast.up.shape[0]
             left_rows = left_rows.expand(batch, -1, -1)

@@ -14,18 +14,18 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Family:
-    layers_path: str  # attribute path from the causal-LM module to its list of decoder layers
-    mlp_attr: str = "mlp"
+    layers_attr: str = "layers"  # the decoder's list of layers
+    mlp_attr: str = "mlp"  # the layer's MLP
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("model.layers"),
-    "mistral": Family("model.layers"),
-    "qwen2": Family("model.layers"),
-    "qwen3": Family("model.layers"),
-    "gemma2": Family("model.layers"),
-    "gemma3_text": Family("model.layers"),
-    "gemma3": Family("model.language_model.layers"),
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "gemma2": Family(),
+    "gemma3_text": Family(),
+    "gemma3": Family(),  # multimodal Gemma 3: get_decoder() is its language model
 }
 
 
@@ -48,11 +48,14 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer stack without the LM head: where the phase hook sits."""
+    family_of(model.config)
+    return model.get_decoder()
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    node = model
-    for name in family_of(model.config).layers_path.split("."):
-        node = getattr(node, name)
-    return node
+    return getattr(decoder(model), family_of(model.config).layers_attr)
 
 
 def mlp_of(model: nn.Module, layer_index: int) -> nn.Module:

@@ -5,6 +5,8 @@
 - DECODE: generated tokens. Compressed MLP + x L R.
 - SPLIT: teacher forcing. One forward over prompt + continuation; positions before each
   sample's boundary run as PREFILL, the rest as DECODE. Training and fidelity use it.
+- CAPTURE: a SPLIT whose output stays dense (the original model) while each block hands its
+  input and the activations its method drops to an observer: layer-wise distillation.
 - DENSE: the original model (teacher), nothing selected.
 
 Without an explicit context, a forward is a PREFILL when its KV cache is empty and a DECODE
@@ -18,7 +20,7 @@ import contextlib
 import enum
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ class Phase(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     SPLIT = "split"
+    CAPTURE = "capture"
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PhaseState:
     boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
     forced: Phase | None = None
     teacher_depth: int = 0
+    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped, continuation)
 
 
 def _past_length(cache) -> int:
@@ -69,7 +73,7 @@ def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
 
 
 def make_pre_hook(state: PhaseState, forward_signature: inspect.Signature):
-    """A forward pre-hook (with kwargs) for the causal-LM module that sets the phase."""
+    """A forward pre-hook (with kwargs) for the decoder stack that sets the phase."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         bound = forward_signature.bind_partial(*args, **kwargs).arguments
@@ -83,9 +87,10 @@ def make_pre_hook(state: PhaseState, forward_signature: inspect.Signature):
         else:
             cache = _cache_argument(bound)
             state.phase = Phase.PREFILL if _past_length(cache) == 0 else Phase.DECODE
-        if tokens is not None and state.phase in (Phase.PREFILL, Phase.SPLIT):
+        forcing = state.phase in (Phase.SPLIT, Phase.CAPTURE)
+        if tokens is not None and (forcing or state.phase is Phase.PREFILL):
             state.valid = _valid_mask(bound.get("attention_mask"), tokens.shape[:2], tokens.device)
-        if state.phase is Phase.SPLIT:
+        if forcing:
             if state.boundary is None or tokens is None or len(state.boundary) != tokens.shape[0]:
                 raise ValueError("split forward needs one boundary per sample in the batch")
             state.boundary = state.boundary.to(tokens.device)
@@ -118,19 +123,24 @@ def teacher(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def split(model: nn.Module, boundary: torch.Tensor | list[int]) -> Iterator[nn.Module]:
+def split(
+    model: nn.Module, boundary: torch.Tensor | list[int], phase: Phase = Phase.SPLIT,
+    observer: Callable | None = None,
+) -> Iterator[nn.Module]:
     """Teacher-forced forwards: sample b's positions < boundary[b] are prompt (prefill).
 
     Boundaries index the padded input, so with left padding they include the pad count.
+    phase=Phase.CAPTURE keeps the output dense and calls `observer` from every block.
     """
     state = state_of(model)
     if state.forced is not None:
         raise RuntimeError("caprese.split contexts cannot be nested")
-    state.forced, state.boundary = Phase.SPLIT, torch.as_tensor(boundary, dtype=torch.long)
+    state.forced, state.boundary = phase, torch.as_tensor(boundary, dtype=torch.long)
+    state.observer = observer
     try:
         yield model
     finally:
-        state.forced, state.boundary = None, None
+        state.forced, state.boundary, state.observer = None, None, None
 
 
 @contextlib.contextmanager

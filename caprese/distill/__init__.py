@@ -1,0 +1,168 @@
+"""Distill the Caprese path: layer-wise (closed form or SGD), then end-to-end; resumable.
+
+A run directory holds everything a run writes:
+    caprese_config.json, adapter.safetensors    the final adapter (caprese.load accepts it)
+    stages/layerwise/, stages/e2e/               the adapter after each stage
+    checkpoints/                                 resumable state (removed once a stage is done)
+    run.json                                     the settings, checked on --resume
+    run_log.jsonl                                one line per step / layer report
+    summary.json                                 time per stage, peak memory, losses
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caprese.adapter import blocks, config_of, load_weights, save
+from caprese.distill.batches import Sample
+from caprese.distill.checkpoint import remove_checkpoint
+from caprese.distill.e2e import e2e_loss
+from caprese.distill.layerwise import run_layerwise
+from caprese.distill.trainer import TrainingDiverged, TrainSettings, train
+from caprese.io import atomic_write_text
+
+__all__ = ["DistillSettings", "Sample", "TrainingDiverged", "distill"]
+
+STAGES = ("layerwise", "e2e")
+SOLVERS = ("closed_form", "sgd", "closed_form+sgd")
+
+
+@dataclass
+class DistillSettings:
+    """Every knob of a run. Defaults follow the paper where it says something."""
+
+    stages: tuple[str, ...] = ("layerwise",)
+    solver: str = "closed_form"
+    ridge: float = 1e-4  # lambda = ridge * trace(C) / D
+    capture_batch: int = 8  # sequences per teacher pass when collecting statistics
+    sgd_lr: float = 1e-3
+    sgd_batch: int = 128
+    sgd_epochs: int = 20
+    e2e_lr: float = 1e-4
+    e2e_batch: int = 16
+    e2e_epochs: int = 3
+    micro_batch: int = 4  # sequences per forward for SGD and E2E (gradient accumulation)
+    warmup: float = 0.02
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(self.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise ValueError(f"stages must be drawn from {', '.join(STAGES)}, got {self.stages}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
+    run_file = out / "run.json"
+    if run_file.is_file():
+        if not resume:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, "
+                             "or choose another --out")
+        saved = json.loads(run_file.read_text())
+        if saved != record:
+            changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+            raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def distill(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    out: str | Path,
+    settings: DistillSettings,
+    held_out: Sequence[Sample] = (),
+    resume: bool = False,
+    pad_id: int = 0,
+    run_info: dict | None = None,
+) -> dict:
+    """Distill L and R of a caprese-attached model; write the run directory; return summary."""
+    out = Path(out)
+    if not samples:
+        raise ValueError("no training samples")
+    record = {"caprese": json.loads(config_of(model).to_json()),
+              "settings": dataclasses.asdict(settings), "samples": len(samples),
+              "held_out": len(held_out), **(run_info or {})}
+    record["settings"]["stages"] = list(settings.stages)
+    _check_run_dir(out, record, resume)
+    summary: dict = {"stages": {}}
+    for stage in settings.stages:
+        stage_dir = out / "stages" / stage
+        if (stage_dir / "caprese_config.json").is_file():  # finished before an interruption
+            load_weights(model, stage_dir)
+            summary["stages"][stage] = json.loads((stage_dir / "stage.json").read_text())
+            continue
+        started = time.perf_counter()
+        result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
+        result["seconds"] = time.perf_counter() - started
+        save(model, stage_dir)
+        atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
+        for name in ("stats-train", "stats-held-out", "sgd", "e2e"):
+            remove_checkpoint(out / "checkpoints", name)
+        summary["stages"][stage] = result
+    save(model, out)
+    summary["peak_memory_gib"] = _peak_memory_gib()
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
+    if stage == "layerwise":
+        sgd = TrainSettings("sgd", settings.sgd_lr, settings.sgd_epochs, settings.sgd_batch,
+                            settings.micro_batch, settings.warmup, settings.checkpoint_every,
+                            settings.seed)
+        report = run_layerwise(model, samples, held_out, settings.solver, out,
+                               settings.capture_batch, settings.ridge, sgd,
+                               settings.checkpoint_every, pad_id)
+        return {"solver": settings.solver, "layers": report}
+    e2e = TrainSettings("e2e", settings.e2e_lr, settings.e2e_epochs, settings.e2e_batch,
+                        settings.micro_batch, settings.warmup, settings.checkpoint_every,
+                        settings.seed)
+    if settings.gradient_checkpointing:
+        _set_activation_checkpointing(model, True)
+    try:
+        losses = train(model, samples, e2e_loss(model), e2e, out, pad_id)
+    finally:
+        if settings.gradient_checkpointing:
+            _set_activation_checkpointing(model, False)
+    return {"losses": losses, "blocks": len(blocks(model))}
+
+
+def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """transformers renamed gradient_checkpointing_* to activation_checkpointing_* in 5.x;
+    it only recomputes in training mode (the models here have no dropout to switch on)."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+    else:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.eval()

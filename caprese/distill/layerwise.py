@@ -1,0 +1,158 @@
+"""Layer-wise distillation: each layer's x L R fits FF(x) - FFhat(x) on original inputs.
+
+Two solvers:
+- closed_form: the exact optimum of the rank-r least squares, from one pass of statistics.
+  With C = X^T X and B = X^T Y, the ridge solution is W = (C + lambda I)^-1 B; the best rank-r
+  map on the data is W V_r V_r^T, V_r the top-r eigenvectors of W^T C W; so L = W V_r, R = V_r^T
+  (rescaled so both factors have equal column/row norms). lambda = ridge * trace(C) / D.
+- sgd: the paper's recipe, Adam on L and R with a linear schedule (trainer.py). A "batch"
+  counts sequences, like the paper's end-to-end batch and the data loader; each optimizer
+  step averages the loss over all continuation tokens of its sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from caprese.adapter import blocks
+from caprese.distill.batches import Sample, batches
+from caprese.distill.capture import RegressionStats, capture
+from caprese.distill.checkpoint import (
+    append_log,
+    load_checkpoint,
+    save_checkpoint,
+)
+from caprese.distill.trainer import LossFn, TrainSettings, train
+
+
+def collect_stats(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    batch_size: int,
+    run_dir: Path,
+    name: str,
+    checkpoint_every: int = 50,
+    pad_id: int = 0,
+) -> dict[int, RegressionStats]:
+    """Per-layer statistics over `samples`, in one resumable teacher pass."""
+    layers = blocks(model)
+    hidden = next(iter(layers.values())).mlp.up_proj.weight.shape[1]
+    checkpoints = run_dir / "checkpoints"
+    stats = {i: RegressionStats.zeros(hidden) for i in layers}
+    start = 0
+    found = load_checkpoint(checkpoints, name)
+    if found is not None:
+        tensors, meta = found
+        stats = {i: RegressionStats.from_tensors(tensors, f"layers.{i}") for i in layers}
+        start = int(meta["batches"])
+    total = (len(samples) + batch_size - 1) // batch_size
+    order = list(range(len(samples)))
+    progress = tqdm(total=total, initial=start, desc=name, unit="batch")
+    for index, batch in batches(samples, order, batch_size, pad_id, start=start):
+        capture(model, batch, lambda i, x, y: stats[i].add(x, y))
+        progress.update()
+        done = index + 1
+        if done % checkpoint_every == 0 or done == total:
+            tensors = {}
+            for i, layer_stats in stats.items():
+                tensors.update(layer_stats.tensors(f"layers.{i}"))
+            save_checkpoint(checkpoints, name, tensors, {"batches": done})
+    progress.close()
+    return stats
+
+
+def solve_closed_form(
+    stats: RegressionStats, rank: int, ridge: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) minimising ||Y - X L R||^2 + lambda ||L R||^2 over rank-r products."""
+    if stats.tokens == 0:
+        raise ValueError("no continuation tokens reached this layer: nothing to fit")
+    c = stats.xx / stats.tokens
+    b = stats.xy / stats.tokens
+    hidden = c.shape[0]
+    lam = ridge * torch.trace(c) / hidden
+    w = torch.linalg.solve(c + lam * torch.eye(hidden, dtype=c.dtype), b)
+    m = w.t() @ c @ w
+    _, vectors = torch.linalg.eigh((m + m.t()) / 2)
+    top = vectors[:, -rank:].flip(-1)  # (D, r), largest first
+    left = w @ top
+    scale = left.norm(dim=0).clamp_min(1e-12).sqrt()
+    return (left / scale).float(), (top.t() * scale[:, None]).float()
+
+
+@torch.no_grad()
+def apply_closed_form(model, stats: dict[int, RegressionStats], ridge: float) -> None:
+    for index, block in blocks(model).items():
+        left, right = solve_closed_form(stats[index], block.L.shape[1], ridge)
+        block.L.copy_(left)
+        block.R.copy_(right)
+
+
+def sgd_loss(model: torch.nn.Module) -> LossFn:
+    """Sum over layers of each token's mean squared residual, from one capture pass."""
+    layers = blocks(model)
+
+    def loss_fn(batch, scale):
+        total, tokens = 0.0, 0
+
+        def on_layer(index, x, y):
+            nonlocal total, tokens
+            block = layers[index]
+            with torch.enable_grad():
+                residual = y.float() - (x.float() @ block.L) @ block.R
+                per_token = residual.pow(2).mean(dim=-1).sum()
+                (per_token * scale).backward()
+            total += per_token.item()
+            tokens = x.shape[0]
+
+        capture(model, batch, on_layer)
+        return total, tokens
+
+    return loss_fn
+
+
+def residual_report(model, train_stats, held_out_stats) -> list[dict]:
+    """Per layer ||Y - X L R|| / ||Y||: before (the method alone, L R = 0) and after."""
+    rows = []
+    for index, block in blocks(model).items():
+        product = (block.L @ block.R).detach()
+        row = {"layer": index, "train_tokens": train_stats[index].tokens,
+               "train_before": train_stats[index].relative_error(None),
+               "train_after": train_stats[index].relative_error(product)}
+        if held_out_stats:
+            row.update(held_out_tokens=held_out_stats[index].tokens,
+                       held_out_before=held_out_stats[index].relative_error(None),
+                       held_out_after=held_out_stats[index].relative_error(product))
+        rows.append(row)
+    return rows
+
+
+def run_layerwise(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    held_out: Sequence[Sample],
+    solver: str,
+    run_dir: Path,
+    batch_size: int,
+    ridge: float,
+    sgd: TrainSettings,
+    checkpoint_every: int,
+    pad_id: int = 0,
+) -> list[dict]:
+    """Statistics pass, then closed form and/or SGD; returns the per-layer residual report."""
+    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train",
+                                checkpoint_every, pad_id)
+    held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out",
+                                checkpoint_every, pad_id) if held_out else {})
+    if solver in ("closed_form", "closed_form+sgd"):
+        apply_closed_form(model, train_stats, ridge)
+    if solver in ("sgd", "closed_form+sgd"):
+        train(model, samples, sgd_loss(model), sgd, run_dir, pad_id)
+    report = residual_report(model, train_stats, held_stats)
+    for row in report:
+        append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **row})
+    return report

@@ -1,0 +1,133 @@
+"""The Adam loop shared by layer-wise SGD and end-to-end distillation.
+
+One optimizer step = `batch_size` sequences, processed `micro_batch` at a time (gradient
+accumulation). Linear warm-up over the first `warmup` fraction of steps, then linear decay to
+zero (the paper's schedule). Checkpoints every `checkpoint_every` steps and at the end; a
+resumed run replays the same seeded data order and ends with the same adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from caprese.adapter import blocks
+from caprese.distill.batches import Batch, Sample, collate, epoch_order
+from caprese.distill.checkpoint import (
+    append_log,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+
+# loss_fn(batch, scale) backpropagates scale * (sum of per-token losses) and returns that
+# sum (a float) and the number of continuation tokens.
+LossFn = Callable[[Batch, float], tuple[float, int]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSettings:
+    name: str  # checkpoint and log name: "sgd" or "e2e"
+    lr: float
+    epochs: int
+    batch_size: int
+    micro_batch: int
+    warmup: float = 0.02
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    warmup_steps = max(1, round(warmup * total))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total - step) / max(1, total - warmup_steps))
+
+
+def lowrank_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for index, block in blocks(model).items():
+        params[f"layers.{index}.L"], params[f"layers.{index}.R"] = block.L, block.R
+    return params
+
+
+def train(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    loss_fn: LossFn,
+    settings: TrainSettings,
+    run_dir: Path,
+    pad_id: int = 0,
+) -> list[float]:
+    """Train L and R of every block; returns the loss of each step run in this call."""
+    params = lowrank_parameters(model)
+    optimizer = torch.optim.Adam(params.values(), lr=settings.lr)
+    steps_per_epoch = math.ceil(len(samples) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    step = _resume(run_dir, settings.name, params, optimizer)
+    losses: list[float] = []
+    progress = tqdm(total=total, initial=step, desc=settings.name, unit="step")
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = epoch_order(len(samples), settings.seed, epoch)
+        chunk = [samples[i] for i in order[index * settings.batch_size:
+                                           (index + 1) * settings.batch_size]]
+        tokens = sum(len(s.input_ids) - s.boundary for s in chunk)
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for start in range(0, len(chunk), settings.micro_batch):
+            batch = collate(chunk[start:start + settings.micro_batch], pad_id)
+            part, _ = loss_fn(batch, 1.0 / tokens)
+            loss_sum += part
+        loss = loss_sum / tokens
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+            raise TrainingDiverged(
+                f"{settings.name}: loss is {loss} at step {step}; the last good checkpoint in "
+                f"{run_dir} is kept. Lower the learning rate and run again with --resume."
+            )
+        lr = settings.lr * lr_factor(step, total, settings.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+        losses.append(loss)
+        append_log(run_dir / "run_log.jsonl", {
+            "stage": settings.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "tokens": tokens, "tokens_per_s": tokens / seconds, "time": time.time()})
+        progress.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / seconds:.0f}")
+        progress.update()
+        if step % settings.checkpoint_every == 0 or step == total:
+            _checkpoint(run_dir, settings.name, params, optimizer, step)
+    progress.close()
+    return losses
+
+
+def _checkpoint(run_dir, name, params, optimizer, step) -> None:
+    tensors = {**{k: p.data for k, p in params.items()}, **optimizer_tensors(optimizer)}
+    save_checkpoint(run_dir / "checkpoints", name, tensors, {"step": step})
+
+
+@torch.no_grad()
+def _resume(run_dir, name, params, optimizer) -> int:
+    found = load_checkpoint(run_dir / "checkpoints", name)
+    if found is None:
+        return 0
+    tensors, meta = found
+    for key, param in params.items():
+        param.copy_(tensors[key])
+    restore_optimizer(optimizer, tensors)
+    return int(meta["step"])

@@ -1,0 +1,185 @@
+"""Distillation: the closed form's optimality, SGD, E2E, checkpoints, resume, NaN."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from distill_job import tiny_samples
+
+import caprese
+from caprese.distill import DistillSettings, TrainingDiverged, distill
+from caprese.distill.batches import collate
+from caprese.distill.capture import RegressionStats, capture
+from caprese.distill.checkpoint import load_checkpoint
+from caprese.distill.layerwise import collect_stats, residual_report, solve_closed_form
+from caprese.distill.trainer import TrainSettings, train
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_closed_form_recovers_a_planted_low_rank_map():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 24, generator=generator, dtype=torch.float64)
+    planted = torch.randn(24, 3, generator=generator, dtype=torch.float64) @ torch.randn(
+        3, 24, generator=generator, dtype=torch.float64)
+    stats = RegressionStats.zeros(24)
+    stats.add(x, x @ planted)
+    left, right = solve_closed_form(stats, rank=3, ridge=1e-10)
+    torch.testing.assert_close((left @ right).double(), planted, rtol=1e-4, atol=1e-4)
+    assert stats.relative_error(left.double() @ right.double()) < 1e-4
+
+
+def test_closed_form_is_the_best_rank_r_fit_on_captured_data():
+    """Against an explicit reduced-rank regression on stored activations (fp64)."""
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="griffin", rank=4))
+    samples = tiny_samples(12)
+    xs, ys = {}, {}
+
+    def keep(index, x, y):
+        xs.setdefault(index, []).append(x.double())
+        ys.setdefault(index, []).append(y.double())
+
+    stats = {i: RegressionStats.zeros(32) for i in caprese.blocks(model)}
+    for start in range(0, 12, 4):
+        batch = collate(samples[start:start + 4])
+        capture(model, batch, keep)
+        capture(model, batch, lambda i, x, y: stats[i].add(x, y))
+    for index in caprese.blocks(model):
+        x, y = torch.cat(xs[index]), torch.cat(ys[index])
+        assert stats[index].tokens == len(x) == sum(len(s.input_ids) - s.boundary
+                                                     for s in samples)
+        torch.testing.assert_close(stats[index].xx, x.t() @ x, rtol=1e-5, atol=1e-4)
+        left, right = solve_closed_form(stats[index], rank=4, ridge=1e-9)
+        ours = (y - x @ left.double() @ right.double()).norm() / y.norm()
+        full = torch.linalg.lstsq(x, y).solution  # Eckart-Young on the fitted values X W
+        u, s, vh = torch.linalg.svd(x @ full, full_matrices=False)
+        best = (y - (u[:, :4] * s[:4]) @ vh[:4]).norm() / y.norm()
+        assert ours <= best + 1e-6
+        assert abs(stats[index].relative_error(left @ right) - float(ours)) < 1e-5
+        assert ours < 1.0  # the method's error really shrinks
+
+
+def test_capture_sees_the_original_models_inputs():
+    base = tiny_model("gemma2")
+    model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method="cats", rank=4))
+    caprese.blocks(model)[0].R.data.normal_()  # a trained path must not leak into capture
+    batch = collate(tiny_samples(3))
+    seen = {}
+    handles = [layer.mlp.register_forward_pre_hook(
+        lambda module, args, i=i: seen.__setitem__(i, args[0]))
+        for i, layer in enumerate(base.model.layers)]
+    with torch.no_grad():
+        base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    captured = {}
+    capture(model, batch, lambda i, x, y: captured.__setitem__(i, x))
+    for index, x in captured.items():
+        torch.testing.assert_close(x, seen[index][batch.continuation])
+
+
+def layer_errors(model, samples):
+    stats = collect_stats(model, samples, 4, Path("/nonexistent"), "unused", checkpoint_every=10**9)
+    return residual_report(model, stats, {})
+
+
+@pytest.fixture
+def no_checkpoints(monkeypatch):
+    monkeypatch.setattr("caprese.distill.layerwise.save_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("caprese.distill.layerwise.load_checkpoint", lambda *a, **k: None)
+
+
+def test_sgd_lowers_the_loss_and_closed_form_is_at_least_as_good(tmp_path, no_checkpoints):
+    samples = tiny_samples(32)
+    base = tiny_model("mistral")
+    sgd_model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(rank=4, layers=[0, 1]))
+    closed = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(rank=4, layers=[0, 1]))
+    distill(sgd_model, samples, tmp_path / "sgd", DistillSettings(
+        solver="sgd", sgd_epochs=6, sgd_batch=8, sgd_lr=3e-2))
+    distill(closed, samples, tmp_path / "closed", DistillSettings(solver="closed_form"))
+    log = [json.loads(line) for line in open(tmp_path / "sgd" / "run_log.jsonl")]
+    losses = [r["loss"] for r in log if r["stage"] == "sgd"]
+    assert sum(losses[-4:]) < 0.95 * sum(losses[:4])
+    for sgd_row, closed_row in zip(layer_errors(sgd_model, samples), layer_errors(closed, samples),
+                                   strict=True):
+        assert sgd_row["train_after"] < 0.995  # before: 1.0 (the method alone)
+        assert closed_row["train_after"] <= sgd_row["train_after"] + 1e-6
+
+
+def test_e2e_lowers_the_loss_and_leaves_base_weights_bit_identical(tmp_path):
+    model = caprese.attach(tiny_model("qwen3"), caprese.CapreseConfig(method="griffin", rank=4))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    summary = distill(model, tiny_samples(32), tmp_path, DistillSettings(
+        stages=("e2e",), e2e_epochs=6, e2e_batch=8, e2e_lr=3e-3, gradient_checkpointing=True))
+    losses = summary["stages"]["e2e"]["losses"]
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not model.training
+    reloaded = caprese.load(tiny_model("qwen3"), tmp_path)
+    for index, block in caprese.blocks(reloaded).items():
+        assert torch.equal(block.R, caprese.blocks(model)[index].R)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    calls = {"n": 0}
+
+    def loss_fn(batch, scale):
+        calls["n"] += 1
+        block = caprese.blocks(model)[0]
+        loss = (block.R.sum() - 1.0).pow(2)
+        (loss * scale).backward()
+        return (float("nan") if calls["n"] > 3 else loss.item()), 1
+
+    settings = TrainSettings("sgd", lr=1e-2, epochs=1, batch_size=2, micro_batch=2,
+                             checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3.*--resume"):
+        train(model, tiny_samples(20), loss_fn, settings, tmp_path)
+    tensors, meta = load_checkpoint(tmp_path / "checkpoints", "sgd")
+    assert meta["step"] == 3
+    assert torch.isfinite(tensors["layers.0.R"]).all()
+
+
+def test_existing_run_needs_resume_and_same_settings(tmp_path):
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(rank=4))
+    distill(model, tiny_samples(8), tmp_path, DistillSettings())
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        distill(model, tiny_samples(8), tmp_path, DistillSettings())
+    with pytest.raises(ValueError, match="its run used other settings"):
+        distill(model, tiny_samples(8), tmp_path, DistillSettings(ridge=1e-3), resume=True)
+    with pytest.raises(ValueError, match="unknown solver"):
+        DistillSettings(solver="adam")
+
+
+def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1"}
+    job = [sys.executable, str(TESTS / "distill_job.py")]
+    subprocess.run([*job, str(tmp_path / "straight")], env=env, check=True,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*job, str(killed), "0.05"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "run_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the E2E stage has taken a few steps
+        if log.is_file() and sum('"e2e"' in line for line in open(log)) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter.safetensors").exists(), "the run finished before the kill"
+    assert (killed / "stages" / "layerwise" / "adapter.safetensors").exists()
+    subprocess.run([*job, str(killed), "--resume"], env=env, check=True, capture_output=True)
+    for name in ("adapter.safetensors", "stages/layerwise/adapter.safetensors"):
+        assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
