@@ -1,12 +1,12 @@
 """Caprese: low-rank distillation that restores what sparsified MLPs lose (arXiv 2505.07861).
 
-    import caprese
-    cfg = caprese.CapreseConfig(method="griffin", density=0.5, rank=256)
-    model = caprese.attach(model, cfg)          # in place
-    with caprese.teacher(model): ...             # the original dense model, same weights
-    caprese.save(model, "adapter_dir")
-    model = caprese.load(base_model, "adapter_dir")
-    caprese.detach(model)
+import caprese
+cfg = caprese.CapreseConfig(method="griffin", density=0.5, rank=256)
+model = caprese.attach(model, cfg)          # in place
+with caprese.teacher(model): ...             # the original dense model, same weights
+caprese.save(model, "adapter_dir")
+model = caprese.load(base_model, "adapter_dir")
+caprese.detach(model)
 """
 
 from caprese.adapter import (
@@ -22,18 +22,21 @@ from caprese.adapter import (
     save,
 )
 from caprese.config import CapreseConfig
+from caprese.distillation import DistillSettings, distill
 from caprese.families import UnsupportedModelError
 from caprese.phases import Phase, forced_phase, split, teacher
 
 __all__ = [
     "AdapterError",
     "CapreseConfig",
+    "DistillSettings",
     "Phase",
     "UnsupportedModelError",
     "attach",
     "blocks",
     "config_of",
     "detach",
+    "distill",
     "fingerprint",
     "forced_phase",
     "load",

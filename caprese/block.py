@@ -18,6 +18,7 @@ from torch import nn
 
 from caprese.methods import FastWeights, Method
 from caprese.methods.base import linear_rows
+from caprese.methods.sparse_cpu import sparse_decode
 from caprese.phases import Phase, PhaseState
 
 
@@ -52,6 +53,7 @@ class CapreseBlock(nn.Module):
         self.method = method
         self.phase_state = state
         self.fused = True
+        self.sparse = True  # CATS: gather only the surviving rows when decoding one token
         weight = mlp.up_proj.weight
         hidden = weight.shape[1]
         if rank is None:
@@ -155,8 +157,11 @@ class CapreseBlock(nn.Module):
             return self._append_lowrank(gathered)
         # Shared matrices: cached while L and R are unchanged (version counters track
         # in-place optimizer updates).
-        key = tuple((p._version, p.data_ptr(), p.device, p.dtype)
-                    for p in (gathered.up, self.L, self.R) if p is not None)
+        key = tuple(
+            (p._version, p.data_ptr(), p.device, p.dtype)
+            for p in (gathered.up, self.L, self.R)
+            if p is not None
+        )
         if self._shared_fast is None or self._shared_fast[0] != key:
             self._shared_fast = (key, self._append_lowrank(gathered))
         return self._shared_fast[1]
@@ -173,8 +178,9 @@ class CapreseBlock(nn.Module):
             right = right.expand(batch, -1, -1)
         up_bias = fast.up_bias
         if up_bias is not None:
-            up_bias = torch.cat([up_bias, up_bias.new_zeros(*up_bias.shape[:-1], self.L.shape[1])],
-                                dim=-1)
+            up_bias = torch.cat(
+                [up_bias, up_bias.new_zeros(*up_bias.shape[:-1], self.L.shape[1])], dim=-1
+            )
         return FastWeights(
             gate=fast.gate,
             gate_bias=fast.gate_bias,
@@ -183,6 +189,11 @@ class CapreseBlock(nn.Module):
             down_rows=torch.cat([fast.down_rows, right], dim=-2),
         )
 
+    def _sparse_ok(self, x: torch.Tensor, fast: FastWeights) -> bool:
+        """CATS' row-gathering kernels: one token, on the CPU, no MLP biases."""
+        return (self.sparse and x.device.type == "cpu" and x.shape[0] * x.shape[1] == 1
+                and fast.up_bias is None and self.mlp.down_proj.bias is None)
+
     def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is None:
             self.fast = self._fast_weights()
@@ -190,6 +201,10 @@ class CapreseBlock(nn.Module):
         act_gate = self.mlp.act_fn(linear_rows(x, fast.gate, fast.gate_bias))
         tau = self.method.gate_threshold(self.selection)
         if tau is not None:
+            if self._sparse_ok(x, fast):
+                out = sparse_decode(x, act_gate, tau[0], fast.up, fast.down_rows)
+                if out is not None:
+                    return out
             act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
         up = linear_rows(x, fast.up, fast.up_bias)
         kept = act_gate.shape[-1]

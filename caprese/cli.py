@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from caprese import info, models
+from caprese.bench import latency
+from caprese.distillation import command as distill_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     info.add_cli(subparsers)
     models.add_cli(subparsers)
+    distill_command.add_cli(subparsers)
+    latency.add_cli(subparsers)
     return parser
 
 

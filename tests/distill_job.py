@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 
 import caprese
-from caprese.distill import DistillSettings, Sample, distill
+from caprese.distillation import DistillSettings, Sample, distill
 
 
 def tiny_samples(count: int, seed: int = 0) -> list[Sample]:
@@ -29,7 +29,7 @@ def run(out: str, resume: bool, step_delay: float = 0.0) -> dict:
                                capture_batch=4, sgd_epochs=2, sgd_batch=8, e2e_epochs=2,
                                e2e_batch=8, e2e_lr=1e-3, micro_batch=4, checkpoint_every=1)
     if step_delay:  # slow the run down so that a test can kill it in the middle
-        import caprese.distill.trainer as trainer
+        import caprese.distillation.trainer as trainer
 
         append = trainer.append_log
 

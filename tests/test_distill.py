@@ -17,12 +17,12 @@ from conftest import tiny_model
 from distill_job import tiny_samples
 
 import caprese
-from caprese.distill import DistillSettings, TrainingDiverged, distill
-from caprese.distill.batches import collate
-from caprese.distill.capture import RegressionStats, capture
-from caprese.distill.checkpoint import load_checkpoint
-from caprese.distill.layerwise import collect_stats, residual_report, solve_closed_form
-from caprese.distill.trainer import TrainSettings, train
+from caprese.distillation import DistillSettings, TrainingDiverged, distill
+from caprese.distillation.batches import collate
+from caprese.distillation.capture import RegressionStats, capture
+from caprese.distillation.checkpoint import load_checkpoint
+from caprese.distillation.layerwise import collect_stats, residual_report, solve_closed_form
+from caprese.distillation.trainer import TrainSettings, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -95,8 +95,8 @@ def layer_errors(model, samples):
 
 @pytest.fixture
 def no_checkpoints(monkeypatch):
-    monkeypatch.setattr("caprese.distill.layerwise.save_checkpoint", lambda *a, **k: None)
-    monkeypatch.setattr("caprese.distill.layerwise.load_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("caprese.distillation.layerwise.save_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("caprese.distillation.layerwise.load_checkpoint", lambda *a, **k: None)
 
 
 def test_sgd_lowers_the_loss_and_closed_form_is_at_least_as_good(tmp_path, no_checkpoints):
@@ -183,3 +183,22 @@ def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):
     subprocess.run([*job, str(killed), "--resume"], env=env, check=True, capture_output=True)
     for name in ("adapter.safetensors", "stages/layerwise/adapter.safetensors"):
         assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_fidelity_is_perfect_at_density_one_and_improves_with_distillation(tmp_path):
+    from caprese.evaluate.fidelity import fidelity
+
+    samples, held_out = tiny_samples(48), tiny_samples(12, seed=7)
+    exact = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(density=1.0, rank=4))
+    result = fidelity(exact, held_out, progress=False)
+    assert result["kl"] < 1e-9 and result["top1"] == 1.0
+    assert result["tokens"] == sum(len(s.input_ids) - s.boundary - 1 for s in held_out)
+
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
+    before = fidelity(model, held_out, progress=False)
+    assert before["kl"] > 1e-4
+    assert all(r["method_rel_error"] == r["caprese_rel_error"] for r in before["layers"])
+    distill(model, samples, tmp_path, DistillSettings(solver="closed_form"))
+    after = fidelity(model, held_out, progress=False)
+    assert after["kl"] < before["kl"]
+    assert all(r["caprese_rel_error"] < r["method_rel_error"] for r in after["layers"])

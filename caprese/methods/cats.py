@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from caprese.methods.base import Method
+from caprese.methods.base import FastWeights, Method
 
 
 def cats_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float) -> torch.Tensor:
@@ -44,3 +44,9 @@ class Cats(Method):
 
     def gate_threshold(self, state):
         return state
+
+    def gather(self, mlp, state) -> FastWeights:
+        # The sparse decode reads rows of W2^T: keep a contiguous copy (cached by the block).
+        fast = super().gather(mlp, state)
+        fast.down_rows = fast.down_rows.contiguous()
+        return fast

@@ -39,8 +39,9 @@ class Griffin(Method):
     def keep_mask(self, state, act_gate: torch.Tensor) -> torch.Tensor | None:
         if state is None:
             return None
-        mask = torch.zeros(state.shape[0], act_gate.shape[-1], dtype=act_gate.dtype,
-                           device=act_gate.device)
+        mask = torch.zeros(
+            state.shape[0], act_gate.shape[-1], dtype=act_gate.dtype, device=act_gate.device
+        )
         mask.scatter_(1, state, 1.0)
         return mask[:, None, :]
 

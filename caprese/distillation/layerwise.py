@@ -19,14 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks
-from caprese.distill.batches import Sample, batches
-from caprese.distill.capture import RegressionStats, capture
-from caprese.distill.checkpoint import (
+from caprese.distillation.batches import Sample, batches
+from caprese.distillation.capture import RegressionStats, capture
+from caprese.distillation.checkpoint import (
     append_log,
     load_checkpoint,
     save_checkpoint,
 )
-from caprese.distill.trainer import LossFn, TrainSettings, train
+from caprese.distillation.trainer import LossFn, TrainSettings, train
 
 
 def collect_stats(
@@ -120,13 +120,18 @@ def residual_report(model, train_stats, held_out_stats) -> list[dict]:
     rows = []
     for index, block in blocks(model).items():
         product = (block.L @ block.R).detach()
-        row = {"layer": index, "train_tokens": train_stats[index].tokens,
-               "train_before": train_stats[index].relative_error(None),
-               "train_after": train_stats[index].relative_error(product)}
+        row = {
+            "layer": index,
+            "train_tokens": train_stats[index].tokens,
+            "train_before": train_stats[index].relative_error(None),
+            "train_after": train_stats[index].relative_error(product),
+        }
         if held_out_stats:
-            row.update(held_out_tokens=held_out_stats[index].tokens,
-                       held_out_before=held_out_stats[index].relative_error(None),
-                       held_out_after=held_out_stats[index].relative_error(product))
+            row.update(
+                held_out_tokens=held_out_stats[index].tokens,
+                held_out_before=held_out_stats[index].relative_error(None),
+                held_out_after=held_out_stats[index].relative_error(product),
+            )
         rows.append(row)
     return rows
 
@@ -144,10 +149,16 @@ def run_layerwise(
     pad_id: int = 0,
 ) -> list[dict]:
     """Statistics pass, then closed form and/or SGD; returns the per-layer residual report."""
-    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train",
-                                checkpoint_every, pad_id)
-    held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out",
-                                checkpoint_every, pad_id) if held_out else {})
+    train_stats = collect_stats(
+        model, samples, batch_size, run_dir, "stats-train", checkpoint_every, pad_id
+    )
+    held_stats = (
+        collect_stats(
+            model, held_out, batch_size, run_dir, "stats-held-out", checkpoint_every, pad_id
+        )
+        if held_out
+        else {}
+    )
     if solver in ("closed_form", "closed_form+sgd"):
         apply_closed_form(model, train_stats, ridge)
     if solver in ("sgd", "closed_form+sgd"):

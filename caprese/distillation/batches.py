@@ -40,8 +40,9 @@ class Batch:
         return (positions[None, :] >= self.boundary[:, None]) & self.attention_mask.bool()
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.boundary.to(device))
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.boundary.to(device)
+        )
 
 
 def collate(samples: Sequence[Sample], pad_id: int = 0) -> Batch:
@@ -62,7 +63,10 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches(
-    samples: Sequence[Sample], order: Sequence[int], batch_size: int, pad_id: int = 0,
+    samples: Sequence[Sample],
+    order: Sequence[int],
+    batch_size: int,
+    pad_id: int = 0,
     start: int = 0,
 ) -> Iterator[tuple[int, Batch]]:
     """(index, batch) pairs from batch number `start` on."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from caprese.distill.trainer import LossFn
+from caprese.distillation.trainer import LossFn
 from caprese.families import decoder
 from caprese.phases import split, teacher
 
@@ -21,8 +21,9 @@ def e2e_loss(model: torch.nn.Module) -> LossFn:
 
     def loss_fn(batch, scale):
         batch = batch.to(device)
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False)
+        inputs = dict(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
         with torch.no_grad(), teacher(model):
             target = stack(**inputs).last_hidden_state
         keep = batch.continuation

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from caprese.adapter import blocks, config_of, load_weights, save
-from caprese.distill.batches import Sample
-from caprese.distill.checkpoint import remove_checkpoint
-from caprese.distill.e2e import e2e_loss
-from caprese.distill.layerwise import run_layerwise
-from caprese.distill.trainer import TrainingDiverged, TrainSettings, train
+from caprese.distillation.batches import Sample
+from caprese.distillation.checkpoint import remove_checkpoint
+from caprese.distillation.e2e import e2e_loss
+from caprese.distillation.layerwise import run_layerwise
+from caprese.distillation.trainer import TrainingDiverged, TrainSettings, train
 from caprese.io import atomic_write_text
 
 __all__ = ["DistillSettings", "Sample", "TrainingDiverged", "distill"]
@@ -62,8 +62,7 @@ class DistillSettings:
             raise ValueError(f"stages must be drawn from {', '.join(STAGES)}, got {self.stages}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
-        for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch",
-                     "checkpoint_every"):
+        for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -72,8 +71,9 @@ def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
     run_file = out / "run.json"
     if run_file.is_file():
         if not resume:
-            raise ValueError(f"{out} already holds a run: pass --resume to continue it, "
-                             "or choose another --out")
+            raise ValueError(
+                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+            )
         saved = json.loads(run_file.read_text())
         if saved != record:
             changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
@@ -102,9 +102,13 @@ def distill(
     out = Path(out)
     if not samples:
         raise ValueError("no training samples")
-    record = {"caprese": json.loads(config_of(model).to_json()),
-              "settings": dataclasses.asdict(settings), "samples": len(samples),
-              "held_out": len(held_out), **(run_info or {})}
+    record = {
+        "caprese": json.loads(config_of(model).to_json()),
+        "settings": dataclasses.asdict(settings),
+        "samples": len(samples),
+        "held_out": len(held_out),
+        **(run_info or {}),
+    }
     record["settings"]["stages"] = list(settings.stages)
     _check_run_dir(out, record, resume)
     summary: dict = {"stages": {}}
@@ -130,16 +134,39 @@ def distill(
 
 def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
     if stage == "layerwise":
-        sgd = TrainSettings("sgd", settings.sgd_lr, settings.sgd_epochs, settings.sgd_batch,
-                            settings.micro_batch, settings.warmup, settings.checkpoint_every,
-                            settings.seed)
-        report = run_layerwise(model, samples, held_out, settings.solver, out,
-                               settings.capture_batch, settings.ridge, sgd,
-                               settings.checkpoint_every, pad_id)
+        sgd = TrainSettings(
+            "sgd",
+            settings.sgd_lr,
+            settings.sgd_epochs,
+            settings.sgd_batch,
+            settings.micro_batch,
+            settings.warmup,
+            settings.checkpoint_every,
+            settings.seed,
+        )
+        report = run_layerwise(
+            model,
+            samples,
+            held_out,
+            settings.solver,
+            out,
+            settings.capture_batch,
+            settings.ridge,
+            sgd,
+            settings.checkpoint_every,
+            pad_id,
+        )
         return {"solver": settings.solver, "layers": report}
-    e2e = TrainSettings("e2e", settings.e2e_lr, settings.e2e_epochs, settings.e2e_batch,
-                        settings.micro_batch, settings.warmup, settings.checkpoint_every,
-                        settings.seed)
+    e2e = TrainSettings(
+        "e2e",
+        settings.e2e_lr,
+        settings.e2e_epochs,
+        settings.e2e_batch,
+        settings.micro_batch,
+        settings.warmup,
+        settings.checkpoint_every,
+        settings.seed,
+    )
     if settings.gradient_checkpointing:
         _set_activation_checkpointing(model, True)
     try:

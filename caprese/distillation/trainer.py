@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks
-from caprese.distill.batches import Batch, Sample, collate, epoch_order
-from caprese.distill.checkpoint import (
+from caprese.distillation.batches import Batch, Sample, collate, epoch_order
+from caprese.distillation.checkpoint import (
     append_log,
     load_checkpoint,
     optimizer_tensors,
@@ -81,13 +81,15 @@ def train(
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         order = epoch_order(len(samples), settings.seed, epoch)
-        chunk = [samples[i] for i in order[index * settings.batch_size:
-                                           (index + 1) * settings.batch_size]]
+        chunk = [
+            samples[i]
+            for i in order[index * settings.batch_size : (index + 1) * settings.batch_size]
+        ]
         tokens = sum(len(s.input_ids) - s.boundary for s in chunk)
         started = time.perf_counter()
         loss_sum = 0.0
         for start in range(0, len(chunk), settings.micro_batch):
-            batch = collate(chunk[start:start + settings.micro_batch], pad_id)
+            batch = collate(chunk[start : start + settings.micro_batch], pad_id)
             part, _ = loss_fn(batch, 1.0 / tokens)
             loss_sum += part
         loss = loss_sum / tokens
@@ -105,9 +107,19 @@ def train(
         step += 1
         seconds = time.perf_counter() - started
         losses.append(loss)
-        append_log(run_dir / "run_log.jsonl", {
-            "stage": settings.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-            "tokens": tokens, "tokens_per_s": tokens / seconds, "time": time.time()})
+        append_log(
+            run_dir / "run_log.jsonl",
+            {
+                "stage": settings.name,
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": tokens / seconds,
+                "time": time.time(),
+            },
+        )
         progress.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / seconds:.0f}")
         progress.update()
         if step % settings.checkpoint_every == 0 or step == total:

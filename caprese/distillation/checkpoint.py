@@ -23,8 +23,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be trusted."""
 
 
-def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor],
-                    meta: dict) -> None:
+def save_checkpoint(
+    directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.time_ns()}"
     tensor_file = directory / f"{name}.{stamp}.safetensors"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from caprese.distill.batches import Batch
+from caprese.distillation.batches import Batch
 from caprese.families import decoder
 from caprese.phases import Phase, split
 
@@ -35,8 +35,9 @@ def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> No
     batch = batch.to(device)
     with split(model, batch.boundary, Phase.CAPTURE, observer):
         # The decoder stack alone: the LM head is not needed and is costly for big vocabularies.
-        decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False)
+        decoder(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
 
 
 @dataclass
@@ -54,9 +55,11 @@ class RegressionStats:
 
     @classmethod
     def zeros(cls, hidden: int) -> RegressionStats:
-        return cls(torch.zeros(hidden, hidden, dtype=torch.float64),
-                   torch.zeros(hidden, hidden, dtype=torch.float64),
-                   torch.zeros((), dtype=torch.float64))
+        return cls(
+            torch.zeros(hidden, hidden, dtype=torch.float64),
+            torch.zeros(hidden, hidden, dtype=torch.float64),
+            torch.zeros((), dtype=torch.float64),
+        )
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # One float32 product per batch (fast), summed across batches in float64.
@@ -77,10 +80,18 @@ class RegressionStats:
         return float(residual.clamp_min(0).div(self.yy).sqrt())
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.xx": self.xx, f"{prefix}.xy": self.xy, f"{prefix}.yy": self.yy,
-                f"{prefix}.tokens": torch.tensor(self.tokens)}
+        return {
+            f"{prefix}.xx": self.xx,
+            f"{prefix}.xy": self.xy,
+            f"{prefix}.yy": self.yy,
+            f"{prefix}.tokens": torch.tensor(self.tokens),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> RegressionStats:
-        return cls(tensors[f"{prefix}.xx"], tensors[f"{prefix}.xy"], tensors[f"{prefix}.yy"],
-                   int(tensors[f"{prefix}.tokens"]))
+        return cls(
+            tensors[f"{prefix}.xx"],
+            tensors[f"{prefix}.xy"],
+            tensors[f"{prefix}.yy"],
+            int(tensors[f"{prefix}.tokens"]),
+        )

@@ -1,0 +1,1 @@
+"""Decode-latency benchmarking: a lean decode loop, variants, and the bandwidth floor."""

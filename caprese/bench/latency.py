@@ -1,0 +1,196 @@
+"""`caprese bench`: decode latency of full / method / Caprese / LoRA, side by side.
+
+Variants share one set of weights: each repeat attaches a variant, decodes, detaches, and
+the variants alternate (A B C A B C ...) so that machine noise hits all of them alike. The
+report gives medians, the weight bytes each variant reads per decode token, and the floor
+those bytes imply at the memory bandwidth this machine measures for a matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from caprese.adapter import attach, detach, load_weights, read_config
+from caprese.bench.decode import greedy_decode
+from caprese.bench.lora import attach_lora, matched_rank
+from caprese.config import CapreseConfig
+from caprese.families import text_config
+from caprese.info import budget
+from caprese.io import atomic_write_text
+
+VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats")
+
+
+@contextlib.contextmanager
+def variant(model, name: str, density: float, rank: int, adapter: str | None):
+    """The model as `name` for the duration of the block (weights shared, nothing copied)."""
+    method = "cats" if name.endswith("cats") else "griffin"
+    if name == "full":
+        yield model
+        return
+    config = CapreseConfig(method=method, density=density,
+                           rank=rank if name.startswith("caprese") else None)
+    if name == "lora":
+        attach_lora(model, config, caprese_rank=rank)
+    elif adapter and name.startswith("caprese") and read_config(adapter)[0].method == method:
+        attach(model, read_config(adapter)[0])
+        load_weights(model, adapter)
+    else:  # an untrained path times the same as a trained one
+        attach(model, config)
+    try:
+        yield model
+    finally:
+        detach(model)
+
+
+def bytes_per_token(model, name: str, density: float, rank: int, context: int) -> int:
+    """Weight bytes read per decode token, plus the KV cache at `context` tokens."""
+    text = text_config(model.config)
+    method = "cats" if name.endswith("cats") else "griffin"
+    config = CapreseConfig(method="none" if name == "full" else method, density=density,
+                           rank=rank if name.startswith("caprese") else None)
+    counts = budget(model.config, config)
+    params = counts.active_caprese
+    if name == "lora":
+        d, d_ff = text.hidden_size, text.intermediate_size
+        params += 3 * matched_rank(d, d_ff, rank) * (d + d_ff) * len(counts.method_layers)
+    element = next(model.parameters()).element_size()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context * element
+    return params * element + kv
+
+
+def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
+                      repeats: int = 15) -> float:
+    """Bytes per second of a large matrix-vector product: what a decode step can reach."""
+    columns = 4096
+    rows = megabytes * 2**20 // (columns * torch.empty((), dtype=dtype).element_size())
+    matrix = torch.randn(rows, columns, device=device).to(dtype)
+    vector = torch.randn(columns, device=device).to(dtype)
+    times = []
+    for _ in range(repeats + 2):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        torch.mv(matrix, vector)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return matrix.numel() * matrix.element_size() / statistics.median(times[2:])
+
+
+def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
+              density: float = 0.5, rank: int = 256, adapter: str | None = None,
+              seed: int = 0) -> dict:
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    vocab = text_config(model.config).vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+    runs: dict[str, list] = {name: [] for name in variants}
+    tokens: dict[str, torch.Tensor] = {}
+    for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
+        for name in variants:
+            with variant(model, name, density, rank, adapter):
+                started = time.perf_counter()
+                run = greedy_decode(model, prompt, gen_len)
+                total = time.perf_counter() - started
+            tokens[name] = run.tokens
+            if repeat:
+                runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt})
+    bandwidth = measure_bandwidth(next(model.parameters()).dtype, device.type)
+    rows = []
+    for name in variants:
+        per = {k: statistics.median(r[k] for r in runs[name]) for k in ("total", "ttft", "ttnt")}
+        read = bytes_per_token(model, name, density, rank, prompt_len + gen_len // 2)
+        rows.append({"variant": name, **per, "tokens_per_s": batch / per["ttnt"],
+                     "bytes_per_token": read, "floor_ttnt": read / bandwidth,
+                     "floor_fraction": read / bandwidth / per["ttnt"],
+                     "runs": runs[name]})
+    full = next((r for r in rows if r["variant"] == "full"), None)
+    if full:
+        for row in rows:
+            row["ttnt_cut"] = 1 - row["ttnt"] / full["ttnt"]
+            row["bytes_cut"] = 1 - row["bytes_per_token"] / full["bytes_per_token"]
+    return {
+        "setup": {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch,
+                  "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
+                  "dtype": str(next(model.parameters()).dtype), "device": str(device),
+                  "threads": torch.get_num_threads(), "machine": _machine(device)},
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "variants": rows,
+    }
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {platform.platform()}"
+
+
+def format_table(result: dict) -> str:
+    s = result["setup"]
+    lines = [f"prompt {s['prompt_len']} + gen {s['gen_len']}, batch {s['batch']}, {s['dtype']}, "
+             f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
+             f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s",
+             "| variant | total s | TTFT s | TTNT ms | tok/s | MB/token | floor ms | of floor "
+             "| TTNT cut | bytes cut |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["variants"]:
+        lines.append(
+            f"| {r['variant']} | {r['total']:.2f} | {r['ttft']:.3f} | {1e3 * r['ttnt']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
+            f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
+            f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from caprese.distillation.command import DTYPES
+    from caprese.models import load_model
+
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
+                       args.batch, args.density, args.rank, args.adapter)
+    result["setup"]["model"] = args.model
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="decode latency: full / method / Caprese / LoRA",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", help="Caprese adapter to time (default: an untrained path)")
+    p.add_argument("--variants", default="full,griffin,caprese,lora,cats",
+                   help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="write the results JSON here")
+    p.set_defaults(func=run)
+

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity to the original model (fast), math accuracy, language retention."""

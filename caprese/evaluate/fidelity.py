@@ -1,0 +1,78 @@
+"""Fidelity: how closely the Caprese model follows the original, one forward per sample.
+
+- KL(teacher || student) and top-1 agreement of the next-token distributions on
+  continuation tokens, teacher-forced (split phase), so no generation is needed;
+- per-layer relative MLP error ||FF(x) - FF+(x)|| / ||FF(x)|| on the original model's inputs,
+  for the method alone (L R = 0) and with the low-rank path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from caprese.adapter import blocks
+from caprese.distillation.batches import Sample, collate
+from caprese.distillation.capture import capture
+from caprese.families import decoder
+from caprese.phases import split, teacher
+
+
+@torch.no_grad()
+def fidelity(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    batch_size: int = 4,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> dict:
+    stack, head = decoder(model), model.get_output_embeddings()
+    device = next(model.parameters()).device
+    kl_sum, agree, tokens = 0.0, 0, 0
+    layer_sums = {i: torch.zeros(3, dtype=torch.float64) for i in blocks(model)}
+
+    def on_layer(index, x, y):
+        block = blocks(model)[index]
+        dense = block.mlp(x).double()
+        path = block.lowrank(x)
+        residual = y.double() if path is None else y.double() - path.double()
+        layer_sums[index] += torch.stack(
+            [y.double().pow(2).sum(), residual.pow(2).sum(), dense.pow(2).sum()]
+        )
+
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress):
+        batch = collate(samples[start : start + batch_size], pad_id).to(device)
+        inputs = dict(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+        # Logits at continuation positions that still have a next token to predict (the
+        # prediction made at the last prompt position is prefill, identical by design).
+        predicts = batch.continuation & batch.continuation.roll(-1, dims=1)
+        predicts[:, -1] = False
+        with teacher(model):
+            target = head(stack(**inputs).last_hidden_state[predicts]).float()
+        with split(model, batch.boundary):
+            student = head(stack(**inputs).last_hidden_state[predicts]).float()
+        log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        agree += int((target.argmax(-1) == student.argmax(-1)).sum())
+        tokens += int(predicts.sum())
+        capture(model, batch, on_layer)
+    layers = []
+    for index, (dropped, residual, dense) in layer_sums.items():
+        layers.append(
+            {
+                "layer": index,
+                "method_rel_error": float((dropped / dense).sqrt()),
+                "caprese_rel_error": float((residual / dense).sqrt()),
+            }
+        )
+    return {
+        "kl": kl_sum / max(tokens, 1),
+        "top1": agree / max(tokens, 1),
+        "tokens": tokens,
+        "layers": layers,
+    }

@@ -1,0 +1,68 @@
+"""Benchmark building blocks: the lean decode loop and the LoRA baseline."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import prompt_ids, tiny_model
+from helpers import attached_copy, randomize_lowrank, set_fused
+
+import caprese
+from caprese.bench.decode import greedy_decode
+from caprese.bench.lora import attach_lora, matched_rank
+
+
+@pytest.mark.parametrize("static_cache", [True, False])
+@pytest.mark.parametrize("method", [None, "griffin", "cats"])
+def test_lean_decode_matches_generate(method, static_cache):
+    base = tiny_model("qwen2")
+    model = base if method is None else attached_copy(base, method=method, rank=8)
+    if method:
+        randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(1, 10)
+    run = greedy_decode(model, ids, 8, static_cache=static_cache)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(run.tokens, expected[:, 10:])
+    assert len(run.step_seconds) == 7 and run.ttft > 0
+
+
+def test_lora_matches_the_paper_parameter_count():
+    hidden, d_ff, rank = 4096, 14336, 256
+    lora_rank = matched_rank(hidden, d_ff, rank)
+    assert abs(3 * lora_rank * (hidden + d_ff) - 2 * hidden * rank) / (2 * hidden * rank) < 0.01
+
+
+@pytest.mark.parametrize("method", ["griffin", "cats"])
+def test_lora_fast_path_equals_reference(method):
+    model = attach_lora(copy.deepcopy(tiny_model("llama")),
+                        caprese.CapreseConfig(method=method, density=0.5), caprese_rank=8)
+    ids = prompt_ids()
+    with torch.no_grad():
+        fast = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+        set_fused(model, False)
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast.sequences, ref.sequences)
+
+
+def test_bench_runs_every_variant_and_reports_consistent_bytes():
+    from caprese.bench.latency import format_table, run_bench
+
+    model = tiny_model("llama")
+    result = run_bench(model, ["full", "griffin", "caprese", "lora", "cats"], prompt_len=12,
+                       gen_len=4, repeats=1, rank=4)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert not hasattr(model, "_caprese")  # every variant detached again
+    assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
+    assert rows["caprese"]["bytes_per_token"] > rows["griffin"]["bytes_per_token"]
+    assert rows["cats"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
+    # Caprese and its parameter-matched LoRA read (almost) the same number of bytes
+    assert abs(rows["lora"]["bytes_per_token"] / rows["caprese"]["bytes_per_token"] - 1) < 0.05
+    assert all(r["ttnt"] > 0 and r["floor_fraction"] > 0 for r in rows.values())
+    assert "| caprese |" in format_table(result)
