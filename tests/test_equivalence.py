@@ -149,3 +149,31 @@ def test_sampling_generation_runs_and_is_seeded():
                                    pad_token_id=0))
     assert outs[0].shape == (2, 16)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cats_sparse_decode_equals_masked_dense(rank, dtype):
+    from caprese.methods.sparse_cpu import kernels
+
+    assert kernels() is not None, "the CPU sparse kernels did not build"
+    model = attached_copy(tiny_model("mistral").to(dtype), method="cats", density=0.4, rank=rank)
+    if rank:
+        randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(1, 12)
+    calls = []
+    import caprese.block
+
+    original = caprese.block.sparse_decode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(caprese.block, "sparse_decode",
+                      lambda *a: calls.append(1) or original(*a))
+        with torch.no_grad():
+            tokens, sparse_logits = generate_with_logits(model, ids, steps=6)
+    assert len(calls) == 5 * 4  # every decode step of every layer took the sparse path
+    with torch.no_grad():
+        set_fused(model, False)
+        ref_tokens, ref_logits = generate_with_logits(model, ids, steps=6)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(sparse_logits, ref_logits, rtol=tolerance, atol=tolerance)
+    assert torch.equal(tokens, ref_tokens)

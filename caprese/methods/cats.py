@@ -48,5 +48,6 @@ class Cats(Method):
     def gather(self, mlp, state) -> FastWeights:
         # The sparse decode reads rows of W2^T: keep a contiguous copy (cached by the block).
         fast = super().gather(mlp, state)
-        fast.down_rows = fast.down_rows.contiguous()
+        if state is not None:  # density 1 keeps the original matrices, bit for bit
+            fast.down_rows = fast.down_rows.contiguous()
         return fast
