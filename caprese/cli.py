@@ -8,6 +8,8 @@ import sys
 from caprese import info, models
 from caprese.bench import latency
 from caprese.distillation import command as distill_command
+from caprese.evaluate import command as eval_command
+from caprese.evaluate import report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,11 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_cli(subparsers)
     distill_command.add_cli(subparsers)
     latency.add_cli(subparsers)
+    eval_command.add_cli(subparsers)
+    report.add_cli(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in result files: the exact command that produced them
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -12,6 +12,7 @@ Two solvers:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,23 +148,26 @@ def run_layerwise(
     sgd: TrainSettings,
     checkpoint_every: int,
     pad_id: int = 0,
-) -> list[dict]:
-    """Statistics pass, then closed form and/or SGD; returns the per-layer residual report."""
-    train_stats = collect_stats(
-        model, samples, batch_size, run_dir, "stats-train", checkpoint_every, pad_id
-    )
-    held_stats = (
-        collect_stats(
-            model, held_out, batch_size, run_dir, "stats-held-out", checkpoint_every, pad_id
-        )
-        if held_out
-        else {}
-    )
+) -> tuple[list[dict], dict]:
+    """Statistics pass, then closed form and/or SGD; returns the residual report and timings."""
+    timings = {}
+    started = time.perf_counter()
+    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train",
+                                checkpoint_every, pad_id)
+    timings["stats_s"] = time.perf_counter() - started
     if solver in ("closed_form", "closed_form+sgd"):
+        started = time.perf_counter()
         apply_closed_form(model, train_stats, ridge)
+        timings["solve_s"] = time.perf_counter() - started
     if solver in ("sgd", "closed_form+sgd"):
+        started = time.perf_counter()
         train(model, samples, sgd_loss(model), sgd, run_dir, pad_id)
+        timings["sgd_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out",
+                                checkpoint_every, pad_id) if held_out else {})
+    timings["held_out_stats_s"] = time.perf_counter() - started
     report = residual_report(model, train_stats, held_stats)
     for row in report:
         append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **row})
-    return report
+    return report, timings

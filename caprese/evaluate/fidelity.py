@@ -2,6 +2,8 @@
 
 - KL(teacher || student) and top-1 agreement of the next-token distributions on
   continuation tokens, teacher-forced (split phase), so no generation is needed;
+- perplexity of the actual text under the teacher and the student (language retention on
+  plain text);
 - per-layer relative MLP error ||FF(x) - FF+(x)|| / ||FF(x)|| on the original model's inputs,
   for the method alone (L R = 0) and with the low-rank path.
 """
@@ -31,6 +33,7 @@ def fidelity(
     stack, head = decoder(model), model.get_output_embeddings()
     device = next(model.parameters()).device
     kl_sum, agree, tokens = 0.0, 0, 0
+    nll = torch.zeros(2, dtype=torch.float64)  # teacher, student: -log p(actual next token)
     layer_sums = {i: torch.zeros(3, dtype=torch.float64) for i in blocks(model)}
 
     def on_layer(index, x, y):
@@ -58,6 +61,9 @@ def fidelity(
             student = head(stack(**inputs).last_hidden_state[predicts]).float()
         log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
+        nll -= torch.stack([log_p.gather(1, following).sum(), log_q.gather(1, following).sum()]
+                           ).double().cpu()
         agree += int((target.argmax(-1) == student.argmax(-1)).sum())
         tokens += int(predicts.sum())
         capture(model, batch, on_layer)
@@ -70,9 +76,12 @@ def fidelity(
                 "caprese_rel_error": float((residual / dense).sqrt()),
             }
         )
+    perplexity = (nll / max(tokens, 1)).exp().tolist()
     return {
         "kl": kl_sum / max(tokens, 1),
         "top1": agree / max(tokens, 1),
         "tokens": tokens,
+        "ppl_teacher": perplexity[0],
+        "ppl_student": perplexity[1],
         "layers": layers,
     }

@@ -1,0 +1,179 @@
+"""`caprese report`: saved result JSON files -> one markdown report with PNG plots.
+
+The table follows the paper's Table 4: one row per model variant (full, method, layer-wise
+Caprese, E2E Caprese), one column group per task. Plots: accuracy with 95% intervals,
+response length by difficulty level, per-layer MLP error before/after Caprese.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from caprese.io import atomic_write_text
+
+VARIANT_ORDER = ("full", "method", "layerwise", "e2e", "caprese")
+
+
+def load_results(paths: list[str | Path]) -> list[dict]:
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read result file {path}: {error}") from error
+        if "task" not in result or "summary" not in result or "variant" not in result:
+            raise ValueError(f"{path} is not a caprese eval result (task/variant/summary)")
+        results.append(result)
+    return results
+
+
+def _variant_key(result: dict) -> tuple:
+    variant = result["variant"]
+    kind = variant.get("kind", "method")
+    rank = VARIANT_ORDER.index(kind) if kind in VARIANT_ORDER else len(VARIANT_ORDER)
+    return (variant.get("method", ""), rank, variant["label"])
+
+
+def _cell(task: str, summary: dict) -> str:
+    if task == "fidelity":
+        return f"KL {summary['kl']:.3f}, top-1 {100 * summary['top1']:.1f}%"
+    if task == "xsum":
+        return f"R-1/2/L {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f}"
+    if task == "perplexity":
+        return f"ppl {summary['ppl_student']:.2f}"
+    low, high = summary["ci95"]
+    return (f"{100 * summary['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+            f" / {summary['mean_length']:.0f} tok")
+
+
+def table(results: list[dict]) -> str:
+    tasks = sorted({r["task"] for r in results})
+    rows: dict[str, dict] = defaultdict(dict)
+    order: dict[str, tuple] = {}
+    for r in results:
+        label = r["variant"]["label"]
+        rows[label][r["task"]] = r["summary"]
+        order[label] = _variant_key(r)
+    header = "| variant | " + " | ".join(
+        f"{t} (acc % [95% CI] / mean length)" if t not in ("fidelity", "xsum", "perplexity")
+        else t for t in tasks) + " |"
+    lines = [header, "|---" * (len(tasks) + 1) + "|"]
+    for label in sorted(rows, key=order.__getitem__):
+        cells = [_cell(t, rows[label][t]) if t in rows[label] else "" for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    math_results = [r for r in results if "accuracy" in r["summary"]]
+    if not math_results:
+        return False
+    tasks = sorted({r["task"] for r in math_results})
+    labels = sorted({r["variant"]["label"] for r in math_results},
+                    key=lambda lab: next(_variant_key(r) for r in math_results
+                                         if r["variant"]["label"] == lab))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) * len(tasks)), 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        for j, task in enumerate(tasks):
+            found = [r for r in math_results
+                     if r["task"] == task and r["variant"]["label"] == label]
+            if not found:
+                continue
+            s = found[0]["summary"]
+            acc, (low, high) = 100 * s["accuracy"], s["ci95"]
+            ax.bar(j + i * width, acc, width, color=f"C{i}", label=label if j == 0 else None,
+                   yerr=[[acc - 100 * low], [100 * high - acc]], capsize=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_length_by_level(results: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    leveled = [r for r in results if r["summary"].get("length_by_level")]
+    if not leveled:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(sorted(leveled, key=_variant_key)):
+        levels = r["summary"]["length_by_level"]
+        ax.plot([int(k) for k in levels], list(levels.values()), marker="o", color=f"C{i}",
+                label=f"{r['variant']['label']} ({r['task']})")
+    ax.set_xlabel("difficulty level")
+    ax.set_ylabel("mean response tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_layer_errors(results: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fidelity = [r for r in results if r["task"] == "fidelity" and r["summary"].get("layers")]
+    if not fidelity:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(sorted(fidelity, key=_variant_key)):
+        layers = r["summary"]["layers"]
+        xs = [row["layer"] for row in layers]
+        ax.plot(xs, [row["caprese_rel_error"] for row in layers], marker="o", color=f"C{i}",
+                label=f"{r['variant']['label']}")
+        if r["variant"].get("kind") in ("method", "layerwise", "e2e", "caprese"):
+            ax.plot(xs, [row["method_rel_error"] for row in layers], linestyle="--",
+                    color=f"C{i}", alpha=0.5, label=f"{r['variant']['label']}: method alone")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||FF - FF+|| / ||FF||")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(paths: list[str | Path], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(paths)
+    stem = out.with_suffix("")
+    sections = ["# Caprese evaluation report", "", table(results), ""]
+    plots = [("accuracy", plot_accuracy, "Math accuracy with 95% intervals"),
+             ("length_by_level", plot_length_by_level, "Response length by difficulty level"),
+             ("layer_errors", plot_layer_errors, "Per-layer relative MLP error")]
+    for name, plot, title in plots:
+        image = Path(f"{stem}_{name}.png")
+        if plot(results, image):
+            sections += [f"## {title}", "", f"![{title}]({image.name})", ""]
+    sections += ["## Runs", ""]
+    for r, path in zip(results, paths, strict=True):
+        setup = r.get("setup", {})
+        sections.append(f"- `{path}`: {r['variant']['label']} on {r['task']}; "
+                        f"command: `{setup.get('command', '?')}`; {setup.get('weights', '')}")
+    atomic_write_text(out, "\n".join(sections) + "\n")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"report written to {build_report(args.results, args.out)}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("report", help="markdown report + plots from eval result JSON")
+    p.add_argument("results", nargs="+", help="result JSON files written by caprese eval")
+    p.add_argument("--out", default="report.md")
+    p.set_defaults(func=run)
