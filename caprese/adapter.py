@@ -85,8 +85,15 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     created = {}
     for index in layers:
         generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
-        block = CapreseBlock(mlp_of(model, index), method, state, config.rank,
-                             config.init, generator, layer_index=index)
+        block = CapreseBlock(
+            mlp_of(model, index),
+            method,
+            state,
+            config.rank,
+            config.init,
+            generator,
+            layer_index=index,
+        )
         set_mlp(model, index, block)
         created[index] = block
     stack = decoder(model)  # hooked below the LM head, so model.model(...) sees phases too
@@ -178,8 +185,9 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Fill an attached model's L and R from an adapter saved with the same config."""
     config, checksum = read_config(directory)
     if config != config_of(model):
-        raise AdapterError(f"{directory} was saved with another caprese config than the "
-                           "one attached to this model")
+        raise AdapterError(
+            f"{directory} was saved with another caprese config than the one attached to this model"
+        )
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights} not found: the adapter directory is incomplete")

@@ -40,16 +40,13 @@ class CapreseConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(
-                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
-            )
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         self.density = float(self.density)
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(
-                f"rank must be a positive integer (or None for the method alone), "
-                f"got {self.rank!r}"
+                f"rank must be a positive integer (or None for the method alone), got {self.rank!r}"
             )
         if self.init not in L_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(L_INITS)}")
@@ -73,9 +70,7 @@ class CapreseConfig:
     def check_rank(self, hidden_size: int) -> None:
         """A rank of D or more is no longer low-rank (and costs more than a dense D x D map)."""
         if self.rank is not None and self.rank >= hidden_size:
-            raise ValueError(
-                f"rank {self.rank} must be smaller than the hidden size {hidden_size}"
-            )
+            raise ValueError(f"rank {self.rank} must be smaller than the hidden size {hidden_size}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -99,22 +99,27 @@ def format_budget(b: Budget) -> str:
         ("parameters", millions(b.total_params)),
         ("method", f"{b.method}, density {b.density:g}, layers {_layer_ranges(b.method_layers)}"),
         ("Caprese rank", "none (method alone)" if b.rank is None else str(b.rank)),
-        ("Caprese parameters",
-         f"{millions(b.caprese_params)} ({100 * b.caprese_share:.2f}% of the model; "
-         f"2*D*r = {millions(2 * b.hidden_size * (b.rank or 0))} per layer)"),
+        (
+            "Caprese parameters",
+            f"{millions(b.caprese_params)} ({100 * b.caprese_share:.2f}% of the model; "
+            f"2*D*r = {millions(2 * b.hidden_size * (b.rank or 0))} per layer)",
+        ),
         ("active params / decode token", ""),
         ("  full", millions(b.active_full)),
         ("  method", f"{millions(b.active_method)} ({100 * b.active_method / b.active_full:.1f}%)"),
-        ("  Caprese",
-         f"{millions(b.active_caprese)} ({100 * b.active_caprese / b.active_full:.1f}%)"),
+        (
+            "  Caprese",
+            f"{millions(b.active_caprese)} ({100 * b.active_caprese / b.active_full:.1f}%)",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    caprese = CapreseConfig(method=args.method, density=args.density,
-                            rank=None if args.rank == 0 else args.rank)
+    caprese = CapreseConfig(
+        method=args.method, density=args.density, rank=None if args.rank == 0 else args.rank
+    )
     result = budget(load_config(args.model), caprese)
     print(json.dumps(asdict(result), indent=2) if args.json else format_budget(result))
     return 0
@@ -124,8 +129,9 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "info", help="parameter budget of a model under a method and Caprese (no weights loaded)"
     )
-    parser.add_argument("--model", required=True,
-                        help="config.json file, model folder, or Hugging Face model id")
+    parser.add_argument(
+        "--model", required=True, help="config.json file, model folder, or Hugging Face model id"
+    )
     parser.add_argument("--method", default="griffin", choices=["griffin", "cats", "none"])
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--rank", type=int, default=256, help="0 for the method alone")

@@ -68,7 +68,7 @@ def _cache_argument(arguments: dict):
 
 def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
     if attention_mask is not None and attention_mask.dim() == 2:
-        return attention_mask[:, -shape[1]:].to(device=device, dtype=torch.bool)
+        return attention_mask[:, -shape[1] :].to(device=device, dtype=torch.bool)
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
@@ -124,7 +124,9 @@ def teacher(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def split(
-    model: nn.Module, boundary: torch.Tensor | list[int], phase: Phase = Phase.SPLIT,
+    model: nn.Module,
+    boundary: torch.Tensor | list[int],
+    phase: Phase = Phase.SPLIT,
     observer: Callable | None = None,
 ) -> Iterator[nn.Module]:
     """Teacher-forced forwards: sample b's positions < boundary[b] are prompt (prefill).

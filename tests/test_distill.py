@@ -107,6 +107,9 @@ def test_sgd_lowers_the_loss_and_closed_form_is_at_least_as_good(tmp_path, no_ch
     distill(sgd_model, samples, tmp_path / "sgd", DistillSettings(
         solver="sgd", sgd_epochs=6, sgd_batch=8, sgd_lr=3e-2))
     distill(closed, samples, tmp_path / "closed", DistillSettings(solver="closed_form"))
+    stage = json.loads((tmp_path / "sgd" / "stages" / "layerwise" / "stage.json").read_text())
+    assert set(stage["timings"]) == {"stats_s", "sgd_s", "held_out_stats_s"}
+    assert [row["layer"] for row in stage["layers"]] == [0, 1]
     log = [json.loads(line) for line in open(tmp_path / "sgd" / "run_log.jsonl")]
     losses = [r["loss"] for r in log if r["stage"] == "sgd"]
     assert sum(losses[-4:]) < 0.95 * sum(losses[:4])
@@ -192,6 +195,7 @@ def test_fidelity_is_perfect_at_density_one_and_improves_with_distillation(tmp_p
     exact = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(density=1.0, rank=4))
     result = fidelity(exact, held_out, progress=False)
     assert result["kl"] < 1e-9 and result["top1"] == 1.0
+    assert result["ppl_teacher"] == pytest.approx(result["ppl_student"], rel=1e-6)
     assert result["tokens"] == sum(len(s.input_ids) - s.boundary - 1 for s in held_out)
 
     model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
@@ -201,4 +205,5 @@ def test_fidelity_is_perfect_at_density_one_and_improves_with_distillation(tmp_p
     distill(model, samples, tmp_path, DistillSettings(solver="closed_form"))
     after = fidelity(model, held_out, progress=False)
     assert after["kl"] < before["kl"]
+    assert before["ppl_teacher"] == pytest.approx(after["ppl_teacher"], rel=1e-6)
     assert all(r["caprese_rel_error"] < r["method_rel_error"] for r in after["layers"])

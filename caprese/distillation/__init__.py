@@ -144,7 +144,7 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
             settings.checkpoint_every,
             settings.seed,
         )
-        report = run_layerwise(
+        report, timings = run_layerwise(
             model,
             samples,
             held_out,
@@ -156,7 +156,7 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
             settings.checkpoint_every,
             pad_id,
         )
-        return {"solver": settings.solver, "layers": report}
+        return {"solver": settings.solver, "timings": timings, "layers": report}
     e2e = TrainSettings(
         "e2e",
         settings.e2e_lr,

@@ -65,7 +65,7 @@ def load_records(task: str, limit: int | None):
 
 
 def run_task(args, model, tokenizer, records) -> dict:
-    from caprese import data
+    from caprese import prompts
     from caprese.evaluate.fidelity import fidelity
     from caprese.evaluate.language import evaluate_xsum
     from caprese.evaluate.math import evaluate_math
@@ -78,12 +78,12 @@ def run_task(args, model, tokenizer, records) -> dict:
         return {"settings": asdict(settings), **evaluate_xsum(model, tokenizer, records,
                                                               settings)}
     if args.task.startswith("fidelity"):
-        samples = data.teacher_forced(tokenizer, records, language=args.task != "fidelity",
+        samples = prompts.teacher_forced(tokenizer, records, language=args.task != "fidelity",
                                       max_length=args.max_length)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return {"summary": fidelity(model, samples, batch_size=args.batch_size, pad_id=pad),
                 "records": []}
-    result = evaluate_math(model, tokenizer, records, data.chat_prompt, settings, args.task)
+    result = evaluate_math(model, tokenizer, records, prompts.chat_prompt, settings, args.task)
     return {"settings": asdict(settings), **result}
 
 
