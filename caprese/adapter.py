@@ -53,7 +53,7 @@ class Handle:
     config: CapreseConfig
     state: PhaseState
     blocks: dict[int, CapreseBlock]
-    hook: torch.utils.hooks.RemovableHandle
+    hooks: list[torch.utils.hooks.RemovableHandle]
     requires_grad: dict[str, bool] = field(default_factory=dict)
 
 
@@ -64,6 +64,14 @@ def fingerprint(model: nn.Module) -> dict:
 def blocks(model: nn.Module) -> dict[int, CapreseBlock]:
     """Layer index -> CapreseBlock of an attached model."""
     return handle_of(model).blocks
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """The LM head gets the last position as a strided slice (logits_to_keep). With frozen
+    weights, PyTorch 2.13 multiplies such a slice by copying the whole head matrix (2 s per
+    prompt for a 150K vocabulary); a contiguous input takes the normal path, the one (and the
+    bits) an unfrozen model gets."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
@@ -97,10 +105,13 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
         set_mlp(model, index, block)
         created[index] = block
     stack = decoder(model)  # hooked below the LM head, so model.model(...) sees phases too
-    hook = stack.register_forward_pre_hook(
-        make_pre_hook(state, inspect.signature(stack.forward)), with_kwargs=True
-    )
-    model._caprese = Handle(config, state, created, hook, requires_grad)
+    hooks = [
+        stack.register_forward_pre_hook(
+            make_pre_hook(state, inspect.signature(stack.forward)), with_kwargs=True
+        ),
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input),
+    ]
+    model._caprese = Handle(config, state, created, hooks, requires_grad)
     model.generate = wrap_generate(model.generate)
     return model
 
@@ -110,7 +121,8 @@ def detach(model: nn.Module) -> nn.Module:
     handle = handle_of(model)
     for index, block in handle.blocks.items():
         set_mlp(model, index, block.mlp)
-    handle.hook.remove()
+    for hook in handle.hooks:
+        hook.remove()
     del model.generate  # the instance attribute set by attach; the class method shows again
     for name, param in model.named_parameters():
         param.requires_grad_(handle.requires_grad.get(name, param.requires_grad))

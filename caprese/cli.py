@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caprese import info, models
+from caprese import info, models, pipeline
 from caprese.bench import latency
 from caprese.distillation import command as distill_command
 from caprese.evaluate import command as eval_command
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_cli(subparsers)
     eval_command.add_cli(subparsers)
     report.add_cli(subparsers)
+    pipeline.add_cli(subparsers)
     return parser
 
 

@@ -312,7 +312,9 @@ def provenance(folder: str | Path) -> dict[str, Any] | None:
 
 def weights_description(folder: str | Path) -> str:
     """One line for reports, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct, weights dequantized
-    from GGUF Q4_1'; other folders are named as they are."""
+    from GGUF Q4_1', for a built-in name or its folder; other folders are named as they are."""
+    if str(folder) in BUILTIN_MODELS:
+        folder = model_dir(str(folder))
     note = provenance(folder)
     if note is None:
         return f"weights from {folder}"

@@ -41,9 +41,6 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.eval()
-    # Frozen like an inference model and like the base under caprese.attach: PyTorch picks a
-    # different (bitwise) matmul kernel for strided inputs when the weight requires grad.
-    model.requires_grad_(False)
     # Random init leaves the MLP outputs tiny next to the residual stream; scale them up so
     # that compressing the MLP changes the logits visibly.
     with torch.no_grad():

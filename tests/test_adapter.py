@@ -39,11 +39,11 @@ def test_detach_restores_modules_and_outputs():
     base = tiny_model("qwen3")
     originals = [layer.mlp for layer in base.model.layers]
     ids = prompt_ids()
-    with torch.no_grad():
-        before = generate_with_logits(base, ids)[1]
     for name, param in base.named_parameters():
         param.requires_grad_(name.endswith("norm.weight"))
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    with torch.no_grad():
+        before = generate_with_logits(base, ids)[1]
     caprese.attach(base, caprese.CapreseConfig(method="cats", rank=8))
     randomize_lowrank(base)
     caprese.detach(base)

@@ -66,3 +66,19 @@ def test_bench_runs_every_variant_and_reports_consistent_bytes():
     assert abs(rows["lora"]["bytes_per_token"] / rows["caprese"]["bytes_per_token"] - 1) < 0.05
     assert all(r["ttnt"] > 0 and r["floor_fraction"] > 0 for r in rows.values())
     assert "| caprese |" in format_table(result)
+
+
+def test_gpu_table5_script_runs_with_tiny_shapes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_table5.py"
+    spec = importlib.util.spec_from_file_location("gpu_table5", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(["--tiny", "--setups", "16+4", "--repeats", "1",
+                           "--out", str(tmp_path / "t5.json")])
+    rows = {r["variant"]: r for r in results["setups"]["16+4"]["variants"]}
+    assert set(rows) == {"full", "griffin", "lora", "caprese"}
+    assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
+    assert (tmp_path / "t5.json").is_file()

@@ -49,6 +49,7 @@ class DistillSettings:
     e2e_lr: float = 1e-4
     e2e_batch: int = 16
     e2e_epochs: int = 3
+    e2e_samples: int | None = None  # E2E on the first N training samples (None: all)
     micro_batch: int = 4  # sequences per forward for SGD and E2E (gradient accumulation)
     warmup: float = 0.02
     gradient_checkpointing: bool = False
@@ -170,7 +171,8 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
     if settings.gradient_checkpointing:
         _set_activation_checkpointing(model, True)
     try:
-        losses = train(model, samples, e2e_loss(model), e2e, out, pad_id)
+        subset = samples[: settings.e2e_samples] if settings.e2e_samples else samples
+        losses = train(model, subset, e2e_loss(model), e2e, out, pad_id)
     finally:
         if settings.gradient_checkpointing:
             _set_activation_checkpointing(model, False)

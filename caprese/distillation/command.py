@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         e2e_lr=args.e2e_lr,
         e2e_batch=args.e2e_batch,
         e2e_epochs=args.e2e_epochs,
+        e2e_samples=args.e2e_samples,
         micro_batch=args.micro_batch,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
@@ -157,6 +158,7 @@ def add_cli(subparsers) -> None:
         "--e2e-batch", type=int, default=defaults.e2e_batch, help="sequences per E2E step"
     )
     p.add_argument("--e2e-epochs", type=int, default=defaults.e2e_epochs)
+    p.add_argument("--e2e-samples", type=int, help="E2E on the first N samples (default: all)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--seed", type=int, default=defaults.seed)

@@ -12,6 +12,7 @@ Two solvers:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from caprese.distillation.checkpoint import (
     save_checkpoint,
 )
 from caprese.distillation.trainer import LossFn, TrainSettings, train
+
+log = logging.getLogger(__name__)
 
 
 def collect_stats(
@@ -72,6 +75,7 @@ def solve_closed_form(
     """(L, R) minimising ||Y - X L R||^2 + lambda ||L R||^2 over rank-r products."""
     if stats.tokens == 0:
         raise ValueError("no continuation tokens reached this layer: nothing to fit")
+
     c = stats.xx / stats.tokens
     b = stats.xy / stats.tokens
     hidden = c.shape[0]
@@ -87,6 +91,11 @@ def solve_closed_form(
 
 @torch.no_grad()
 def apply_closed_form(model, stats: dict[int, RegressionStats], ridge: float) -> None:
+    some = next(iter(stats.values()))
+    if some.tokens < 10 * some.xx.shape[0]:
+        log.warning("only %d tokens for %d-dimensional regressions: the closed form will "
+                    "overfit; use more --samples or a larger --ridge", some.tokens,
+                    some.xx.shape[0])
     for index, block in blocks(model).items():
         left, right = solve_closed_form(stats[index], block.L.shape[1], ridge)
         block.L.copy_(left)

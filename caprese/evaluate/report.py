@@ -37,13 +37,16 @@ def _variant_key(result: dict) -> tuple:
     return (variant.get("method", ""), rank, variant["label"])
 
 
-def _cell(task: str, summary: dict) -> str:
-    if task == "fidelity":
-        return f"KL {summary['kl']:.3f}, top-1 {100 * summary['top1']:.1f}%"
-    if task == "xsum":
+def _is_math(summary: dict) -> bool:
+    return "accuracy" in summary
+
+
+def _cell(summary: dict) -> str:
+    if "kl" in summary:
+        return (f"KL {summary['kl']:.3f}, top-1 {100 * summary['top1']:.1f}%, "
+                f"ppl {summary['ppl_student']:.2f} (teacher {summary['ppl_teacher']:.2f})")
+    if "rougeL" in summary:
         return f"R-1/2/L {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f}"
-    if task == "perplexity":
-        return f"ppl {summary['ppl_student']:.2f}"
     low, high = summary["ci95"]
     return (f"{100 * summary['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
             f" / {summary['mean_length']:.0f} tok")
@@ -57,12 +60,12 @@ def table(results: list[dict]) -> str:
         label = r["variant"]["label"]
         rows[label][r["task"]] = r["summary"]
         order[label] = _variant_key(r)
+    math_tasks = {r["task"] for r in results if _is_math(r["summary"])}
     header = "| variant | " + " | ".join(
-        f"{t} (acc % [95% CI] / mean length)" if t not in ("fidelity", "xsum", "perplexity")
-        else t for t in tasks) + " |"
+        f"{t} (acc % [95% CI] / mean length)" if t in math_tasks else t for t in tasks) + " |"
     lines = [header, "|---" * (len(tasks) + 1) + "|"]
     for label in sorted(rows, key=order.__getitem__):
-        cells = [_cell(t, rows[label][t]) if t in rows[label] else "" for t in tasks]
+        cells = [_cell(rows[label][t]) if t in rows[label] else "" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,7 +76,7 @@ def plot_accuracy(results: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    math_results = [r for r in results if "accuracy" in r["summary"]]
+    math_results = [r for r in results if _is_math(r["summary"])]
     if not math_results:
         return False
     tasks = sorted({r["task"] for r in math_results})
@@ -125,6 +128,7 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fidelity = [r for r in results if r["task"] == "fidelity" and r["summary"].get("layers")]
+    # (math fidelity only: the language runs would double every line)
     if not fidelity:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))

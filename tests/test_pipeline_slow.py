@@ -1,0 +1,36 @@
+"""The main job end to end on the smallest built-in model, with tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from caprese.pipeline import Preset, run_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_distills_evaluates_and_reports(tmp_path, capsys):
+    preset = Preset("smollm2-135m-instruct", samples=8, max_length=128, e2e_samples=4,
+                    e2e_epochs=1, math_problems=2, max_new_tokens=16, xsum_articles=2,
+                    fidelity_samples=2)
+    report = run_pipeline(preset, tmp_path)
+    text = report.read_text()
+    for label in ("| full |", "| griffin 0.5 |", "| Caprese layerwise (griffin) |",
+                  "| Caprese e2e (cats) |"):
+        assert label in text
+    assert (tmp_path / "report_accuracy.png").is_file()
+    assert (tmp_path / "report_layer_errors.png").is_file()
+    result = json.loads((tmp_path / "results" / "gsm-symbolic-all-cats-e2e.json").read_text())
+    assert result["summary"]["problems"] == 2
+    assert result["setup"]["command"].startswith("caprese eval --model smollm2-135m-instruct")
+    records = (tmp_path / "results" / "gsm-symbolic-all-cats-e2e.jsonl").read_text().splitlines()
+    assert len(records) == 2 and "prompt" in json.loads(records[0])
+
+    capsys.readouterr()
+    run_pipeline(preset, tmp_path)  # everything exists: every step is skipped
+    assert capsys.readouterr().out.count("exists: skipping") == 2 + 7 * 4 - 2
