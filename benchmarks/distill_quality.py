@@ -41,7 +41,7 @@ def teacher_pass_seconds(model, samples, batch_size: int, pad_id: int) -> float:
 
 
 def scored(model, held_out, pad_id, batch_size) -> dict:
-    result = fidelity(model, held_out, batch_size=batch_size, pad_id=pad_id)
+    result = fidelity(model, held_out, batch_size=batch_size, pad_id=pad_id, layer_errors=False)
     return {"kl": result["kl"], "top1": result["top1"], "tokens": result["tokens"]}
 
 
@@ -51,13 +51,15 @@ def main() -> None:
     parser.add_argument("--methods", default="griffin,cats")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--held-out", type=int, default=200)
-    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sgd-epochs", type=int, default=2,
+    parser.add_argument("--sgd-epochs", type=int, default=1,
                         help="epochs actually run (the paper's 20 are extrapolated from these)")
     parser.add_argument("--e2e-epochs", type=int, default=1)
+    parser.add_argument("--e2e-samples", type=int, default=256,
+                        help="E2E trains on the first N training samples")
     parser.add_argument("--e2e-lr", type=float, default=1e-4)
     parser.add_argument("--work", default="/tmp/caprese-distill-quality")
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
@@ -88,6 +90,7 @@ def main() -> None:
                 block.R.data.zero_()
             settings = DistillSettings(stages=stages, solver=solver, sgd_epochs=epochs,
                                        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
+                                       e2e_samples=args.e2e_samples,
                                        e2e_batch=16, micro_batch=4,
                                        capture_batch=args.batch_size, checkpoint_every=10**6)
             run_dir = work / f"{method}-{solver}"

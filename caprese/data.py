@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caprese.distillation.batches import Sample
+from caprese.evaluate.answers import last_boxed
 from caprese.models import cache_dir, install_packages
 from caprese.prompts import templated
 
@@ -64,22 +65,6 @@ def gsm8k_answer(solution: str) -> str:
     if "####" not in solution:
         raise CapreseDataError(f"no '#### answer' line in GSM8K solution: {solution[-80:]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def last_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...} (braces balanced), or None if there is none."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    rest = text[start + len("\\boxed") :].lstrip()
-    if not rest.startswith("{"):  # '\boxed 5' form
-        return rest.split("$")[0].split()[0] if rest.strip() else None
-    depth = 0
-    for i, char in enumerate(rest):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return rest[1:i]
-    return None
 
 
 def _number(value: Any) -> str:

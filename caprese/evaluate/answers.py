@@ -23,18 +23,20 @@ class Verdict:
 
 
 def last_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+    """Contents of the last \\boxed{...} or \\fbox{...} (braces balanced); also the brace-less
+    '\\boxed 5' form. None when there is none."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
+    command = "\\boxed" if text.startswith("\\boxed", start) else "\\fbox"
+    rest = text[start + len(command):].lstrip()
+    if not rest.startswith("{"):
+        return rest.split("$")[0].split()[0] if rest.strip() else None
     depth = 0
-    for position in range(brace, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
+    for position, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
         if depth == 0:
-            return text[brace + 1 : position]
+            return rest[1:position]
     return None
 
 

@@ -29,6 +29,7 @@ def fidelity(
     batch_size: int = 4,
     pad_id: int = 0,
     progress: bool = True,
+    layer_errors: bool = True,
 ) -> dict:
     stack, head = decoder(model), model.get_output_embeddings()
     device = next(model.parameters()).device
@@ -66,9 +67,10 @@ def fidelity(
                            ).double().cpu()
         agree += int((target.argmax(-1) == student.argmax(-1)).sum())
         tokens += int(predicts.sum())
-        capture(model, batch, on_layer)
+        if layer_errors:  # a third pass; skip it when only the logits matter
+            capture(model, batch, on_layer)
     layers = []
-    for index, (dropped, residual, dense) in layer_sums.items():
+    for index, (dropped, residual, dense) in layer_sums.items() if layer_errors else ():
         layers.append(
             {
                 "layer": index,

@@ -50,6 +50,8 @@ class Griffin(Method):
             return super().gather(mlp, state)
 
         def rows(weight: torch.Tensor) -> torch.Tensor:  # (D_FF, D) -> (B, k, D)
+            if weight.is_contiguous():  # row copies: several times faster than weight[state]
+                return torch.stack([weight.index_select(0, kept) for kept in state])
             return weight[state]
 
         def bias(linear) -> torch.Tensor | None:
