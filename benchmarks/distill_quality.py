@@ -79,26 +79,29 @@ def main() -> None:
     print(f"teacher pass over {len(train)} samples: {report['teacher_pass_s']:.0f} s", flush=True)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    for method in args.methods.split(","):
-        rows = {}
-        config = caprese.CapreseConfig(method=method, density=args.density, rank=args.rank)
-        caprese.attach(model, config)
-        rows["method alone"] = scored(model, held_out, pad_id, args.batch_size)
-        for solver, stages, epochs in (("sgd", ("layerwise",), args.sgd_epochs),
-                                       ("closed_form", ("layerwise", "e2e"), args.sgd_epochs)):
-            for block in caprese.blocks(model).values():  # start again from L random, R = 0
-                block.R.data.zero_()
-            settings = DistillSettings(stages=stages, solver=solver, sgd_epochs=epochs,
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    # Closed form (+ E2E) for every method first, then the slower SGD runs: the JSON is
+    # rewritten after each result, so a run cut short keeps what it measured.
+    for solver in ("closed_form", "sgd"):
+        for method in methods:
+            rows = report["methods"].setdefault(method, {})
+            caprese.attach(model, caprese.CapreseConfig(method=method, density=args.density,
+                                                        rank=args.rank))
+            if "method alone" not in rows:
+                rows["method alone"] = scored(model, held_out, pad_id, args.batch_size)
+            stages = ("layerwise", "e2e") if solver == "closed_form" else ("layerwise",)
+            settings = DistillSettings(stages=stages, solver=solver, sgd_epochs=args.sgd_epochs,
                                        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
-                                       e2e_samples=args.e2e_samples,
-                                       e2e_batch=16, micro_batch=4,
-                                       capture_batch=args.batch_size, checkpoint_every=10**6)
+                                       e2e_samples=args.e2e_samples, e2e_batch=16,
+                                       micro_batch=4, capture_batch=args.batch_size,
+                                       checkpoint_every=10**6)
             run_dir = work / f"{method}-{solver}"
             summary = distill(model, train, run_dir, settings, held_out=held_out, pad_id=pad_id)
             layerwise = summary["stages"]["layerwise"]
             name = "layer-wise SGD" if solver == "sgd" else "layer-wise closed form"
-            if solver == "closed_form":
-                caprese.load_weights(model, run_dir / "stages" / "layerwise")
+            caprese.load_weights(model, run_dir / "stages" / "layerwise")
             rows[name] = {**scored(model, held_out, pad_id, args.batch_size),
                           "stage_s": layerwise["seconds"], "timings": layerwise["timings"],
                           "layers": layerwise["layers"]}
@@ -106,15 +109,14 @@ def main() -> None:
                 caprese.load_weights(model, run_dir)
                 rows["closed form + E2E"] = {
                     **scored(model, held_out, pad_id, args.batch_size),
-                    "stage_s": summary["stages"]["e2e"]["seconds"]}
-        gap = rows["method alone"]["kl"]
-        for row in rows.values():
-            row["kl_gap_closed"] = 1 - row["kl"] / gap if gap > 0 else float("nan")
-        report["methods"][method] = rows
-        caprese.detach(model)
-        print_table(method, rows, report["teacher_pass_s"], args.sgd_epochs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+                    "stage_s": summary["stages"]["e2e"]["seconds"],
+                    "losses": summary["stages"]["e2e"]["losses"]}
+            caprese.detach(model)
+            gap = rows["method alone"]["kl"]
+            for row in rows.values():
+                row["kl_gap_closed"] = 1 - row["kl"] / gap if gap > 0 else float("nan")
+            print_table(method, rows, report["teacher_pass_s"], args.sgd_epochs)
+            atomic_write_text(out, json.dumps(report, indent=2))
 
 
 def print_table(method, rows, teacher_s, sgd_epochs) -> None:

@@ -23,14 +23,22 @@ def truncate(samples, max_length: int | None):
     return [dataclasses.replace(s, input_ids=list(s.input_ids)[:max_length]) for s in kept]
 
 
-def training_data(
-    tokenizer, sources: list[str], samples: int, held_out: int, seed: int, max_length: int | None
-):
-    """Disjoint train and held-out samples drawn from one seeded mixture."""
+def training_data(tokenizer, sources: list[str], samples: int, held_out: int, seed: int,
+                  max_length: int | None):
+    """Disjoint train and held-out samples drawn from one seeded mixture.
+
+    Prompts longer than max_length are dropped, so a few extra samples are drawn to keep the
+    requested counts.
+    """
     from caprese.data import build_mixture
 
-    mixture = build_mixture(tokenizer, sources, n=samples + held_out, seed=seed)
-    return truncate(mixture[:samples], max_length), truncate(mixture[samples:], max_length)
+    wanted = samples + held_out
+    mixture = truncate(build_mixture(tokenizer, sources, n=wanted + wanted // 8 + 8, seed=seed),
+                       max_length)
+    if len(mixture) < wanted:
+        raise ValueError(f"only {len(mixture)} samples fit in --max-length {max_length}; "
+                         "raise it or ask for fewer samples")
+    return mixture[:samples], mixture[samples:wanted]
 
 
 def run(args: argparse.Namespace) -> int:
