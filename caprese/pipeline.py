@@ -28,7 +28,7 @@ class Preset:
 
 
 PRESETS = {
-    # Sized for 2 CPU cores: about 40 minutes (measured; see docs/RESULTS.md).
+    # Sized to aim at under 45 minutes on 2 CPU cores; the wall time is not measured yet.
     "default": Preset("qwen2.5-coder-0.5b-instruct", samples=256, max_length=384,
                       e2e_samples=64, e2e_epochs=1, math_problems=40, max_new_tokens=256,
                       xsum_articles=40, fidelity_samples=40),
