@@ -82,3 +82,20 @@ def test_gathered_equals_masked():
     act_full = torch.nn.functional.silu(mlp.gate_proj(x))
     masked = mlp.down_proj(act_full * griffin.keep_mask(selection, act_full) * mlp.up_proj(x))
     torch.testing.assert_close(small, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9, 1.0 - 1e-6])
+def test_cats_bf16_threshold_by_counting_equals_kthvalue(density):
+    from caprese.methods.cats import cats_threshold
+
+    generator = torch.Generator().manual_seed(3)
+    act = (torch.randn(2, 50, 300, generator=generator) * 3).to(torch.bfloat16)
+    act[0, 0, :7] = 0.0  # ties and zeros
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :20] = False
+    tau = cats_threshold(act, valid, density)
+    for b in range(2):
+        values = act[b][valid[b]].abs().flatten()
+        rank = int((1.0 - density) * (values.numel() - 1))
+        assert tau[b].dtype == torch.bfloat16
+        assert tau[b] == values.kthvalue(rank + 1).values

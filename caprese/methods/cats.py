@@ -17,7 +17,8 @@ def cats_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float) 
     """tau per sample (B,): the 'lower' (1 - density) quantile of |act| over valid entries.
 
     torch.quantile refuses inputs above 16M entries (a 2K-token prompt of a 14B model has
-    18M), so the order statistic is taken with kthvalue instead.
+    18M), so the order statistic is taken directly: exactly, by counting, for bf16 (see
+    _bf16_order_statistic), and with kthvalue for other dtypes.
     """
     taus = []
     for sample_act, sample_valid in zip(act_gate, valid, strict=True):
@@ -25,8 +26,24 @@ def cats_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float) 
         if values.numel() == 0:
             raise ValueError("CATS needs at least one prompt token per sample to set tau")
         rank = int((1.0 - density) * (values.numel() - 1))  # 0-based index of the quantile
-        taus.append(values.kthvalue(rank + 1).values)
+        if values.dtype == torch.bfloat16:
+            taus.append(_bf16_order_statistic(values, rank))
+        else:
+            taus.append(values.kthvalue(rank + 1).values)
     return torch.stack(taus)
+
+
+def _bf16_order_statistic(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest of non-negative bf16 values, by a histogram of their bit patterns.
+
+    For non-negative floats the bit pattern, read as an integer, orders like the value, and
+    bf16 has only 2^15 such patterns: one bincount + cumsum finds the exact order statistic
+    several times faster than kthvalue (which dominated CATS' capture pass).
+    """
+    bits = values.view(torch.int16).long()
+    counts = torch.bincount(bits, minlength=1 << 15)
+    pattern = torch.searchsorted(counts.cumsum(0), rank + 1)
+    return pattern.to(torch.int16).view(torch.bfloat16)
 
 
 class Cats(Method):
