@@ -152,19 +152,23 @@ class CapreseBlock(nn.Module):
     # -- fused fast path --------------------------------------------------------------------
     def _fast_weights(self) -> FastWeights:
         """The method's decode weights with L appended to up and R to down (rows)."""
-        gathered = self.method.gather(self.mlp, self.selection)
-        if gathered.up.dim() == 3:  # per-sample matrices, rebuilt at every prefill
-            return self._append_lowrank(gathered)
-        # Shared matrices: cached while L and R are unchanged (version counters track
-        # in-place optimizer updates).
+        if self.uses_per_sample_weights():  # rebuilt at every prefill
+            return self._append_lowrank(self.method.gather(self.mlp, self.selection))
+        # Shared matrices: built once and cached while the weights, L and R are unchanged
+        # (version counters track in-place optimizer updates).
         key = tuple(
             (p._version, p.data_ptr(), p.device, p.dtype)
-            for p in (gathered.up, self.L, self.R)
+            for p in (self.mlp.up_proj.weight, self.L, self.R)
             if p is not None
         )
         if self._shared_fast is None or self._shared_fast[0] != key:
+            gathered = self.method.gather(self.mlp, self.selection)
             self._shared_fast = (key, self._append_lowrank(gathered))
         return self._shared_fast[1]
+
+    def uses_per_sample_weights(self) -> bool:
+        """GRIFFIN below density 1 gathers each sample's own matrices; others share them."""
+        return self.method.per_sample_weights and self.selection is not None
 
     @torch.no_grad()
     def _append_lowrank(self, fast: FastWeights) -> FastWeights:

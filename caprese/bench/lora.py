@@ -43,7 +43,7 @@ class LoraBlock(CapreseBlock):
     def _fast_weights(self):
         fast = super()._fast_weights()
         kept = self.selection
-        if kept is None or kept.dim() != 2:  # shared weights (CATS or density 1): no gather
+        if not self.uses_per_sample_weights():  # shared weights (CATS or density 1)
             self.lora_gathered = (self.gate_b, self.up_b, self.down_a)
         else:  # GRIFFIN: the kept neurons' columns of B and rows of A_down, per sample
             self.lora_gathered = (self.gate_b[:, kept].permute(1, 0, 2),

@@ -70,12 +70,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(results: list[dict], path: Path) -> bool:
+def _pyplot():
+    """pyplot on the file-only backend (reports are built on headless machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, ax, path: Path, legend_size: int) -> bool:
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy(results: list[dict], path: Path) -> bool:
+    plt = _pyplot()
     math_results = [r for r in results if _is_math(r["summary"])]
     if not math_results:
         return False
@@ -97,16 +111,11 @@ def plot_accuracy(results: list[dict], path: Path) -> bool:
                    yerr=[[acc - 100 * low], [100 * high - acc]], capsize=3)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, legend_size=8)
 
 
 def plot_length_by_level(results: list[dict], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     leveled = [r for r in results if r["summary"].get("length_by_level")]
     if not leveled:
         return False
@@ -117,16 +126,11 @@ def plot_length_by_level(results: list[dict], path: Path) -> bool:
                 label=f"{r['variant']['label']} ({r['task']})")
     ax.set_xlabel("difficulty level")
     ax.set_ylabel("mean response tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, legend_size=8)
 
 
 def plot_layer_errors(results: list[dict], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fidelity = [r for r in results if r["task"] == "fidelity" and r["summary"].get("layers")]
     # (math fidelity only: the language runs would double every line)
     if not fidelity:
@@ -142,11 +146,7 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
                     color=f"C{i}", alpha=0.5, label=f"{r['variant']['label']}: method alone")
     ax.set_xlabel("layer")
     ax.set_ylabel("||FF - FF+|| / ||FF||")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, legend_size=7)
 
 
 def build_report(paths: list[str | Path], out: str | Path) -> Path:

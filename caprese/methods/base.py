@@ -38,6 +38,7 @@ class Method:
     """A compressed MLP: what to keep is decided once per sample, from the prompt."""
 
     name = "base"
+    per_sample_weights = False  # True: gather() builds each sample's own smaller matrices
 
     def __init__(self, density: float) -> None:
         self.density = density

@@ -23,6 +23,7 @@ def griffin_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 class Griffin(Method):
     name = "griffin"
+    per_sample_weights = True
 
     def kept(self, d_ff: int) -> int:
         return max(1, round(self.density * d_ff))
