@@ -9,7 +9,7 @@ from caprese import info, models, pipeline
 from caprese.bench import latency
 from caprese.distillation import command as distill_command
 from caprese.evaluate import command as eval_command
-from caprese.evaluate import report
+from caprese.evaluate import lm_eval_command, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill_command.add_cli(subparsers)
     latency.add_cli(subparsers)
     eval_command.add_cli(subparsers)
+    lm_eval_command.add_cli(subparsers)
     report.add_cli(subparsers)
     pipeline.add_cli(subparsers)
     return parser

@@ -118,16 +118,10 @@ def run(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate full / method / Caprese on a task",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
-    p.add_argument("--adapter", help="Caprese adapter directory (omit: the method alone)")
-    p.add_argument("--method", default="none", choices=["none", "griffin", "cats"],
-                   help="without --adapter: none = the full model")
-    p.add_argument("--density", type=float, default=0.5)
+    add_variant_options(p)
     p.add_argument("--task", required=True, help=f"{', '.join(TASKS)}, or a .jsonl file")
     p.add_argument("--limit", type=int, help="first N problems only")
     p.add_argument("--out", required=True, help="results JSON (a .jsonl of records beside it)")
-    p.add_argument("--label", help="name of this variant in reports")
-    p.add_argument("--stage", choices=["layerwise", "e2e"], help="adapter's distillation stage")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-length", type=int, default=1024, help="fidelity: tokens per sample")
     p.add_argument("--batch-size", type=int, default=8)
@@ -135,7 +129,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def add_variant_options(p: argparse.ArgumentParser) -> None:
+    """Which model variant to load: shared by `caprese eval` and `caprese lm-eval`."""
+    p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
+    p.add_argument("--adapter", help="Caprese adapter directory (omit: the method alone)")
+    p.add_argument("--method", default="none", choices=["none", "griffin", "cats"],
+                   help="without --adapter: none = the full model")
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--label", help="name of this variant in reports")
+    p.add_argument("--stage", choices=["layerwise", "e2e"], help="adapter's distillation stage")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
-    p.set_defaults(func=run)

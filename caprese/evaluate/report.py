@@ -12,6 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from caprese.evaluate.compare import recovery_rows, recovery_table, retention_table
 from caprese.io import atomic_write_text
 
 VARIANT_ORDER = ("full", "method", "layerwise", "e2e", "caprese")
@@ -42,6 +43,10 @@ def _is_math(summary: dict) -> bool:
 
 
 def _cell(summary: dict) -> str:
+    if all(isinstance(v, dict) for v in summary.values()):  # caprese lm-eval: task -> metrics
+        return "; ".join(f"{task} {name.split(',')[0]} {value:.3f}"
+                         for task, metrics in summary.items() for name, value in metrics.items()
+                         if isinstance(value, float) and "stderr" not in name)
     if "kl" in summary:
         return (f"KL {summary['kl']:.3f}, top-1 {100 * summary['top1']:.1f}%, "
                 f"ppl {summary['ppl_student']:.2f} (teacher {summary['ppl_teacher']:.2f})")
@@ -155,6 +160,14 @@ def build_report(paths: list[str | Path], out: str | Path) -> Path:
     results = load_results(paths)
     stem = out.with_suffix("")
     sections = ["# Caprese evaluation report", "", table(results), ""]
+    recovery = recovery_rows(results, paths)
+    if recovery:
+        sections += ["## Accuracy drop recovered", "",
+                     "recovered = (Caprese - method) / (full - method); the drop's interval is "
+                     "paired over the same problems.", "", recovery_table(recovery), ""]
+    retention = retention_table(results)
+    if retention:
+        sections += ["## Language retention (XSum 1-shot)", "", retention, ""]
     plots = [("accuracy", plot_accuracy, "Math accuracy with 95% intervals"),
              ("length_by_level", plot_length_by_level, "Response length by difficulty level"),
              ("layer_errors", plot_layer_errors, "Per-layer relative MLP error")]
@@ -168,6 +181,7 @@ def build_report(paths: list[str | Path], out: str | Path) -> Path:
         sections.append(f"- `{path}`: {r['variant']['label']} on {r['task']}; "
                         f"command: `{setup.get('command', '?')}`; {setup.get('weights', '')}")
     atomic_write_text(out, "\n".join(sections) + "\n")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"recovery": recovery}, indent=2))
     return out
 
 

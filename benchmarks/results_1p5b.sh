@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# docs/RESULTS.md: full / GRIFFIN / CATS / Caprese(GRIFFIN) / Caprese(CATS) on
+# qwen2.5-coder-1.5b-instruct, bf16, CPU. Every step is a `caprese` command whose output file
+# is skipped when it exists, so an interrupted run resumes; the report lists each command.
+# Adapters: layer-wise closed form on GSM8K *train* (the evaluation problems are GSM8K test).
+set -euo pipefail
+OUT=${OUT:-runs/results-1.5b}
+MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
+PROBLEMS=${PROBLEMS:-100}
+ARTICLES=${ARTICLES:-50}
+FIDELITY=${FIDELITY:-50}
+
+step() {  # step OUTPUT caprese-args...
+    local output=$1; shift
+    if [ -e "$output" ]; then echo "[results] skip (exists): $output"; return; fi
+    echo "[results] caprese $*"
+    caprese "$@"
+}
+
+for method in griffin cats; do
+    step "$OUT/adapter-$method/summary.json" distill --model "$MODEL" --method "$method" \
+        --density 0.5 --rank 256 --solver closed_form --stages layerwise --data gsm8k \
+        --samples 600 --held-out 40 --max-length 512 --out "$OUT/adapter-$method"
+done
+
+declare -A VARIANT=(
+    [full]="--method none --label full"
+    [griffin]="--method griffin --density 0.5 --label GRIFFIN"
+    [caprese-griffin]="--adapter $OUT/adapter-griffin --stage layerwise --label Caprese(GRIFFIN)"
+    [cats]="--method cats --density 0.5 --label CATS"
+    [caprese-cats]="--adapter $OUT/adapter-cats --stage layerwise --label Caprese(CATS)"
+)
+ORDER=(full griffin caprese-griffin cats caprese-cats)
+
+for name in "${ORDER[@]}"; do  # math accuracy first: the headline numbers
+    # shellcheck disable=SC2086
+    step "$OUT/results/gsm8k-$name.json" eval --model "$MODEL" ${VARIANT[$name]} \
+        --task gsm-symbolic-all --limit "$PROBLEMS" --batch-size 20 --max-new-tokens 512 \
+        --out "$OUT/results/gsm8k-$name.json"
+done
+for task in fidelity fidelity-language; do
+    for name in "${ORDER[@]:1}"; do
+        # shellcheck disable=SC2086
+        step "$OUT/results/$task-$name.json" eval --model "$MODEL" ${VARIANT[$name]} \
+            --task "$task" --limit "$FIDELITY" --batch-size 4 --out "$OUT/results/$task-$name.json"
+    done
+done
+for name in full caprese-griffin caprese-cats griffin cats; do
+    # shellcheck disable=SC2086
+    step "$OUT/results/xsum-$name.json" eval --model "$MODEL" ${VARIANT[$name]} \
+        --task xsum --limit "$ARTICLES" --batch-size 8 --out "$OUT/results/xsum-$name.json"
+done
+caprese report "$OUT"/results/*.json --out "$OUT/report.md"

@@ -1,0 +1,100 @@
+"""`caprese report` from fixture result files: table, recovery, retention, plots, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from caprese.cli import main
+from caprese.evaluate.compare import paired_difference
+from caprese.evaluate.math import summarize
+from caprese.evaluate.report import build_report
+
+FULL = {"kind": "full", "method": "", "label": "full"}
+GRIFFIN = {"kind": "method", "method": "griffin", "density": 0.5, "label": "GRIFFIN"}
+CAPRESE = {"kind": "layerwise", "method": "griffin", "label": "Caprese(GRIFFIN)"}
+
+
+def math_result(folder, name, variant, correct_ids, problems=10):
+    rows = [{"id": f"p{i}", "level": 1 + i % 2, "correct": [i in correct_ids],
+             "tokens": [100 + 10 * i], "truncated": [False]} for i in range(problems)]
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"task": "gsm-symbolic-all", "variant": variant, "summary": summarize(rows, 1),
+              "records_file": f"{name}.jsonl",
+              "setup": {"command": f"caprese eval --label {name}", "weights": "w"}}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def xsum_result(folder, name, variant, rouge_l):
+    path = folder / f"xsum-{name}.json"
+    path.write_text(json.dumps({"task": "xsum", "variant": variant, "summary": {
+        "articles": 50, "rouge1": rouge_l + 5, "rouge2": rouge_l - 10, "rougeL": rouge_l,
+        "mean_length": 30.0}}))
+    return path
+
+
+def fixture_results(folder):
+    return [math_result(folder, "full", FULL, set(range(8))),
+            math_result(folder, "griffin", GRIFFIN, set(range(4))),
+            math_result(folder, "caprese", CAPRESE, set(range(7))),
+            xsum_result(folder, "full", FULL, 25.0),
+            xsum_result(folder, "caprese", CAPRESE, 24.4)]
+
+
+def test_paired_difference_matches_a_hand_computation():
+    a = {f"p{i}": i < 8 for i in range(10)}
+    b = {f"p{i}": i < 4 for i in range(10)}
+    diff, low, high, n = paired_difference(a, b)
+    # four +1 and six 0: sd = sqrt(2.4 / 9), half width = 1.96 sd / sqrt(10)
+    half = 1.96 * (2.4 / 9) ** 0.5 / 10 ** 0.5
+    assert (diff, n) == (pytest.approx(0.4), 10)
+    assert (low, high) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
+    with pytest.raises(ValueError, match="two shared problems"):
+        paired_difference({"x": True}, {"y": False})
+
+
+def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
+    paths = fixture_results(tmp_path)
+    report = build_report(paths, tmp_path / "report.md")
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    labels = [row.split("|")[1].strip() for row in rows[1:4]]
+    assert labels == ["full", "GRIFFIN", "Caprese(GRIFFIN)"]  # Table 4 order
+    assert "80.0 [" in text and "40.0 [" in text and "70.0 [" in text
+    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
+    assert len(recovery) == 1
+    assert recovery[0]["recovered"] == pytest.approx(0.75)
+    assert recovery[0]["drop_significant"] is True
+    assert "| 75% |" in text
+    assert "| Caprese(GRIFFIN) | 50 | 29.40 | 14.40 | 24.40 | -0.60 |" in text
+    assert (tmp_path / "report_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "report_length_by_level.png").stat().st_size > 1000
+    assert "caprese eval --label griffin" in text
+
+
+def test_recovery_without_records_has_no_interval(tmp_path):
+    paths = fixture_results(tmp_path)[:3]
+    (tmp_path / "griffin.jsonl").unlink()
+    build_report(paths, tmp_path / "report.md")
+    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
+    assert recovery[0]["drop_ci95"] is None
+    assert "n/a (no per-problem records)" in (tmp_path / "report.md").read_text()
+
+
+def test_report_shows_lm_eval_results(tmp_path):
+    path = tmp_path / "lm.json"
+    path.write_text(json.dumps({"task": "lm-eval:tiny", "variant": FULL, "summary": {
+        "tiny": {"alias": "tiny", "acc,none": 0.625, "acc_stderr,none": 0.1}}}))
+    text = build_report([path], tmp_path / "report.md").read_text()
+    assert "tiny acc 0.625" in text and "stderr" not in text
+
+
+def test_bad_result_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    assert main(["report", str(bad), "--out", str(tmp_path / "r.md")]) == 2
+    assert "is not a caprese eval result" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
