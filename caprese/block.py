@@ -16,9 +16,9 @@ import math
 import torch
 from torch import nn
 
+from caprese.kernels import decode_linear, decode_rows_product, sparse_decode
 from caprese.methods import FastWeights, Method
 from caprese.methods.base import linear_rows
-from caprese.methods.sparse_cpu import sparse_decode
 from caprese.phases import Phase, PhaseState
 
 
@@ -54,6 +54,7 @@ class CapreseBlock(nn.Module):
         self.phase_state = state
         self.fused = True
         self.sparse = True  # CATS: gather only the surviving rows when decoding one token
+        self.dense_kernels = False  # one-token products by caprese.kernels (use_decode_kernels)
         weight = mlp.up_proj.weight
         hidden = weight.shape[1]
         if rank is None:
@@ -202,7 +203,7 @@ class CapreseBlock(nn.Module):
         if self.fast is None:
             self.fast = self._fast_weights()
         fast = self.fast
-        act_gate = self.mlp.act_fn(linear_rows(x, fast.gate, fast.gate_bias))
+        act_gate = self.mlp.act_fn(self._linear(x, fast.gate, fast.gate_bias))
         tau = self.method.gate_threshold(self.selection)
         if tau is not None:
             if self._sparse_ok(x, fast):
@@ -210,11 +211,32 @@ class CapreseBlock(nn.Module):
                 if out is not None:
                     return out
             act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
-        up = linear_rows(x, fast.up, fast.up_bias)
+        up = self._linear(x, fast.up, fast.up_bias)
         kept = act_gate.shape[-1]
         if up.shape[-1] == kept:
             hidden = act_gate * up
         else:  # the gate multiplies the first k entries; the last r are x L
             hidden = up
             hidden[..., :kept].mul_(act_gate)
-        return linear_rows(hidden, fast.down_rows.transpose(-2, -1), self.mlp.down_proj.bias)
+        return self._down(hidden, fast)
+
+    def _down(self, hidden: torch.Tensor, fast: FastWeights) -> torch.Tensor:
+        """hidden @ down_rows + bias, by the one-token kernel when it applies."""
+        bias = self.mlp.down_proj.bias
+        if self.dense_kernels and hidden.shape[0] == 1:
+            rows = fast.down_rows.reshape(fast.down_rows.shape[-2:])
+            out = decode_rows_product(hidden, rows, bias)
+            if out is not None:
+                return out
+        return linear_rows(hidden, fast.down_rows.transpose(-2, -1), bias)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+        """linear_rows, or the one-token kernel (per-sample weights of a batch of one too)."""
+        if self.dense_kernels and x.shape[0] == 1:
+            if bias is not None and bias.dim() == 2:
+                bias = bias[0]
+            out = decode_linear(x, weight.reshape(weight.shape[-2:]), bias)
+            if out is not None:
+                return out
+        return linear_rows(x, weight, bias)

@@ -82,3 +82,20 @@ def test_gpu_table5_script_runs_with_tiny_shapes(tmp_path):
     assert set(rows) == {"full", "griffin", "lora", "caprese"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
     assert (tmp_path / "t5.json").is_file()
+
+
+def test_bench_kernel_variants_compare_against_full_on_the_same_path():
+    from caprese.bench.latency import parse_variant, run_bench
+
+    model = tiny_model("llama")
+    names = ["full", "griffin", "full:k", "griffin:k", "lora:k", "caprese-cats:k"]
+    result = run_bench(model, names, prompt_len=12, gen_len=4, repeats=1, rank=4)
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert rows["griffin:k"]["bytes_per_token"] == rows["griffin"]["bytes_per_token"]
+    for name in ("griffin", "griffin:k"):  # each cut is against its own path's full model
+        base = "full:k" if name.endswith(":k") else "full"
+        assert rows[name]["ttnt_cut"] == 1 - rows[name]["ttnt"] / rows[base]["ttnt"]
+    assert not any("forward" in m.__dict__ for m in model.modules())  # kernels switched off
+    assert parse_variant("cats:k") == ("cats", True)
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        parse_variant("fast")

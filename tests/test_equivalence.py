@@ -154,7 +154,7 @@ def test_sampling_generation_runs_and_is_seeded():
 @pytest.mark.parametrize("rank", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cats_sparse_decode_equals_masked_dense(rank, dtype):
-    from caprese.methods.sparse_cpu import kernels
+    from caprese.kernels import kernels
 
     assert kernels() is not None, "the CPU sparse kernels did not build"
     model = attached_copy(tiny_model("mistral").to(dtype), method="cats", density=0.4, rank=rank)

@@ -26,16 +26,34 @@ from caprese.config import CapreseConfig
 from caprese.families import text_config
 from caprese.info import budget
 from caprese.io import atomic_write_text
+from caprese.kernels import use_decode_kernels
 
 VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats")
+
+
+KERNELS = ":k"  # variant suffix: single-token products by caprese.kernels ("griffin:k")
+
+
+def parse_variant(name: str) -> tuple[str, bool]:
+    """("griffin", True) for "griffin:k"; refuses unknown names."""
+    base, kernels = (name[: -len(KERNELS)], True) if name.endswith(KERNELS) else (name, False)
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, each "
+                         f"optionally with {KERNELS} for the CPU decode kernels")
+    return base, kernels
 
 
 @contextlib.contextmanager
 def variant(model, name: str, density: float, rank: int, adapter: str | None):
     """The model as `name` for the duration of the block (weights shared, nothing copied)."""
+    name, kernels = parse_variant(name)
     method = "cats" if name.endswith("cats") else "griffin"
     if name == "full":
-        yield model
+        use_decode_kernels(model, kernels)
+        try:
+            yield model
+        finally:
+            use_decode_kernels(model, False)
         return
     config = CapreseConfig(method=method, density=density,
                            rank=rank if name.startswith("caprese") else None)
@@ -46,14 +64,17 @@ def variant(model, name: str, density: float, rank: int, adapter: str | None):
         load_weights(model, adapter)
     else:  # an untrained path times the same as a trained one
         attach(model, config)
+    use_decode_kernels(model, kernels)
     try:
         yield model
     finally:
+        use_decode_kernels(model, False)
         detach(model)
 
 
 def bytes_per_token(model, name: str, density: float, rank: int, context: int) -> int:
     """Weight bytes read per decode token, plus the KV cache at `context` tokens."""
+    name = parse_variant(name)[0]
     text = text_config(model.config)
     method = "cats" if name.endswith("cats") else "griffin"
     config = CapreseConfig(method="none" if name == "full" else method, density=density,
@@ -115,9 +136,10 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                      "bytes_per_token": read, "floor_ttnt": read / bandwidth,
                      "floor_fraction": read / bandwidth / per["ttnt"],
                      "runs": runs[name]})
-    full = next((r for r in rows if r["variant"] == "full"), None)
-    if full:
-        for row in rows:
+    for row in rows:  # cuts against the full model on the same path (PyTorch or kernels)
+        kernels = parse_variant(row["variant"])[1]
+        full = next((r for r in rows if parse_variant(r["variant"]) == ("full", kernels)), None)
+        if full:
             row["ttnt_cut"] = 1 - row["ttnt"] / full["ttnt"]
             row["bytes_cut"] = 1 - row["bytes_per_token"] / full["bytes_per_token"]
     return {
@@ -159,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
     from caprese.models import load_model
 
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    for name in variants:
+        parse_variant(name)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
@@ -181,7 +202,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", help="Caprese adapter to time (default: an untrained path)")
     p.add_argument("--variants", default="full,griffin,caprese,lora,cats",
-                   help=f"comma list of {', '.join(VARIANTS)}")
+                   help=f"comma list of {', '.join(VARIANTS)}; append {KERNELS} to decode "
+                   "single tokens with caprese's CPU kernels (e.g. full:k,griffin:k)")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=256)

@@ -15,7 +15,6 @@ from caprese.adapter import attach, blocks, handle_of
 from caprese.block import CapreseBlock
 from caprese.config import CapreseConfig
 from caprese.families import set_mlp
-from caprese.methods.base import linear_rows
 
 
 def matched_rank(hidden: int, d_ff: int, caprese_rank: int) -> int:
@@ -55,15 +54,14 @@ class LoraBlock(CapreseBlock):
             self.fast = self._fast_weights()
         fast = self.fast
         gate_b, up_b, down_a = self.lora_gathered
-        gate = linear_rows(x, fast.gate, fast.gate_bias) + torch.matmul(x @ self.gate_a, gate_b)
+        gate = self._linear(x, fast.gate, fast.gate_bias) + torch.matmul(x @ self.gate_a, gate_b)
         act_gate = self.mlp.act_fn(gate)
         tau = self.method.gate_threshold(self.selection)
         if tau is not None:
             act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
-        up = linear_rows(x, fast.up, fast.up_bias) + torch.matmul(x @ self.up_a, up_b)
+        up = self._linear(x, fast.up, fast.up_bias) + torch.matmul(x @ self.up_a, up_b)
         hidden = act_gate * up
-        out = linear_rows(hidden, fast.down_rows.transpose(-2, -1), self.mlp.down_proj.bias)
-        return out + torch.matmul(hidden, down_a) @ self.down_b
+        return self._down(hidden, fast) + torch.matmul(hidden, down_a) @ self.down_b
 
     def _decode_reference(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.mlp.gate_proj(x) + (x @ self.gate_a) @ self.gate_b

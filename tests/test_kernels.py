@@ -1,0 +1,105 @@
+"""CPU decode kernels: equal to PyTorch's products, and wired into whole-model decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import caprese.block
+import caprese.kernels
+from caprese.kernels import decode_linear, decode_rows_product, kernels, use_decode_kernels
+from tests.conftest import prompt_ids, tiny_model
+from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def test_the_kernels_build():
+    assert kernels() is not None, "the CPU decode kernels did not build"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 4 rows / 16 cols
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_linear_equals_torch(dtype, shape, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(1, 1, shape[1], generator=generator).to(dtype)
+    got = decode_linear(x, weight, bias)
+    reference = torch.nn.functional.linear(x.double(), weight.double(),
+                                           None if bias is None else bias.double())
+    assert got.shape == (1, 1, shape[0]) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_product_equals_torch(dtype):
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(300, 70, generator=generator).to(dtype)
+    x = torch.randn(1, 1, 300, generator=generator).to(dtype)
+    bias = torch.randn(70, generator=generator).to(dtype)
+    got = decode_rows_product(x, rows, bias)
+    reference = x.double() @ rows.double() + bias.double()
+    torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * 10)
+
+
+def test_kernels_decline_what_they_do_not_do():
+    weight = torch.randn(8, 16)
+    assert decode_linear(torch.randn(2, 1, 16), weight, None) is None  # two tokens
+    assert decode_linear(torch.randn(1, 16), weight.t().contiguous().t(), None) is None
+    assert decode_linear(torch.randn(1, 16), weight.half(), None) is None
+    trained = weight.clone().requires_grad_()
+    assert decode_linear(torch.randn(1, 16), trained, None) is None  # autograd stays in torch
+    with torch.no_grad():
+        assert decode_linear(torch.randn(1, 16), trained, None) is not None
+
+
+def count_kernel_calls(patch) -> list[str]:
+    calls: list[str] = []
+    for name in ("decode_linear", "decode_rows_product"):
+        for module in (caprese.kernels, caprese.block):
+            original = getattr(caprese.kernels, name)
+            patch.setattr(module, name, lambda *a, _n=name, _o=original: calls.append(_n) or _o(*a))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["none", "griffin", "cats"])
+def test_model_with_decode_kernels_generates_the_same(method):
+    base = tiny_model("qwen2")  # q/k/v biases exercise the kernel's bias
+    model = base if method == "none" else attached_copy(base, method=method, density=0.5,
+                                                        rank=8)
+    if method != "none":
+        randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(1, 12)
+    with torch.no_grad():
+        ref_tokens, ref_logits = generate_with_logits(model, ids, steps=6)
+    fast = use_decode_kernels(model)  # (not a deepcopy: generate's guard is bound to model)
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        calls = count_kernel_calls(patch)
+        tokens, logits = generate_with_logits(fast, ids, steps=6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+    if method == "griffin":  # the fused Caprese decode: up/gate and down by the kernels
+        assert "decode_rows_product" in calls
+    assert calls.count("decode_linear") >= 5 * 4 * 4  # q, k, v, o of every layer, each step
+    use_decode_kernels(fast, enabled=False)
+    assert not any("forward" in m.__dict__ for m in fast.modules()
+                   if isinstance(m, torch.nn.Linear))
+    assert not any(getattr(m, "dense_kernels", False) for m in fast.modules())
+
+
+def test_decode_kernels_match_torch_in_bf16():
+    """bf16 Caprese(GRIFFIN) decode: the kernels round like PyTorch's bf16 products."""
+    model = attached_copy(tiny_model("llama").to(torch.bfloat16), method="griffin",
+                          density=0.5, rank=8)
+    randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(1, 10)
+    with torch.no_grad():
+        ref_tokens, ref_logits = generate_with_logits(model, ids, steps=5)
+        use_decode_kernels(model)
+        tokens, logits = generate_with_logits(model, ids, steps=5)
+    torch.testing.assert_close(logits, ref_logits, rtol=5e-2, atol=5e-2)
+    assert torch.equal(tokens, ref_tokens)
