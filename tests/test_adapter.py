@@ -182,3 +182,21 @@ def test_decode_without_prefill_and_cacheless_generation_are_refused():
             model(prompt_ids())
     with pytest.raises(ValueError, match="needs the KV cache"):
         model.generate(prompt_ids(), max_new_tokens=2, use_cache=False)
+
+
+def test_lm_head_input_gets_standard_strides_for_one_prompt():
+    """A (1, 1, D) slice counts as contiguous but keeps its strides, which sends frozen
+    weights down PyTorch's slow copy-the-weight path; attach hands the head a real copy."""
+    from caprese.adapter import standard_strides
+
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="griffin", rank=4))
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape, args[0].stride())))
+    ids = prompt_ids(1, 10)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)
+    assert len(seen) == 3
+    assert all(stride == standard_strides(shape) for shape, stride in seen)
+    assert standard_strides((1, 1, 32)) == (32, 32, 1)
