@@ -53,22 +53,6 @@ static inline __m512 load16(const at::BFloat16* p) {
 #endif
 
 template <typename T>
-static float dot(const T* row, const float* x, int64_t dim) {
-  int64_t d = 0;
-  float acc = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; d + 32 <= dim; d += 32) {
-    a0 = _mm512_fmadd_ps(load16(row + d), _mm512_loadu_ps(x + d), a0);
-    a1 = _mm512_fmadd_ps(load16(row + d + 16), _mm512_loadu_ps(x + d + 16), a1);
-  }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-  for (; d < dim; ++d) acc += to_float(row[d]) * x[d];
-  return acc;
-}
-
-template <typename T>
 static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) {
   int64_t d = begin;
 #if defined(__AVX512F__)
@@ -81,10 +65,13 @@ static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) 
 
 // out (rows, O) = x (rows, I) W^T, W (O, I) row-major; four weight rows per pass share the
 // loads of x, up to four rows of x per pass share the loads of W.
+// index (optional): output o reads weight row index[o] (CATS' kept rows).
 template <typename T>
 static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, int64_t o0,
-                         int64_t out_features, float* out) {
+                         int64_t out_features, float* out, const int64_t* index = nullptr) {
   const int64_t nr = std::min<int64_t>(4, out_features - o0);
+  const T* row[4];
+  for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const int64_t mb = std::min<int64_t>(4, rows - m0);
     float sums[4][4] = {};
@@ -96,7 +83,7 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
       __m512 xv[4];
       for (int m = 0; m < mb; ++m) xv[m] = _mm512_loadu_ps(x + (m0 + m) * in + d);
       for (int r = 0; r < nr; ++r) {
-        const __m512 wv = load16(w + (o0 + r) * in + d);
+        const __m512 wv = load16(row[r] + d);
         for (int m = 0; m < mb; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
       }
     }
@@ -106,7 +93,7 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
     for (int r = 0; r < nr; ++r)
       for (int m = 0; m < mb; ++m) {
         float s = sums[r][m];
-        for (int64_t t = d; t < in; ++t) s += to_float(w[(o0 + r) * in + t]) * x[(m0 + m) * in + t];
+        for (int64_t t = d; t < in; ++t) s += to_float(row[r][t]) * x[(m0 + m) * in + t];
         out[(m0 + m) * out_features + o0 + r] = s;
       }
   }
@@ -185,9 +172,11 @@ static void cats_mlp(const float* act, float tau, const T* up, const T* down, in
   for (int64_t j = d_ff; j < n_rows; ++j) { kept.push_back(j); gate.push_back(1.f); }
   const int64_t count = kept.size();
   std::vector<float> hidden(count);
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) hidden[j] = gate[j] * dot(up + kept[j] * dim, x, dim);
+  at::parallel_for(0, (count + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      linear_block(up, x, 1, dim, block * 4, count, hidden.data(), kept.data());
   });
+  for (int64_t j = 0; j < count; ++j) hidden[j] *= gate[j];
   weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
 }
 
@@ -236,7 +225,7 @@ def kernels():
 
                 log.info("building caprese's CPU decode kernels (once; cached afterwards)")
                 _module = load_inline(
-                    name="caprese_cpu_kernels_v5", cpp_sources=_SOURCE, functions=None,
+                    name="caprese_cpu_kernels_v6", cpp_sources=_SOURCE, functions=None,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as error:  # no compiler, no headers: the dense form still works
