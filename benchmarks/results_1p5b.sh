@@ -38,16 +38,15 @@ for name in "${ORDER[@]}"; do  # math accuracy first: the headline numbers
         --task gsm-symbolic-all --limit "$PROBLEMS" --batch-size 20 --max-new-tokens 512 \
         --out "$OUT/results/gsm8k-$name.json"
 done
-for task in fidelity fidelity-language; do
-    for name in "${ORDER[@]:1}"; do
-        # shellcheck disable=SC2086
-        step "$OUT/results/$task-$name.json" eval --model "$MODEL" ${VARIANT[$name]} \
-            --task "$task" --limit "$FIDELITY" --batch-size 4 --out "$OUT/results/$task-$name.json"
-    done
-done
-for name in full caprese-griffin caprese-cats griffin cats; do
+eval_step() {  # eval_step TASK NAME LIMIT BATCH
     # shellcheck disable=SC2086
-    step "$OUT/results/xsum-$name.json" eval --model "$MODEL" ${VARIANT[$name]} \
-        --task xsum --limit "$ARTICLES" --batch-size 8 --out "$OUT/results/xsum-$name.json"
-done
-caprese report "$OUT"/results/*.json --out "$OUT/report.md"
+    step "$OUT/results/$1-$2.json" eval --model "$MODEL" ${VARIANT[$2]} --task "$1" \
+        --limit "$3" --batch-size "$4" --out "$OUT/results/$1-$2.json"
+}
+# then fidelity on math, language retention for the Caprese variants, and the rest
+for name in "${ORDER[@]:1}"; do eval_step fidelity "$name" "$FIDELITY" 4; done
+for name in full caprese-griffin caprese-cats; do eval_step xsum "$name" "$ARTICLES" 8; done
+for name in "${ORDER[@]:1}"; do eval_step fidelity-language "$name" "$FIDELITY" 4; done
+for name in griffin cats; do eval_step xsum "$name" "$ARTICLES" 8; done
+caprese report "$OUT"/results/*.json --out "${REPORT:-docs/RESULTS.md}" \
+    --title "Results: qwen2.5-coder-1.5b-instruct" --intro benchmarks/results_1p5b_intro.md

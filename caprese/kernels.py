@@ -7,8 +7,9 @@ fall back to PyTorch, which computes the same values up to rounding):
 
 - `linear`: y = x W^T for a few rows of x, four weight rows at a time so the memory system
   streams several rows at once. On the development CPU PyTorch's bf16 product reaches about
-  18 GB/s on a model's worth of distinct matrices and this one about 21 GB/s
-  (docs/BENCHMARKS.md). `rows_product`: y = x M for M stored as rows (the transposed down
+  18 GB/s on a model's worth of distinct matrices and this one about 21 GB/s; a bf16 decode
+  step of the 1.5B model is 9% faster with it (docs/BENCHMARKS.md). fp32 products stay with
+  PyTorch, which is faster there. `rows_product`: y = x M for M stored as rows (the transposed down
   projection with R appended), threads splitting the rows.
 - CATS: for one token CATS keeps about `density` of the D_FF gate entries; `cats_decode`
   reads only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop.
@@ -250,9 +251,11 @@ def sparse_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One token, on the CPU, no autograd: the kernels compute values, not gradients."""
+    """One token, bf16 weights, on the CPU, no autograd (the kernels compute values, not
+    gradients). fp32 stays with PyTorch: its fp32 product already runs at 83% of the
+    bandwidth floor here and the kernel measured slower (docs/BENCHMARKS.md)."""
     return (x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == torch.bfloat16
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

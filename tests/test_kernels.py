@@ -21,12 +21,17 @@ def test_the_kernels_build():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 4 rows / 16 cols
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_decode_linear_equals_torch(dtype, shape, with_bias):
+def test_linear_kernel_equals_torch(dtype, shape, with_bias):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(dtype)
     bias = torch.randn(shape[0], generator=generator).to(dtype) if with_bias else None
     x = torch.randn(1, 1, shape[1], generator=generator).to(dtype)
-    got = decode_linear(x, weight, bias)
+    if dtype == torch.float32:  # fp32 stays with PyTorch; the C++ kernel still takes it
+        assert decode_linear(x, weight, bias) is None
+        got = kernels().linear(x.reshape(1, -1), weight) + (0 if bias is None else bias)
+        got = got.reshape(1, 1, -1)
+    else:
+        got = decode_linear(x, weight, bias)
     reference = torch.nn.functional.linear(x.double(), weight.double(),
                                            None if bias is None else bias.double())
     assert got.shape == (1, 1, shape[0]) and got.dtype == dtype
@@ -34,8 +39,8 @@ def test_decode_linear_equals_torch(dtype, shape, with_bias):
                                atol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_product_equals_torch(dtype):
+def test_rows_product_equals_torch():
+    dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(300, 70, generator=generator).to(dtype)
     x = torch.randn(1, 1, 300, generator=generator).to(dtype)
@@ -47,10 +52,11 @@ def test_rows_product_equals_torch(dtype):
 
 
 def test_kernels_decline_what_they_do_not_do():
-    weight = torch.randn(8, 16)
+    weight = torch.randn(8, 16).bfloat16()
     assert decode_linear(torch.randn(2, 1, 16), weight, None) is None  # two tokens
     assert decode_linear(torch.randn(1, 16), weight.t().contiguous().t(), None) is None
     assert decode_linear(torch.randn(1, 16), weight.half(), None) is None
+    assert decode_linear(torch.randn(1, 16), weight.float(), None) is None
     trained = weight.clone().requires_grad_()
     assert decode_linear(torch.randn(1, 16), trained, None) is None  # autograd stays in torch
     with torch.no_grad():
@@ -68,7 +74,7 @@ def count_kernel_calls(patch) -> list[str]:
 
 @pytest.mark.parametrize("method", ["none", "griffin", "cats"])
 def test_model_with_decode_kernels_generates_the_same(method):
-    base = tiny_model("qwen2")  # q/k/v biases exercise the kernel's bias
+    base = tiny_model("qwen2").to(torch.bfloat16)  # q/k/v biases: the kernel's bias
     model = base if method == "none" else attached_copy(base, method=method, density=0.5,
                                                         rank=8)
     if method != "none":
@@ -80,7 +86,7 @@ def test_model_with_decode_kernels_generates_the_same(method):
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         calls = count_kernel_calls(patch)
         tokens, logits = generate_with_logits(fast, ids, steps=6)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=5e-2, atol=5e-2)
     assert torch.equal(tokens, ref_tokens)
     if method == "griffin":  # the fused Caprese decode: up/gate and down by the kernels
         assert "decode_rows_product" in calls

@@ -58,8 +58,11 @@ def test_paired_difference_matches_a_hand_computation():
 
 def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
     paths = fixture_results(tmp_path)
-    report = build_report(paths, tmp_path / "report.md")
+    (tmp_path / "intro.md").write_text("Setup: a fixture.\n")
+    report = build_report(paths, tmp_path / "report.md", intro=tmp_path / "intro.md",
+                          title="Fixture results")
     text = report.read_text()
+    assert text.startswith("# Fixture results\n\nSetup: a fixture.\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     labels = [row.split("|")[1].strip() for row in rows[1:4]]
     assert labels == ["full", "GRIFFIN", "Caprese(GRIFFIN)"]  # Table 4 order

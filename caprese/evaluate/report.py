@@ -154,12 +154,17 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
     return _save(plt, fig, ax, path, legend_size=7)
 
 
-def build_report(paths: list[str | Path], out: str | Path) -> Path:
+def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | None = None,
+                 title: str = "Caprese evaluation report") -> Path:
+    """intro: a markdown file whose text goes between the title and the tables (setup, notes)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(paths)
     stem = out.with_suffix("")
-    sections = ["# Caprese evaluation report", "", table(results), ""]
+    sections = [f"# {title}", ""]
+    if intro:
+        sections += [Path(intro).read_text().strip(), ""]
+    sections += [table(results), ""]
     recovery = recovery_rows(results, paths)
     if recovery:
         sections += ["## Accuracy drop recovered", "",
@@ -186,7 +191,7 @@ def build_report(paths: list[str | Path], out: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"report written to {build_report(args.results, args.out)}")
+    print(f"report written to {build_report(args.results, args.out, args.intro, args.title)}")
     return 0
 
 
@@ -194,4 +199,6 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("report", help="markdown report + plots from eval result JSON")
     p.add_argument("results", nargs="+", help="result JSON files written by caprese eval")
     p.add_argument("--out", default="report.md")
+    p.add_argument("--title", default="Caprese evaluation report")
+    p.add_argument("--intro", help="markdown file placed under the title (setup, notes)")
     p.set_defaults(func=run)
