@@ -1,7 +1,8 @@
 """The paper's Table 5 on a GPU: Qwen2.5-14B-shaped model, random bf16 weights.
 
 Full model, GRIFFIN (first half of the layers, density 0.5), GRIFFIN + parameter-matched
-LoRA, and Caprese (r = 256), prompt 2048 + generation 256 / 2048 by default; variants
+LoRA, and Caprese (r = 256), plus CATS and Caprese(CATS) (all layers, Triton's sparse
+decode; the paper has no CATS latency), prompt 2048 + generation 256 / 2048 by default; variants
 interleaved, medians of repeats. Writes benchmarks/results/gpu_table5.json and records the
 card. Random weights time the same as trained ones (no data-dependent control flow).
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(ROOT / "configs" / "qwen2.5-14b.json"))
     parser.add_argument("--setups", default="2048+256,2048+2048", help="prompt+gen list")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="full,griffin,lora,caprese,cats,caprese-cats",
+                        help="the paper's four, and CATS with Triton's sparse decode")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_table5.json"))
     args = parser.parse_args(argv)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": args.config, "tiny": args.tiny, "setups": {}}
     for setup in args.setups.split(","):
         prompt_len, gen_len = (int(n) for n in setup.split("+"))
-        result = run_bench(model, ["full", "griffin", "lora", "caprese"], prompt_len, gen_len,
+        result = run_bench(model, args.variants.split(","), prompt_len, gen_len,
                            args.repeats, rank=256 if not args.tiny else 8)
         results["setups"][setup] = result
         print(f"\n## {setup}\n{format_table(result)}", flush=True)

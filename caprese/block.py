@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from caprese.kernels import decode_linear, decode_rows_product, sparse_decode
+from caprese.kernels import decode_linear, decode_rows_product, gpu_cats_decode, sparse_decode
 from caprese.methods import FastWeights, Method
 from caprese.methods.base import linear_rows
 from caprese.phases import Phase, PhaseState
@@ -194,10 +194,20 @@ class CapreseBlock(nn.Module):
             down_rows=torch.cat([fast.down_rows, right], dim=-2),
         )
 
-    def _sparse_ok(self, x: torch.Tensor, fast: FastWeights) -> bool:
-        """CATS' row-gathering kernels: one token, on the CPU, no MLP biases."""
-        return (self.sparse and x.device.type == "cpu" and x.shape[0] * x.shape[1] == 1
-                and fast.up_bias is None and self.mlp.down_proj.bias is None)
+    def _sparse_decode(self, x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
+                       fast: FastWeights) -> torch.Tensor | None:
+        """CATS reading only the surviving rows: the CPU kernel (one token) or Triton's (one
+        token per sample, CUDA); None where neither applies (then the masked dense form)."""
+        if (not self.sparse or x.shape[1] != 1 or fast.up_bias is not None
+                or self.mlp.down_proj.bias is not None):
+            return None
+        if _triton_device(x):
+            cats_decode = gpu_cats_decode()
+            if cats_decode is not None:
+                return cats_decode(x, act_gate, tau, fast.up, fast.down_rows)
+        elif x.device.type == "cpu" and x.shape[0] == 1:
+            return sparse_decode(x, act_gate, tau[0], fast.up, fast.down_rows)
+        return None
 
     def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is None:
@@ -206,10 +216,9 @@ class CapreseBlock(nn.Module):
         act_gate = self.mlp.act_fn(self._linear(x, fast.gate, fast.gate_bias))
         tau = self.method.gate_threshold(self.selection)
         if tau is not None:
-            if self._sparse_ok(x, fast):
-                out = sparse_decode(x, act_gate, tau[0], fast.up, fast.down_rows)
-                if out is not None:
-                    return out
+            out = self._sparse_decode(x, act_gate, tau, fast)
+            if out is not None:
+                return out
             act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
         up = self._linear(x, fast.up, fast.up_bias)
         kept = act_gate.shape[-1]
@@ -240,3 +249,8 @@ class CapreseBlock(nn.Module):
             if out is not None:
                 return out
         return linear_rows(x, weight, bias)
+
+
+def _triton_device(x: torch.Tensor) -> bool:
+    """Where Triton's CATS kernel runs (a function, so tests can route the CPU through it)."""
+    return x.device.type == "cuda"

@@ -235,6 +235,17 @@ def kernels():
     return _module
 
 
+def gpu_cats_decode():
+    """Triton's CATS decode (caprese.kernels_triton), or None: disabled, or no Triton."""
+    if os.environ.get("CAPRESE_NO_KERNELS") == "1":
+        return None
+    try:
+        from caprese.kernels_triton import cats_decode
+    except ImportError:
+        return None
+    return cats_decode
+
+
 def sparse_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
                   up_rows: torch.Tensor, down_rows: torch.Tensor) -> torch.Tensor | None:
     """One token through a CATS MLP (+ fused low-rank rows past D_FF), or None if unavailable.

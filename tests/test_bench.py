@@ -79,7 +79,7 @@ def test_gpu_table5_script_runs_with_tiny_shapes(tmp_path):
     results = script.main(["--tiny", "--setups", "16+4", "--repeats", "1",
                            "--out", str(tmp_path / "t5.json")])
     rows = {r["variant"]: r for r in results["setups"]["16+4"]["variants"]}
-    assert set(rows) == {"full", "griffin", "lora", "caprese"}
+    assert set(rows) == {"full", "griffin", "lora", "caprese", "cats", "caprese-cats"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
     assert (tmp_path / "t5.json").is_file()
 

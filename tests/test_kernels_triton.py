@@ -1,0 +1,88 @@
+"""CATS' GPU sparse decode (Triton), run on the CPU by Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: no GPU needed
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from caprese.kernels_triton import cats_decode  # noqa: E402
+
+
+def masked_dense(x, act_gate, tau, up_rows, down_rows):
+    """The reference: every row read, the dropped gate entries zeroed."""
+    d_ff = act_gate.shape[-1]
+    gate = act_gate * (act_gate.abs() > tau[:, None, None])
+    ones = torch.ones(*gate.shape[:-1], up_rows.shape[0] - d_ff, dtype=gate.dtype)
+    hidden = (x.double() @ up_rows.double().T) * torch.cat([gate, ones], -1).double()
+    return hidden @ down_rows.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra_rows", [0, 5])  # 5: a low-rank path appended past D_FF
+def test_triton_cats_decode_equals_masked_dense(dtype, extra_rows):
+    generator = torch.Generator().manual_seed(0)
+    batch, dim, d_ff = 3, 72, 100  # not multiples of the blocks: tails are masked
+    x = torch.randn(batch, 1, dim, generator=generator).to(dtype)
+    act_gate = torch.randn(batch, 1, d_ff, generator=generator).to(dtype)
+    tau = act_gate.float().abs().reshape(batch, -1).quantile(0.5, dim=1)  # per sample
+    up_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
+    down_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
+    got = cats_decode(x, act_gate, tau, up_rows, down_rows)
+    want = masked_dense(x, act_gate, tau, up_rows, down_rows)
+    assert got.shape == (batch, 1, dim) and got.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * 10)
+
+
+def test_triton_cats_decode_skips_dropped_rows():
+    """A dropped row's weights never matter: poison them and the result does not change."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 64, generator=generator)
+    act_gate = torch.randn(1, 1, 96, generator=generator)
+    tau = torch.tensor([0.7])
+    up_rows, down_rows = torch.randn(96, 64, generator=generator), torch.randn(96, 64,
+                                                                               generator=generator)
+    dropped = act_gate.reshape(-1).abs() <= tau
+    poisoned_up, poisoned_down = up_rows.clone(), down_rows.clone()
+    poisoned_up[dropped] = float("nan")
+    poisoned_down[dropped] = float("nan")
+    clean = cats_decode(x, act_gate, tau, up_rows, down_rows)
+    assert torch.equal(cats_decode(x, act_gate, tau, poisoned_up, poisoned_down), clean)
+
+
+def test_triton_cats_decode_refuses_bad_layouts():
+    rows = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        cats_decode(torch.randn(1, 1, 4), torch.randn(1, 1, 8), torch.zeros(1), rows.T.T[:, :3],
+                    rows)
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_block_routes_batched_cats_decode_through_triton(rank):
+    """The block's GPU route, taken on the CPU: a batch of two, each with its own tau."""
+    import caprese.block
+    import caprese.kernels_triton
+    from tests.conftest import prompt_ids, tiny_model
+    from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank, set_fused
+
+    model = attached_copy(tiny_model("mistral"), method="cats", density=0.4, rank=rank)
+    if rank:
+        randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(2, 12)
+    calls = []
+    original = caprese.kernels_triton.cats_decode
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(caprese.block, "_triton_device", lambda x: True)
+        patch.setattr(caprese.kernels_triton, "cats_decode",
+                      lambda *a: calls.append(1) or original(*a))
+        tokens, logits = generate_with_logits(model, ids, steps=5)
+    assert len(calls) == 4 * 4  # every decode step of every layer
+    with torch.no_grad():
+        set_fused(model, False)
+        ref_tokens, ref_logits = generate_with_logits(model, ids, steps=5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
