@@ -1,13 +1,18 @@
-"""CATS' GPU sparse decode (Triton), run on the CPU by Triton's interpreter."""
+"""CATS' GPU sparse decode (Triton): compiled on a CUDA machine, else run on the CPU by
+Triton's interpreter (scripts/gpu_checks.sh runs this file on a GPU)."""
 
 from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: no GPU needed
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+DEVICE = "cuda" if GPU else "cpu"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from caprese.kernels_triton import cats_decode  # noqa: E402
 
@@ -31,7 +36,7 @@ def test_triton_cats_decode_equals_masked_dense(dtype, extra_rows):
     tau = act_gate.float().abs().reshape(batch, -1).quantile(0.5, dim=1)  # per sample
     up_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
     down_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
-    got = cats_decode(x, act_gate, tau, up_rows, down_rows)
+    got = cats_decode(*(t.to(DEVICE) for t in (x, act_gate, tau, up_rows, down_rows))).cpu()
     want = masked_dense(x, act_gate, tau, up_rows, down_rows)
     assert got.shape == (batch, 1, dim) and got.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
@@ -50,8 +55,10 @@ def test_triton_cats_decode_skips_dropped_rows():
     poisoned_up, poisoned_down = up_rows.clone(), down_rows.clone()
     poisoned_up[dropped] = float("nan")
     poisoned_down[dropped] = float("nan")
-    clean = cats_decode(x, act_gate, tau, up_rows, down_rows)
-    assert torch.equal(cats_decode(x, act_gate, tau, poisoned_up, poisoned_down), clean)
+    x, act_gate, tau = x.to(DEVICE), act_gate.to(DEVICE), tau.to(DEVICE)
+    clean = cats_decode(x, act_gate, tau, up_rows.to(DEVICE), down_rows.to(DEVICE))
+    poisoned = cats_decode(x, act_gate, tau, poisoned_up.to(DEVICE), poisoned_down.to(DEVICE))
+    assert torch.equal(poisoned, clean)
 
 
 def test_triton_cats_decode_refuses_bad_layouts():
@@ -69,10 +76,11 @@ def test_block_routes_batched_cats_decode_through_triton(rank):
     from tests.conftest import prompt_ids, tiny_model
     from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank, set_fused
 
-    model = attached_copy(tiny_model("mistral"), method="cats", density=0.4, rank=rank)
+    model = attached_copy(tiny_model("mistral").to(DEVICE), method="cats", density=0.4,
+                          rank=rank)
     if rank:
         randomize_lowrank(model, scale=0.3)
-    ids = prompt_ids(2, 12)
+    ids = prompt_ids(2, 12).to(DEVICE)
     calls = []
     original = caprese.kernels_triton.cats_decode
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
