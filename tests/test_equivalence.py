@@ -177,3 +177,23 @@ def test_cats_sparse_decode_equals_masked_dense(rank, dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(sparse_logits, ref_logits, rtol=tolerance, atol=tolerance)
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("batch, density, gathers", [(1, 0.5, True), (3, 0.25, True),
+                                                     (2, 0.5, False), (4, 0.3, False)])
+def test_griffin_gathers_per_sample_only_while_it_reads_fewer_bytes(batch, density, gathers):
+    """B samples' gathered matrices hold B k of D_FF rows: from B k >= D_FF on, one masked
+    dense pass is cheaper, and it gives the same outputs."""
+    model = attached_copy(tiny_model("llama"), method="griffin", density=density, rank=4)
+    randomize_lowrank(model, scale=0.3)
+    ids = prompt_ids(batch, 10)
+    with torch.no_grad():
+        tokens, logits = generate_with_logits(model, ids, steps=4)
+        fast = [b.fast for b in caprese.blocks(model).values()]
+        assert all((f is not None) == gathers for f in fast)
+        if gathers:
+            assert all(f.up.shape[0] == batch for f in fast)  # per-sample matrices
+        set_fused(model, False)
+        ref_tokens, ref_logits = generate_with_logits(model, ids, steps=4)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
