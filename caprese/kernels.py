@@ -270,32 +270,36 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+def _module_for(x: torch.Tensor, weight: torch.Tensor):
+    """The compiled module when a one-token product with this contiguous weight applies."""
+    if not _applies(x, weight) or not weight.is_contiguous():
+        return None
+    return kernels()
+
+
+def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Add the bias in fp32, round once to x's dtype, restore x's leading shape."""
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                   ) -> torch.Tensor | None:
     """x W^T + b for one token (weight (out, in), contiguous), or None where it does not apply."""
-    if not _applies(x, weight) or not weight.is_contiguous():
-        return None
-    module = kernels()
+    module = _module_for(x, weight)
     if module is None:
         return None
-    out = module.linear(x.reshape(1, -1).float(), weight)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return _finish(module.linear(x.reshape(1, -1).float(), weight), bias, x)
 
 
 def decode_rows_product(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None
                         ) -> torch.Tensor | None:
     """x @ rows + b for one token (rows (K, D), contiguous), or None where it does not apply."""
-    if not _applies(x, rows) or not rows.is_contiguous():
-        return None
-    module = kernels()
+    module = _module_for(x, rows)
     if module is None:
         return None
-    out = module.rows_product(x.reshape(-1).float().contiguous(), rows)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], rows.shape[1])
+    return _finish(module.rows_product(x.reshape(-1).float().contiguous(), rows), bias, x)
 
 
 def _kernel_forward(linear: torch.nn.Linear):
