@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import json
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from caprese.families import (
 from caprese.families import fingerprint as config_fingerprint
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 from caprese.methods import build_method
-from caprese.phases import PhaseState, handle_of, make_pre_hook, wrap_generate
+from caprese.phases import PhaseHook, PhaseState, guarded_generate, handle_of
 
 CONFIG_FILE = "caprese_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -119,12 +120,12 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     stack = decoder(model)  # hooked below the LM head, so model.model(...) sees phases too
     hooks = [
         stack.register_forward_pre_hook(
-            make_pre_hook(state, inspect.signature(stack.forward)), with_kwargs=True
+            PhaseHook(state, inspect.signature(stack.forward)), with_kwargs=True
         ),
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input),
     ]
     model._caprese = Handle(config, state, created, hooks, requires_grad)
-    model.generate = wrap_generate(model.generate)
+    model.generate = types.MethodType(guarded_generate, model)
     return model
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,11 +71,20 @@ def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
-def make_pre_hook(state: PhaseState, forward_signature: inspect.Signature):
-    """A forward pre-hook (with kwargs) for the decoder stack that sets the phase."""
+class PhaseHook:
+    """The decoder stack's forward pre-hook (with kwargs): sets the phase of every block.
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-        bound = forward_signature.bind_partial(*args, **kwargs).arguments
+    An object rather than a closure, so copy.deepcopy of an attached model gives the copy a
+    hook that writes the copy's own PhaseState (a closure would keep writing the original's).
+    """
+
+    def __init__(self, state: PhaseState, forward_signature: inspect.Signature) -> None:
+        self.state = state
+        self.signature = forward_signature
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        state = self.state
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
@@ -95,8 +103,6 @@ def make_pre_hook(state: PhaseState, forward_signature: inspect.Signature):
                 raise ValueError("split forward needs one boundary per sample in the batch")
             state.boundary = state.boundary.to(tokens.device)
         return None
-
-    return pre_hook
 
 
 def handle_of(model: nn.Module):
@@ -158,18 +164,17 @@ def forced_phase(model: nn.Module, phase: Phase) -> Iterator[nn.Module]:
         state.forced, state.phase = previous
 
 
-def wrap_generate(generate):
-    """model.generate, refusing cache-less generation (every step would look like a prompt)."""
+def guarded_generate(model: nn.Module, *args, **kwargs):
+    """model.generate, refusing cache-less generation (every step would look like a prompt).
 
-    @functools.wraps(generate)
-    def caprese_generate(*args, **kwargs):
-        config = kwargs.get("generation_config")
-        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-        if use_cache is False:
-            raise ValueError(
-                "caprese generation needs the KV cache (use_cache=True): the prompt runs "
-                "dense once and only generated tokens run compressed"
-            )
-        return generate(*args, **kwargs)
-
-    return caprese_generate
+    attach binds it to the model with types.MethodType, which copy.deepcopy rebinds to the
+    copy (a closure over the original bound method would keep generating with the original).
+    """
+    config = kwargs.get("generation_config")
+    use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+    if use_cache is False:
+        raise ValueError(
+            "caprese generation needs the KV cache (use_cache=True): the prompt runs "
+            "dense once and only generated tokens run compressed"
+        )
+    return type(model).generate(model, *args, **kwargs)

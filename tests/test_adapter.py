@@ -184,6 +184,31 @@ def test_decode_without_prefill_and_cacheless_generation_are_refused():
         model.generate(prompt_ids(), max_new_tokens=2, use_cache=False)
 
 
+def test_deepcopy_of_an_attached_model_is_independent():
+    """The copy's phase hook, blocks and generate are its own: changing the copy's path
+    changes only the copy's generations, and the copy keeps the cache-less guard."""
+    _, model = trained("llama")
+    twin = copy.deepcopy(model)
+    ids = prompt_ids()
+    with torch.no_grad():
+        tokens, logits = generate_with_logits(model, ids, steps=4)
+        twin_tokens, twin_logits = generate_with_logits(twin, ids, steps=4)
+        assert torch.equal(twin_logits, logits)
+        for block in caprese.blocks(twin).values():
+            block.R.mul_(-20.0)
+        changed = generate_with_logits(twin, ids, steps=4)[1]
+        assert not torch.allclose(changed, logits)
+        assert torch.equal(generate_with_logits(model, ids, steps=4)[1], logits)
+        with caprese.split(twin, [ids.shape[1] - 2] * len(ids)):  # the copy's state
+            twin(ids)
+        assert caprese.phases.state_of(twin).phase is caprese.Phase.SPLIT
+        assert caprese.phases.state_of(model).phase is not caprese.Phase.SPLIT
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        twin.generate(ids, max_new_tokens=2, use_cache=False)
+    caprese.detach(twin)
+    assert torch.equal(generate_with_logits(model, ids, steps=4)[1], logits)
+
+
 def test_lm_head_input_gets_standard_strides_for_one_prompt():
     """A (1, 1, D) slice counts as contiguous but keeps its strides, which sends frozen
     weights down PyTorch's slow copy-the-weight path; attach hands the head a real copy."""

@@ -82,7 +82,7 @@ def test_model_with_decode_kernels_generates_the_same(method):
     ids = prompt_ids(1, 12)
     with torch.no_grad():
         ref_tokens, ref_logits = generate_with_logits(model, ids, steps=6)
-    fast = use_decode_kernels(model)  # (not a deepcopy: generate's guard is bound to model)
+    fast = use_decode_kernels(model)
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         calls = count_kernel_calls(patch)
         tokens, logits = generate_with_logits(fast, ids, steps=6)

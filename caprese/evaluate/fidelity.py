@@ -21,6 +21,11 @@ from caprese.distillation.capture import capture
 from caprese.families import decoder
 from caprese.phases import split, teacher
 
+# Positions whose full-vocabulary logits exist at once: a few fp32 copies of (rows, vocab)
+# live together, about 0.6 GB each for 1024 rows of a 152K vocabulary; without the cap a
+# batch of long language texts took over 20 GB.
+LOGIT_ROWS = 1024
+
 
 @torch.no_grad()
 def fidelity(
@@ -57,15 +62,18 @@ def fidelity(
         predicts = batch.continuation & batch.continuation.roll(-1, dims=1)
         predicts[:, -1] = False
         with teacher(model):
-            target = head(stack(**inputs).last_hidden_state[predicts]).float()
+            target_hidden = stack(**inputs).last_hidden_state[predicts]
         with split(model, batch.boundary):
-            student = head(stack(**inputs).last_hidden_state[predicts]).float()
-        log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-        following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
-        nll -= torch.stack([log_p.gather(1, following).sum(), log_q.gather(1, following).sum()]
-                           ).double().cpu()
-        agree += int((target.argmax(-1) == student.argmax(-1)).sum())
+            student_hidden = stack(**inputs).last_hidden_state[predicts]
+        following = batch.input_ids.roll(-1, dims=1)[predicts]
+        for rows in torch.split(torch.arange(len(following), device=device), LOGIT_ROWS):
+            target = head(target_hidden[rows]).float()
+            student = head(student_hidden[rows]).float()
+            log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            nll -= torch.stack([log_p.gather(1, following[rows, None]).sum(),
+                                log_q.gather(1, following[rows, None]).sum()]).double().cpu()
+            agree += int((target.argmax(-1) == student.argmax(-1)).sum())
         tokens += int(predicts.sum())
         if layer_errors:  # a third pass; skip it when only the logits matter
             capture(model, batch, on_layer)
