@@ -9,6 +9,7 @@ MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
 PROBLEMS=${PROBLEMS:-100}
 ARTICLES=${ARTICLES:-50}
 FIDELITY=${FIDELITY:-50}
+LANGUAGE=${LANGUAGE:-16}  # XSum articles for fidelity-language (~740 tokens each)
 
 step() {  # step OUTPUT caprese-args...
     local output=$1; shift
@@ -46,7 +47,7 @@ eval_step() {  # eval_step TASK NAME LIMIT BATCH
 # then fidelity on math, language retention for the Caprese variants, and the rest
 for name in "${ORDER[@]:1}"; do eval_step fidelity "$name" "$FIDELITY" 4; done
 for name in full caprese-griffin caprese-cats; do eval_step xsum "$name" "$ARTICLES" 8; done
-for name in "${ORDER[@]:1}"; do eval_step fidelity-language "$name" "$FIDELITY" 4; done
+for name in "${ORDER[@]:1}"; do eval_step fidelity-language "$name" "$LANGUAGE" 4; done
 for name in griffin cats; do eval_step xsum "$name" "$ARTICLES" 8; done
 mkdir -p benchmarks/results/results_1p5b  # the evidence, in git (adapters are not: 130 MB)
 cp "$OUT"/results/*.json "$OUT"/results/*.jsonl benchmarks/results/results_1p5b/

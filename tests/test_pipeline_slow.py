@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_pipeline_distills_evaluates_and_reports(tmp_path, capsys):
     preset = Preset("smollm2-135m-instruct", samples=8, max_length=128, e2e_samples=4,
                     e2e_epochs=1, math_problems=2, max_new_tokens=16, xsum_articles=2,
-                    fidelity_samples=2)
+                    fidelity_samples=2, language_samples=1, math_batch=2)
     report = run_pipeline(preset, tmp_path)
     text = report.read_text()
     for label in ("| full |", "| griffin 0.5 |", "| Caprese layerwise (griffin) |",
