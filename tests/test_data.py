@@ -233,3 +233,23 @@ def test_gsm_symbolic_train_variants_fill_the_mixture(tokenizer, monkeypatch, tm
     generated.clear()
     assert data.build_mixture(tokenizer, sources=("gsm-symbolic-train",), n=60, seed=1) == mixture
     assert generated == []  # served from the cache
+
+
+def test_xsum_generation_starts_on_the_line_after_the_instruction(monkeypatch):
+    """The 1-shot example's summary follows its instruction on a new line; the query must
+    end the same way or a model continues the pattern with the separator (empty summary)."""
+    from caprese.evaluate import language
+    from caprese.evaluate.generation import Completion, GenerationSettings
+
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, settings, desc=""):
+        seen.extend(prompts)
+        return [[Completion("A summary.", 3, False)] for _ in prompts]
+
+    monkeypatch.setattr(language, "generate", fake_generate)
+    records = data.load("xsum")[:2]
+    result = language.evaluate_xsum(None, None, records, GenerationSettings())
+    assert seen == [r.prompt + "\n" for r in records]
+    assert records[0].prompt.endswith("in 1 sentences.")  # the file's own ending
+    assert result["summary"]["articles"] == 2

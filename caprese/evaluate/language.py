@@ -20,10 +20,12 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 def evaluate_xsum(model, tokenizer, records: Sequence, settings: GenerationSettings) -> dict:
     """records: caprese.data.Record with the 1-shot prompt and the reference summary.
 
-    The prompt is used as is (no chat template), as in the GRIFFIN 1-shot files; generation
-    stops at the files' "###" example separator.
+    The prompt is the GRIFFIN 1-shot file's (no chat template) plus a newline: the file's
+    worked example puts its summary on the line after "Summarize ... sentence.", and without
+    the newline qwen2.5-coder-1.5b-instruct answered " ###" (an empty summary) on every
+    article. Generation stops at the "###" example separator.
     """
-    prompts = [r.prompt for r in records]
+    prompts = [r.prompt + "\n" for r in records]
     completions = generate(model, tokenizer, prompts, settings, desc="xsum")
     outputs = [samples[0].text.strip() for samples in completions]
     references = [r.answer for r in records]
