@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${OUT:-runs/results-1.5b}
 MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
 PROBLEMS=${PROBLEMS:-100}
-ARTICLES=${ARTICLES:-16}  # ~3 min per variant on the 1.5B (1-shot prompts ~740 tokens)
+ARTICLES=${ARTICLES:-16}  # ~1.5 min per variant on the 1.5B (1-shot prompts ~740 tokens)
 FIDELITY=${FIDELITY:-50}
 LANGUAGE=${LANGUAGE:-16}  # XSum articles for fidelity-language (~740 tokens each)
 
