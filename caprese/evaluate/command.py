@@ -65,7 +65,7 @@ def load_records(task: str, limit: int | None):
 
 
 def run_task(args, model, tokenizer, records) -> dict:
-    from caprese import prompts
+    from caprese import data, prompts
     from caprese.evaluate.fidelity import fidelity
     from caprese.evaluate.language import evaluate_xsum
     from caprese.evaluate.math import evaluate_math
@@ -74,7 +74,8 @@ def run_task(args, model, tokenizer, records) -> dict:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         temperature=args.temperature, top_p=args.top_p, samples=args.samples, seed=args.seed)
     if args.task == "xsum":
-        settings.stop, settings.max_new_tokens = ("###",), min(args.max_new_tokens, 64)
+        settings.stop = tuple(data.XSUM_GENERATION["stop"])
+        settings.max_new_tokens = min(args.max_new_tokens, data.XSUM_GENERATION["max_new_tokens"])
         return {"settings": asdict(settings), **evaluate_xsum(model, tokenizer, records,
                                                               settings)}
     if args.task.startswith("fidelity"):

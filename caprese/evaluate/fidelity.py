@@ -65,14 +65,16 @@ def fidelity(
             target_hidden = stack(**inputs).last_hidden_state[predicts]
         with split(model, batch.boundary):
             student_hidden = stack(**inputs).last_hidden_state[predicts]
-        following = batch.input_ids.roll(-1, dims=1)[predicts]
-        for rows in torch.split(torch.arange(len(following), device=device), LOGIT_ROWS):
-            target = head(target_hidden[rows]).float()
-            student = head(student_hidden[rows]).float()
+        following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
+        for target_rows, student_rows, next_ids in zip(
+            target_hidden.split(LOGIT_ROWS), student_hidden.split(LOGIT_ROWS),
+            following.split(LOGIT_ROWS), strict=True,
+        ):
+            target, student = head(target_rows).float(), head(student_rows).float()
             log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
             kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-            nll -= torch.stack([log_p.gather(1, following[rows, None]).sum(),
-                                log_q.gather(1, following[rows, None]).sum()]).double().cpu()
+            nll -= torch.stack([log_p.gather(1, next_ids).sum(), log_q.gather(1, next_ids).sum()]
+                               ).double().cpu()
             agree += int((target.argmax(-1) == student.argmax(-1)).sum())
         tokens += int(predicts.sum())
         if layer_errors:  # a third pass; skip it when only the logits matter
