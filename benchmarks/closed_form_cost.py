@@ -2,7 +2,8 @@
 
 Same data as distill_quality.py (1000 gsm8k + math samples cut at 256 tokens): one plain
 forward of the original model (LM head included), then the closed-form statistics pass and
-solve for one method. Prints the seconds and their ratio.
+solve for one method. Prints the seconds and their ratio and writes
+benchmarks/results/closed_form_cost_<method>.json.
 
     python benchmarks/closed_form_cost.py --method cats
 """
@@ -10,6 +11,8 @@ solve for one method. Prints the seconds and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import sys
 import tempfile
 import time
@@ -20,10 +23,11 @@ import torch
 import caprese
 from caprese.distillation.command import training_data
 from caprese.distillation.layerwise import apply_closed_form, collect_stats
-from caprese.models import load_model
+from caprese.io import atomic_write_text
+from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import teacher_pass_seconds  # noqa: E402
+from distill_quality import RESULTS, teacher_pass_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +51,16 @@ def main() -> None:
     started = time.perf_counter()
     apply_closed_form(model, stats, 1e-4)
     solve = time.perf_counter() - started
+    result = {"setup": {**vars(args), "weights": weights_description(args.model),
+                        "dtype": "bfloat16", "threads": torch.get_num_threads(),
+                        "processor": platform.processor() or platform.machine()},
+              "teacher_pass_s": teacher, "statistics_s": statistics, "solve_s": solve,
+              "ratio": (statistics + solve) / teacher}
+    out = RESULTS / f"closed_form_cost_{args.method}.json"
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"| teacher pass | {teacher:.0f} s |\n| {args.method} statistics | {statistics:.0f} s |\n"
           f"| solve | {solve:.1f} s |\n| stage / teacher pass | "
-          f"{(statistics + solve) / teacher:.2f}x |")
+          f"{result['ratio']:.2f}x |\n(written to {out})")
 
 
 if __name__ == "__main__":

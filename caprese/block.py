@@ -141,17 +141,33 @@ class CapreseBlock(nn.Module):
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         is_decode, act_gate, up, hidden = self._teacher_forced_parts(x)
-        compressed = self._compressed(act_gate, up, hidden)
         if self.phase_state.phase is Phase.CAPTURE:
-            continuation = is_decode & self.phase_state.valid
-            self.phase_state.observer(self, x, hidden - compressed, continuation)
+            self._observe(x, act_gate, hidden, is_decode & self.phase_state.valid)
             return self.mlp.down_proj(hidden)
+        compressed = self._compressed(act_gate, up, hidden)
         mixed = torch.where(is_decode[..., None], compressed, hidden)
         out = self.mlp.down_proj(mixed)
         extra = self.lowrank(x)
         if extra is None:
             return out
         return out + extra * is_decode[..., None].to(extra.dtype)
+
+    def _observe(self, x, act_gate, hidden, continuation) -> None:
+        """Hand the observer x and the dropped activations at continuation positions only.
+
+        The mask is built for those rows alone, each with its own sample's selection: over
+        the whole batch (prompt rows included) CATS' mask cost more than the statistics.
+        hidden * (1 - mask) equals hidden - compressed exactly (the mask is 0 or 1).
+        """
+        sample = continuation.nonzero()[:, 0]
+        state = None if self.selection is None else self.selection[sample]
+        hidden_rows = hidden[continuation]
+        mask = self.method.keep_mask(state, act_gate[continuation][:, None, :])
+        if mask is None:
+            dropped = torch.zeros_like(hidden_rows)
+        else:
+            dropped = hidden_rows * (1 - mask[:, 0])
+        self.phase_state.observer(self, x[continuation], dropped)
 
     def _teacher_forced_parts(self, x: torch.Tensor):
         """Dense parts of the whole sequence, selecting from each sample's prompt positions."""

@@ -43,7 +43,7 @@ class PhaseState:
     boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
     forced: Phase | None = None
     teacher_depth: int = 0
-    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped, continuation)
+    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped), continuation rows
 
 
 def _past_length(cache) -> int:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from distill_job import tiny_samples
+from helpers import randomize_lowrank
 
 import caprese
 from caprese.distillation import DistillSettings, TrainingDiverged, distill
@@ -88,6 +89,37 @@ def test_capture_sees_the_original_models_inputs():
         torch.testing.assert_close(x, seen[index][batch.continuation])
 
 
+@pytest.mark.parametrize("method", ["griffin", "cats"])
+def test_captured_targets_are_the_dropped_mlp_output_per_sample(method):
+    """Y = FF(x) - FFhat(x) at continuation rows, each sample masked by its own prompt's
+    selection: recomputed here from the full-batch activations and the method's mask."""
+    base = tiny_model("llama")
+    model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method=method, rank=4))
+    batch = collate(tiny_samples(4, seed=3))
+    inputs = {}
+    handles = [layer.mlp.register_forward_pre_hook(
+        lambda module, args, i=i: inputs.__setitem__(i, args[0]))
+        for i, layer in enumerate(base.model.layers)]
+    with torch.no_grad():
+        base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    captured = {}
+    capture(model, batch, lambda i, x, y: captured.__setitem__(i, y))
+    prompt = batch.attention_mask.bool() & ~batch.continuation
+    assert captured.keys() == caprese.blocks(model).keys()
+    for index, block in caprese.blocks(model).items():
+        mlp = block.mlp
+        x = inputs[index]
+        act = mlp.act_fn(mlp.gate_proj(x))
+        hidden = act * mlp.up_proj(x)
+        mask = block.method.keep_mask(block.method.select(act, hidden, prompt), act)
+        expected = (hidden - act * mask * mlp.up_proj(x))[batch.continuation]
+        expected = expected @ mlp.down_proj.weight.t()
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(captured[index], expected)
+
+
 def layer_errors(model, samples):
     stats = collect_stats(model, samples, 4, Path("/nonexistent"), "unused", checkpoint_every=10**9)
     return residual_report(model, stats, {})
@@ -131,6 +163,19 @@ def test_e2e_lowers_the_loss_and_leaves_base_weights_bit_identical(tmp_path):
     reloaded = caprese.load(tiny_model("qwen3"), tmp_path)
     for index, block in caprese.blocks(reloaded).items():
         assert torch.equal(block.R, caprese.blocks(model)[index].R)
+
+
+def test_on_step_sees_every_step_after_its_update(tmp_path):
+    from caprese.distillation.e2e import e2e_loss
+
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    seen = []
+    block = caprese.blocks(model)[0]
+    settings = TrainSettings("e2e", 1e-3, 2, 4, 2, 0.02, 10**6, 0)
+    losses = train(model, tiny_samples(8), e2e_loss(model), settings, tmp_path,
+                   on_step=lambda step: seen.append((step, float(block.R.detach().abs().sum()))))
+    assert [step for step, _ in seen] == list(range(1, len(losses) + 1)) == [1, 2, 3, 4]
+    assert seen[0][1] > 0  # R starts at zero: the first update is already visible
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -222,3 +267,18 @@ def test_fidelity_in_chunks_of_positions_equals_one_chunk(monkeypatch):
     assert chunked["tokens"] == whole["tokens"] and chunked["top1"] == whole["top1"]
     for key in ("kl", "ppl_teacher", "ppl_student"):
         assert chunked[key] == pytest.approx(whole[key], rel=1e-6)  # fp32 sums, reordered
+
+
+def test_init_from_continues_a_saved_adapter_and_refuses_another_config(tmp_path):
+    from caprese.distillation.command import start_from
+
+    trained = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    randomize_lowrank(trained)
+    caprese.save(trained, tmp_path / "layerwise")
+    fresh = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    start_from(fresh, str(tmp_path / "layerwise"))
+    for index, block in caprese.blocks(fresh).items():
+        assert torch.equal(block.R, caprese.blocks(trained)[index].R)
+    other = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
+    with pytest.raises(ValueError, match="rank=4"):
+        start_from(other, str(tmp_path / "layerwise"))

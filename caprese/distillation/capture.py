@@ -26,10 +26,8 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> None:
     """Run `batch` through the original model; call on_layer(i, X_i, Y_i) for every block."""
 
-    def observer(block, x, dropped, continuation):
-        xs = x[continuation]
-        ys = dropped[continuation] @ block.mlp.down_proj.weight.t()
-        on_layer(block.layer_index, xs, ys)
+    def observer(block, x, dropped):
+        on_layer(block.layer_index, x, dropped @ block.mlp.down_proj.weight.t())
 
     device = next(model.parameters()).device
     batch = batch.to(device)

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from caprese.adapter import attach
+from caprese.adapter import attach, config_of, load_weights, read_config
 from caprese.config import CapreseConfig
 from caprese.distillation import STAGES, DistillSettings, distill
 
@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     attach(model, config)
+    if args.init_from:
+        start_from(model, args.init_from)
     train, held_out = training_data(
         tokenizer, args.data.split(","), args.samples, args.held_out, args.seed, args.max_length
     )
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "data": args.data,
         "max_length": args.max_length,
+        "init_from": args.init_from,
     }
     summary = distill(
         model,
@@ -99,6 +102,22 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"adapter written to {args.out}")
     return 0
+
+
+def start_from(model: torch.nn.Module, directory: str) -> None:
+    """L and R from a saved adapter of the same config, e.g. a layer-wise run to continue
+    with `--stages e2e` (the E2E stage starts from whatever L and R the model holds)."""
+    saved, _ = read_config(directory)
+    attached = config_of(model)
+    differs = [f.name for f in dataclasses.fields(saved)
+               if getattr(saved, f.name) != getattr(attached, f.name)]
+    if differs:
+        raise ValueError(
+            f"--init-from {directory}: that adapter differs from this run in {', '.join(differs)} "
+            f"(it has {', '.join(f'{name}={getattr(saved, name)}' for name in differs)}); "
+            "pass the same --method, --density, --rank and --layers, and the same model"
+        )
+    load_weights(model, directory)
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -140,6 +159,11 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="run and adapter directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--init-from",
+        metavar="ADAPTER_DIR",
+        help="start L and R from this adapter (e.g. RUN/stages/layerwise with --stages e2e)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")

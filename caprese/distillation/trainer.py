@@ -69,8 +69,11 @@ def train(
     settings: TrainSettings,
     run_dir: Path,
     pad_id: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train L and R of every block; returns the loss of each step run in this call."""
+    """Train L and R of every block; returns the loss of each step run in this call.
+
+    on_step(step) runs after each optimizer step (benchmarks score held-out data there)."""
     params = lowrank_parameters(model)
     optimizer = torch.optim.Adam(params.values(), lr=settings.lr)
     steps_per_epoch = math.ceil(len(samples) / settings.batch_size)
@@ -124,6 +127,8 @@ def train(
         progress.update()
         if step % settings.checkpoint_every == 0 or step == total:
             _checkpoint(run_dir, settings.name, params, optimizer, step)
+        if on_step is not None:
+            on_step(step)
     progress.close()
     return losses
 
