@@ -56,7 +56,7 @@ def main() -> None:
     alone = scored(model, held_out, pad_id, 8)
     caprese.load_weights(model, args.layerwise)
     probe = held_out[:args.eval_samples]
-    trajectory = [{"step": 0, **scored(model, probe, pad_id, 8)}]
+    trajectory = []
     print(f"| step | KL on {len(probe)} held-out | top-1 % |", flush=True)
 
     def on_step(step: int) -> None:
@@ -64,6 +64,8 @@ def main() -> None:
             trajectory.append({"step": step, **scored(model, probe, pad_id, 8)})
             print(f"| {step} | {trajectory[-1]['kl']:.4f} | {100 * trajectory[-1]['top1']:.1f} |",
                   flush=True)
+
+    on_step(0)  # the layer-wise start
 
     settings = TrainSettings("e2e", args.lr, args.epochs, args.batch, args.micro_batch,
                              0.02, 10**6, 0)
