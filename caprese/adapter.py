@@ -209,9 +209,14 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Fill an attached model's L and R from an adapter saved with the same config."""
     config, checksum = read_config(directory)
-    if config != config_of(model):
+    attached = config_of(model)
+    differs = [f.name for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(attached, f.name)]
+    if differs:
         raise AdapterError(
-            f"{directory} was saved with another caprese config than the one attached to this model"
+            f"{directory} was saved with another caprese config than the one attached to this "
+            f"model: it has {', '.join(f'{name}={getattr(config, name)}' for name in differs)}; "
+            "attach the same config (CLI: the same --method, --density, --rank, --layers, model)"
         )
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():

@@ -70,11 +70,8 @@ def test_closed_form_is_the_best_rank_r_fit_on_captured_data():
         assert ours < 1.0  # the method's error really shrinks
 
 
-def test_capture_sees_the_original_models_inputs():
-    base = tiny_model("gemma2")
-    model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method="cats", rank=4))
-    caprese.blocks(model)[0].R.data.normal_()  # a trained path must not leak into capture
-    batch = collate(tiny_samples(3))
+def original_mlp_inputs(base, batch) -> dict[int, torch.Tensor]:
+    """Each layer's MLP input in a plain forward of the unattached model."""
     seen = {}
     handles = [layer.mlp.register_forward_pre_hook(
         lambda module, args, i=i: seen.__setitem__(i, args[0]))
@@ -83,6 +80,15 @@ def test_capture_sees_the_original_models_inputs():
         base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     for handle in handles:
         handle.remove()
+    return seen
+
+
+def test_capture_sees_the_original_models_inputs():
+    base = tiny_model("gemma2")
+    model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method="cats", rank=4))
+    caprese.blocks(model)[0].R.data.normal_()  # a trained path must not leak into capture
+    batch = collate(tiny_samples(3))
+    seen = original_mlp_inputs(base, batch)
     captured = {}
     capture(model, batch, lambda i, x, y: captured.__setitem__(i, x))
     for index, x in captured.items():
@@ -96,14 +102,7 @@ def test_captured_targets_are_the_dropped_mlp_output_per_sample(method):
     base = tiny_model("llama")
     model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method=method, rank=4))
     batch = collate(tiny_samples(4, seed=3))
-    inputs = {}
-    handles = [layer.mlp.register_forward_pre_hook(
-        lambda module, args, i=i: inputs.__setitem__(i, args[0]))
-        for i, layer in enumerate(base.model.layers)]
-    with torch.no_grad():
-        base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    for handle in handles:
-        handle.remove()
+    inputs = original_mlp_inputs(base, batch)
     captured = {}
     capture(model, batch, lambda i, x, y: captured.__setitem__(i, y))
     prompt = batch.attention_mask.bool() & ~batch.continuation
@@ -111,10 +110,10 @@ def test_captured_targets_are_the_dropped_mlp_output_per_sample(method):
     for index, block in caprese.blocks(model).items():
         mlp = block.mlp
         x = inputs[index]
-        act = mlp.act_fn(mlp.gate_proj(x))
-        hidden = act * mlp.up_proj(x)
+        act, up = mlp.act_fn(mlp.gate_proj(x)), mlp.up_proj(x)
+        hidden = act * up
         mask = block.method.keep_mask(block.method.select(act, hidden, prompt), act)
-        expected = (hidden - act * mask * mlp.up_proj(x))[batch.continuation]
+        expected = (hidden - act * mask * up)[batch.continuation]
         expected = expected @ mlp.down_proj.weight.t()
         assert expected.abs().sum() > 0
         torch.testing.assert_close(captured[index], expected)
@@ -269,16 +268,14 @@ def test_fidelity_in_chunks_of_positions_equals_one_chunk(monkeypatch):
         assert chunked[key] == pytest.approx(whole[key], rel=1e-6)  # fp32 sums, reordered
 
 
-def test_init_from_continues_a_saved_adapter_and_refuses_another_config(tmp_path):
-    from caprese.distillation.command import start_from
-
+def test_load_weights_continues_a_saved_adapter_and_names_what_differs(tmp_path):
     trained = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
     randomize_lowrank(trained)
     caprese.save(trained, tmp_path / "layerwise")
     fresh = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
-    start_from(fresh, str(tmp_path / "layerwise"))
+    caprese.load_weights(fresh, tmp_path / "layerwise")
     for index, block in caprese.blocks(fresh).items():
         assert torch.equal(block.R, caprese.blocks(trained)[index].R)
     other = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
     with pytest.raises(ValueError, match="rank=4"):
-        start_from(other, str(tmp_path / "layerwise"))
+        caprese.load_weights(other, tmp_path / "layerwise")

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from caprese.adapter import attach, config_of, load_weights, read_config
+from caprese.adapter import attach, load_weights
 from caprese.config import CapreseConfig
 from caprese.distillation import STAGES, DistillSettings, distill
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     attach(model, config)
     if args.init_from:
-        start_from(model, args.init_from)
+        load_weights(model, args.init_from)  # E2E then starts from that adapter's L, R
     train, held_out = training_data(
         tokenizer, args.data.split(","), args.samples, args.held_out, args.seed, args.max_length
     )
@@ -102,22 +102,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"adapter written to {args.out}")
     return 0
-
-
-def start_from(model: torch.nn.Module, directory: str) -> None:
-    """L and R from a saved adapter of the same config, e.g. a layer-wise run to continue
-    with `--stages e2e` (the E2E stage starts from whatever L and R the model holds)."""
-    saved, _ = read_config(directory)
-    attached = config_of(model)
-    differs = [f.name for f in dataclasses.fields(saved)
-               if getattr(saved, f.name) != getattr(attached, f.name)]
-    if differs:
-        raise ValueError(
-            f"--init-from {directory}: that adapter differs from this run in {', '.join(differs)} "
-            f"(it has {', '.join(f'{name}={getattr(saved, name)}' for name in differs)}); "
-            "pass the same --method, --density, --rank and --layers, and the same model"
-        )
-    load_weights(model, directory)
 
 
 def _layers(text: str | None) -> list[int] | None:
