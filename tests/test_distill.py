@@ -23,7 +23,7 @@ from caprese.distillation.batches import collate
 from caprese.distillation.capture import RegressionStats, capture
 from caprese.distillation.checkpoint import load_checkpoint
 from caprese.distillation.layerwise import collect_stats, residual_report, solve_closed_form
-from caprese.distillation.trainer import TrainSettings, train
+from caprese.distillation.trainer import TrainSettings, lr_factor, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -162,6 +162,18 @@ def test_e2e_lowers_the_loss_and_leaves_base_weights_bit_identical(tmp_path):
     reloaded = caprese.load(tiny_model("qwen3"), tmp_path)
     for index, block in caprese.blocks(reloaded).items():
         assert torch.equal(block.R, caprese.blocks(model)[index].R)
+
+
+def test_warmup_is_two_percent_of_long_runs_and_a_floor_of_steps_in_short_ones():
+    long = [lr_factor(step, 3750, 0.02) for step in range(3750)]
+    assert long[0] == pytest.approx(1 / 75) and long[74] == 1.0 and long[76] < 1.0
+    assert long[-1] == pytest.approx(1 / 3675)
+    short = [lr_factor(step, 38, 0.02) for step in range(38)]  # 2% would be one step
+    assert short[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and max(short[6:]) < 1.0
+    assert [lr_factor(step, 3, 0.02) for step in range(3)] == pytest.approx([1 / 3, 2 / 3, 1])
+    assert lr_factor(0, 38, 0.02, min_warmup_steps=0) == 1.0  # the floor can be switched off
+    with pytest.raises(ValueError, match="warmup"):
+        DistillSettings(warmup=2.0)
 
 
 def test_on_step_sees_every_step_after_its_update(tmp_path):

@@ -51,7 +51,8 @@ class DistillSettings:
     e2e_epochs: int = 3
     e2e_samples: int | None = None  # E2E on the first N training samples (None: all)
     micro_batch: int = 4  # sequences per forward for SGD and E2E (gradient accumulation)
-    warmup: float = 0.02
+    warmup: float = 0.02  # fraction of each Adam stage's steps
+    min_warmup_steps: int = 5  # short runs still warm up (see trainer.lr_factor)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50
     seed: int = 0
@@ -66,6 +67,11 @@ class DistillSettings:
         for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.warmup < 1 or self.min_warmup_steps < 0:
+            raise ValueError(
+                "warmup is a fraction of the steps in [0, 1) and min_warmup_steps is at least 0, "
+                f"got {self.warmup} and {self.min_warmup_steps}"
+            )
 
 
 def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
@@ -144,6 +150,7 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
             settings.warmup,
             settings.checkpoint_every,
             settings.seed,
+            settings.min_warmup_steps,
         )
         report, timings = run_layerwise(
             model,
@@ -167,6 +174,7 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
         settings.warmup,
         settings.checkpoint_every,
         settings.seed,
+        settings.min_warmup_steps,
     )
     if settings.gradient_checkpointing:
         _set_activation_checkpointing(model, True)

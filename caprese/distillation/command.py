@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         e2e_epochs=args.e2e_epochs,
         e2e_samples=args.e2e_samples,
         micro_batch=args.micro_batch,
+        warmup=args.warmup,
+        min_warmup_steps=args.min_warmup_steps,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -175,6 +177,15 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--e2e-epochs", type=int, default=defaults.e2e_epochs)
     p.add_argument("--e2e-samples", type=int, help="E2E on the first N samples (default: all)")
+    p.add_argument(
+        "--warmup", type=float, default=defaults.warmup, help="warm-up fraction of SGD / E2E steps"
+    )
+    p.add_argument(
+        "--min-warmup-steps",
+        type=int,
+        default=defaults.min_warmup_steps,
+        help="warm up at least this many steps (short runs)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--seed", type=int, default=defaults.seed)

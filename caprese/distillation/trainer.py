@@ -1,9 +1,10 @@
 """The Adam loop shared by layer-wise SGD and end-to-end distillation.
 
 One optimizer step = `batch_size` sequences, processed `micro_batch` at a time (gradient
-accumulation). Linear warm-up over the first `warmup` fraction of steps, then linear decay to
-zero (the paper's schedule). Checkpoints every `checkpoint_every` steps and at the end; a
-resumed run replays the same seeded data order and ends with the same adapter.
+accumulation). Linear warm-up over the first `warmup` fraction of steps (at least
+`min_warmup_steps`), then linear decay to zero (the paper's schedule). Checkpoints every
+`checkpoint_every` steps and at the end; a resumed run replays the same seeded data order and
+ends with the same adapter.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ class TrainSettings:
     warmup: float = 0.02
     checkpoint_every: int = 50
     seed: int = 0
+    min_warmup_steps: int = 5
 
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    warmup_steps = max(1, round(warmup * total))
+def lr_factor(step: int, total: int, warmup: float, min_warmup_steps: int = 5) -> float:
+    """Linear warm-up, then linear decay to zero.
+
+    The warm-up never runs fewer than min_warmup_steps (nor more than all steps): Adam's first
+    update moves every weight by the full lr whatever its gradient, so 2% of a 38-step run (one
+    step) would start at full speed; the paper's 2% of thousands of steps never does."""
+    warmup_steps = min(total, max(1, min_warmup_steps, round(warmup * total)))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total - step) / max(1, total - warmup_steps))
@@ -102,7 +109,7 @@ def train(
                 f"{settings.name}: loss is {loss} at step {step}; the last good checkpoint in "
                 f"{run_dir} is kept. Lower the learning rate and run again with --resume."
             )
-        lr = settings.lr * lr_factor(step, total, settings.warmup)
+        lr = settings.lr * lr_factor(step, total, settings.warmup, settings.min_warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
