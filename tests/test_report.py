@@ -28,10 +28,10 @@ def math_result(folder, name, variant, correct_ids, problems=10):
     return path
 
 
-def xsum_result(folder, name, variant, rouge_l):
-    path = folder / f"xsum-{name}.json"
+def xsum_result(folder, name, variant, rouge_l, articles=50):
+    path = folder / f"xsum{articles}-{name}.json"
     path.write_text(json.dumps({"task": "xsum", "variant": variant, "summary": {
-        "articles": 50, "rouge1": rouge_l + 5, "rouge2": rouge_l - 10, "rougeL": rouge_l,
+        "articles": articles, "rouge1": rouge_l + 5, "rouge2": rouge_l - 10, "rougeL": rouge_l,
         "mean_length": 30.0}}))
     return path
 
@@ -76,6 +76,23 @@ def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
     assert (tmp_path / "report_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "report_length_by_level.png").stat().st_size > 1000
     assert "caprese eval --label griffin" in text
+
+
+def test_xsum_runs_compare_only_with_the_full_run_on_the_same_articles(tmp_path):
+    paths = [xsum_result(tmp_path, "full", FULL, 25.0, articles=16),
+             xsum_result(tmp_path, "caprese", CAPRESE, 24.4, articles=16),
+             xsum_result(tmp_path, "full", FULL, 20.0, articles=200),
+             xsum_result(tmp_path, "caprese", CAPRESE, 20.5, articles=200),
+             xsum_result(tmp_path, "griffin", GRIFFIN, 21.0, articles=200)]
+    text = build_report(paths, tmp_path / "report.md").read_text()
+    assert "| Caprese(GRIFFIN) | 200 | 25.50 | 10.50 | 20.50 | +0.50 |" in text
+    assert "| Caprese(GRIFFIN) | 16 | 29.40 | 14.40 | 24.40 | -0.60 |" in text
+    assert "| GRIFFIN | 200 | 26.00 | 11.00 | 21.00 | +1.00 |" in text
+    # the main table shows the larger run of each variant
+    assert "R-1/2/L 25.5/10.5/20.5 (200 articles)" in text and "(16 articles)" not in text
+    lone = build_report(paths[:2] + paths[4:], tmp_path / "lone.md").read_text()
+    assert "| GRIFFIN | 200 | 26.00 | 11.00 | 21.00 | n/a (no full run on these articles) |" \
+        in lone
 
 
 def test_recovery_without_records_has_no_interval(tmp_path):

@@ -93,17 +93,22 @@ def recovery_table(rows: list[dict]) -> str:
 
 
 def retention_table(results: list[dict]) -> str | None:
-    """ROUGE of every XSum run against the full model's (points; negative = worse)."""
-    xsum = [r for r in results if "rougeL" in r["summary"]]
-    full = [r for r in xsum if r["variant"].get("kind") == "full"]
+    """ROUGE of every XSum run against the full model's on the same articles (points;
+    negative = worse). Runs of different lengths are never compared: --limit N takes the
+    first N articles, so only equal counts share their articles."""
+    xsum = sorted((r for r in results if "rougeL" in r["summary"]),
+                  key=lambda r: -r["summary"]["articles"])
+    full = {r["summary"]["articles"]: r["summary"] for r in xsum
+            if r["variant"].get("kind") == "full"}
     if not full or len(xsum) < 2:
         return None
-    base = full[0]["summary"]
     lines = ["| variant | articles | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L vs full |",
              "|---" * 6 + "|"]
     for r in xsum:
         s = r["summary"]
-        delta = s["rougeL"] - base["rougeL"]
+        base = full.get(s["articles"])
+        delta = "n/a (no full run on these articles)" if base is None else \
+            f"{s['rougeL'] - base['rougeL']:+.2f}"
         lines.append(f"| {r['variant']['label']} | {s['articles']} | {s['rouge1']:.2f} | "
-                     f"{s['rouge2']:.2f} | {s['rougeL']:.2f} | {delta:+.2f} |")
+                     f"{s['rouge2']:.2f} | {s['rougeL']:.2f} | {delta} |")
     return "\n".join(lines)

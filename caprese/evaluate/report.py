@@ -51,10 +51,15 @@ def _cell(summary: dict) -> str:
         return (f"KL {summary['kl']:.3f}, top-1 {100 * summary['top1']:.1f}%, "
                 f"ppl {summary['ppl_student']:.2f} (teacher {summary['ppl_teacher']:.2f})")
     if "rougeL" in summary:
-        return f"R-1/2/L {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f}"
+        return (f"R-1/2/L {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/"
+                f"{summary['rougeL']:.1f} ({summary['articles']} articles)")
     low, high = summary["ci95"]
     return (f"{100 * summary['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
             f" / {summary['mean_length']:.0f} tok")
+
+
+def _size(summary: dict) -> int:
+    return summary.get("articles") or summary.get("problems") or 0
 
 
 def table(results: list[dict]) -> str:
@@ -63,7 +68,9 @@ def table(results: list[dict]) -> str:
     order: dict[str, tuple] = {}
     for r in results:
         label = r["variant"]["label"]
-        rows[label][r["task"]] = r["summary"]
+        kept = rows[label].get(r["task"])
+        if kept is None or _size(r["summary"]) > _size(kept):  # the larger run of a repeat
+            rows[label][r["task"]] = r["summary"]
         order[label] = _variant_key(r)
     math_tasks = {r["task"] for r in results if _is_math(r["summary"])}
     header = "| variant | " + " | ".join(
