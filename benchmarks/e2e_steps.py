@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--objective", default="mse", choices=["mse", "kl"])
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--every", type=int, default=25, help="score every N steps")
@@ -71,8 +72,8 @@ def main() -> None:
                              0.02, 10**6, 0)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        losses = train(model, train_set, e2e_loss(model), settings, Path(run_dir), pad_id,
-                       on_step=on_step)
+        losses = train(model, train_set, e2e_loss(model, args.objective), settings,
+                       Path(run_dir), pad_id, on_step=on_step)
     seconds = time.perf_counter() - started
     final = scored(model, held_out, pad_id, 8)
     caprese.load_weights(model, args.layerwise)
@@ -87,7 +88,8 @@ def main() -> None:
                           "e2e": 1 - final["kl"] / gap},
         "trajectory": trajectory, "losses": losses,
     }
-    out = RESULTS / f"e2e_steps_{args.method}.json"
+    suffix = "" if args.objective == "mse" else f"_{args.objective}"
+    out = RESULTS / f"e2e_steps_{args.method}{suffix}.json"
     atomic_write_text(out, json.dumps(report, indent=2))
     print(f"\n{args.method} on {len(held_out)} held-out: alone KL {gap:.4f}; layer-wise "
           f"{scored_layerwise['kl']:.4f} ({100 * report['kl_gap_closed']['layerwise']:.1f}% "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -52,6 +53,14 @@ def decoder(model: nn.Module) -> nn.Module:
     """The transformer stack without the LM head: where the phase hook sits."""
     family_of(model.config)
     return model.get_decoder()
+
+
+def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states, as the model's forward computes it: Gemma 2
+    soft-caps its logits (cap * tanh(logits / cap)), which the bare head does not."""
+    out = model.get_output_embeddings()(hidden)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return out if cap is None else torch.tanh(out / cap) * cap
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -164,6 +164,56 @@ def test_e2e_lowers_the_loss_and_leaves_base_weights_bit_identical(tmp_path):
         assert torch.equal(block.R, caprese.blocks(model)[index].R)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_kl_objective_is_the_kl_of_the_models_own_logits_in_any_chunking(family, monkeypatch):
+    """Gemma 2 soft-caps its logits; the loss must use the logits generate() samples from."""
+    from caprese.distillation import e2e
+    from caprese.phases import split, teacher
+
+    model = caprese.attach(tiny_model(family, final_logit_softcapping=0.5)
+                           if family == "gemma2" else tiny_model(family),
+                           caprese.CapreseConfig(method="cats", rank=4))
+    randomize_lowrank(model)
+    batch = collate(tiny_samples(3, seed=5), 0)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with torch.no_grad(), teacher(model):
+        log_p = model(**inputs).logits[batch.continuation].float().log_softmax(-1)
+    with torch.no_grad(), split(model, batch.boundary):
+        log_q = model(**inputs).logits[batch.continuation].float().log_softmax(-1)
+    expected = float((log_p.exp() * (log_p - log_q)).sum())
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        total, tokens = e2e.e2e_loss(model, "kl")(batch, 0.5)
+        block = caprese.blocks(model)[1]
+        return total, tokens, block.L.grad.clone(), block.R.grad.clone()
+
+    total, tokens, grad_l, grad_r = loss_and_grads()
+    assert total == pytest.approx(expected, rel=1e-5) and expected > 1e-4
+    assert tokens == int(batch.continuation.sum()) > 7
+    monkeypatch.setattr(e2e, "LOGIT_ROWS", 7)  # several chunks, the same sum and gradient
+    chunked, _, chunked_l, chunked_r = loss_and_grads()
+    assert chunked == pytest.approx(total, rel=1e-6)
+    assert torch.allclose(chunked_l, grad_l, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(chunked_r, grad_r, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_objective_lowers_the_kl_more_than_mse_does(tmp_path):
+    from caprese.evaluate.fidelity import fidelity
+
+    samples = tiny_samples(32)
+    scores = {}
+    for objective in ("mse", "kl"):
+        model = caprese.attach(tiny_model("qwen2"), caprese.CapreseConfig("griffin", rank=4))
+        before = fidelity(model, samples, progress=False, layer_errors=False)["kl"]
+        distill(model, samples, tmp_path / objective, DistillSettings(
+            stages=("e2e",), e2e_epochs=6, e2e_batch=8, e2e_lr=1e-2, e2e_objective=objective))
+        scores[objective] = fidelity(model, samples, progress=False, layer_errors=False)["kl"]
+    assert scores["kl"] < 0.85 * before and scores["kl"] < scores["mse"]
+    with pytest.raises(ValueError, match="e2e_objective"):
+        DistillSettings(e2e_objective="mae")
+
+
 def test_warmup_is_two_percent_of_long_runs_and_a_floor_of_steps_in_short_ones():
     long = [lr_factor(step, 3750, 0.02) for step in range(3750)]
     assert long[0] == pytest.approx(1 / 75) and long[74] == 1.0 and long[76] < 1.0

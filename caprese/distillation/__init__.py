@@ -24,7 +24,7 @@ import torch
 from caprese.adapter import blocks, config_of, load_weights, save
 from caprese.distillation.batches import Sample
 from caprese.distillation.checkpoint import remove_checkpoint
-from caprese.distillation.e2e import e2e_loss
+from caprese.distillation.e2e import OBJECTIVES, e2e_loss
 from caprese.distillation.layerwise import run_layerwise
 from caprese.distillation.trainer import TrainingDiverged, TrainSettings, train
 from caprese.io import atomic_write_text
@@ -47,6 +47,7 @@ class DistillSettings:
     sgd_batch: int = 128
     sgd_epochs: int = 20
     e2e_lr: float = 1e-4
+    e2e_objective: str = "mse"  # the paper's hidden-state MSE, or "kl" on the logits
     e2e_batch: int = 16
     e2e_epochs: int = 3
     e2e_samples: int | None = None  # E2E on the first N training samples (None: all)
@@ -67,6 +68,10 @@ class DistillSettings:
         for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.e2e_objective not in OBJECTIVES:
+            raise ValueError(
+                f"e2e_objective must be one of {OBJECTIVES}, got {self.e2e_objective!r}"
+            )
         if not 0 <= self.warmup < 1 or self.min_warmup_steps < 0:
             raise ValueError(
                 "warmup is a fraction of the steps in [0, 1) and min_warmup_steps is at least 0, "
@@ -180,7 +185,7 @@ def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
         _set_activation_checkpointing(model, True)
     try:
         subset = samples[: settings.e2e_samples] if settings.e2e_samples else samples
-        losses = train(model, subset, e2e_loss(model), e2e, out, pad_id)
+        losses = train(model, subset, e2e_loss(model, settings.e2e_objective), e2e, out, pad_id)
     finally:
         if settings.gradient_checkpointing:
             _set_activation_checkpointing(model, False)

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         sgd_batch=args.sgd_batch,
         sgd_epochs=args.sgd_epochs,
         e2e_lr=args.e2e_lr,
+        e2e_objective=args.e2e_objective,
         e2e_batch=args.e2e_batch,
         e2e_epochs=args.e2e_epochs,
         e2e_samples=args.e2e_samples,
@@ -176,6 +177,12 @@ def add_cli(subparsers) -> None:
         "--e2e-batch", type=int, default=defaults.e2e_batch, help="sequences per E2E step"
     )
     p.add_argument("--e2e-epochs", type=int, default=defaults.e2e_epochs)
+    p.add_argument(
+        "--e2e-objective",
+        default=defaults.e2e_objective,
+        choices=["mse", "kl"],
+        help="mse: last hidden states (the paper); kl: KL(teacher || student) of the logits",
+    )
     p.add_argument("--e2e-samples", type=int, help="E2E on the first N samples (default: all)")
     p.add_argument(
         "--warmup", type=float, default=defaults.warmup, help="warm-up fraction of SGD / E2E steps"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from caprese.adapter import blocks
 from caprese.distillation.batches import Sample, collate
 from caprese.distillation.capture import capture
-from caprese.families import decoder
+from caprese.families import decoder, logits
 from caprese.phases import split, teacher
 
 # Positions whose full-vocabulary logits exist at once: a few fp32 copies of (rows, vocab)
@@ -36,7 +36,7 @@ def fidelity(
     progress: bool = True,
     layer_errors: bool = True,
 ) -> dict:
-    stack, head = decoder(model), model.get_output_embeddings()
+    stack = decoder(model)
     device = next(model.parameters()).device
     kl_sum, agree, tokens = 0.0, 0, 0
     nll = torch.zeros(2, dtype=torch.float64)  # teacher, student: -log p(actual next token)
@@ -70,7 +70,8 @@ def fidelity(
             target_hidden.split(LOGIT_ROWS), student_hidden.split(LOGIT_ROWS),
             following.split(LOGIT_ROWS), strict=True,
         ):
-            target, student = head(target_rows).float(), head(student_rows).float()
+            target = logits(model, target_rows).float()
+            student = logits(model, student_rows).float()
             log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
             kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
             nll -= torch.stack([log_p.gather(1, next_ids).sum(), log_q.gather(1, next_ids).sum()]

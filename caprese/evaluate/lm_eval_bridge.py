@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from caprese.distillation.batches import Batch
 from caprese.evaluate.generation import GenerationSettings, generate
-from caprese.families import decoder
+from caprese.families import decoder, logits
 from caprese.phases import split
 
 
@@ -64,7 +64,7 @@ class CapreseLM(TemplateLM):
         predict the first continuation token; later ones come from decode positions.
         """
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        stack, head = decoder(self.model), self.model.get_output_embeddings()
+        stack = decoder(self.model)
         results = []
         starts = range(0, len(requests), self.batch_size)
         for start in tqdm(starts, desc="caprese loglikelihood", disable=disable_tqdm):
@@ -81,7 +81,7 @@ class CapreseLM(TemplateLM):
                                use_cache=False).last_hidden_state
             for row, (inputs, target) in enumerate(rows):
                 positions = slice(len(inputs) - len(target), len(inputs))
-                log_probs = head(hidden[row, positions]).float().log_softmax(-1)
+                log_probs = logits(self.model, hidden[row, positions]).float().log_softmax(-1)
                 wanted = torch.tensor(target, device=log_probs.device)
                 score = float(log_probs.gather(1, wanted[:, None]).sum())
                 greedy = bool((log_probs.argmax(-1) == wanted).all())
