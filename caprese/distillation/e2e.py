@@ -58,10 +58,9 @@ def e2e_loss(model: torch.nn.Module, objective: str = "mse") -> LossFn:
             if objective == "kl":
                 total = _kl_backward(model, hidden[keep], target[keep], scale)
             else:
-                per_token = (hidden[keep].float() - target[keep].float()).pow(2).mean(dim=-1)
-                total = per_token.sum()
-                (total * scale).backward()
-                total = total.item()
+                loss = (hidden[keep].float() - target[keep].float()).pow(2).mean(dim=-1).sum()
+                (loss * scale).backward()
+                total = loss.item()
         return total, int(keep.sum())
 
     return loss_fn
