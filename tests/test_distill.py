@@ -95,6 +95,15 @@ def test_capture_sees_the_original_models_inputs():
         torch.testing.assert_close(x, seen[index][batch.continuation])
 
 
+def test_a_batch_on_another_device_keeps_its_continuation_mask_there():
+    """The E2E and fidelity losses index GPU tensors with this mask (found on CUDA: it was
+    built on the CPU); the meta device stands in for a GPU here."""
+    batch = collate(tiny_samples(3), pad_id=0)
+    moved = batch.to("meta")
+    assert moved.continuation.device.type == "meta"
+    assert torch.equal(batch.continuation, batch.to("cpu").continuation)
+
+
 @pytest.mark.parametrize("method", ["griffin", "cats"])
 def test_captured_targets_are_the_dropped_mlp_output_per_sample(method):
     """Y = FF(x) - FFhat(x) at continuation rows, each sample masked by its own prompt's

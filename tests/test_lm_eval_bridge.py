@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import caprese
+from caprese.bench.decode import _cache_kwarg
 from caprese.cli import main
 from caprese.evaluate.lm_eval_bridge import CapreseLM
 from tests.conftest import COMMON, tiny_model
@@ -37,13 +38,14 @@ def caprese_model():
 
 def decoded_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
     """The generation path: prefill the context with a KV cache, then decode token by token."""
+    name = _cache_kwarg(model)  # `cache` in recent transformers, `past_key_values` before
     with torch.no_grad():
         out = model(torch.tensor([context]), use_cache=True)
-        logits, cache, total = out.logits[0, -1], out.cache, 0.0
+        logits, cache, total = out.logits[0, -1], getattr(out, name), 0.0
         for token in continuation:
             total += float(logits.float().log_softmax(-1)[token])
-            out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
-            logits, cache = out.logits[0, -1], out.cache
+            out = model(torch.tensor([[token]]), **{name: cache}, use_cache=True)
+            logits, cache = out.logits[0, -1], getattr(out, name)
     return total
 
 

@@ -36,7 +36,7 @@ class Batch:
     @property
     def continuation(self) -> torch.Tensor:
         """(B, S) bool: the positions a loss is taken on."""
-        positions = torch.arange(self.input_ids.shape[1])
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         return (positions[None, :] >= self.boundary[:, None]) & self.attention_mask.bool()
 
     def to(self, device) -> Batch:

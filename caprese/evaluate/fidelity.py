@@ -49,7 +49,7 @@ def fidelity(
         residual = y.double() if path is None else y.double() - path.double()
         layer_sums[index] += torch.stack(
             [y.double().pow(2).sum(), residual.pow(2).sum(), dense.pow(2).sum()]
-        )
+        ).cpu()
 
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress):
