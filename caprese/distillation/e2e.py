@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from caprese.distillation.trainer import LossFn
-from caprese.evaluate.fidelity import LOGIT_ROWS
-from caprese.families import decoder, logits
+from caprese.families import LOGIT_ROWS, decoder, logits
 from caprese.phases import split, teacher
 
 OBJECTIVES = ("mse", "kl")

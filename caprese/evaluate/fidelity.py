@@ -18,13 +18,8 @@ from tqdm.auto import tqdm
 from caprese.adapter import blocks
 from caprese.distillation.batches import Sample, collate
 from caprese.distillation.capture import capture
-from caprese.families import decoder, logits
+from caprese.families import LOGIT_ROWS, decoder, logits
 from caprese.phases import split, teacher
-
-# Positions whose full-vocabulary logits exist at once: a few fp32 copies of (rows, vocab)
-# live together, about 0.6 GB each for 1024 rows of a 152K vocabulary; without the cap a
-# batch of long language texts took over 20 GB.
-LOGIT_ROWS = 1024
 
 
 @torch.no_grad()
