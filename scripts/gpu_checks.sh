@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared run for a session that has a device (about 8 minutes on one
-# H100 or H200):
+# The GPU checks, as one prepared run for a session that has a device. Timings on one H200
+# (2026-11-27): setup ~20 s, step 1 146 s, step 2 5 s; step 3 printed nothing within its 240 s
+# there (it has a progress bar since), so give it most of a call of its own
+# (PIPELINE_ONLY=1 runs step 1 alone; SETUPS, TABLE5_SECONDS size step 3):
 #   1. the main job, unchanged, with a Hub model id on CUDA: `caprese pipeline --quick --model
 #      Qwen/Qwen2.5-Coder-0.5B-Instruct --device cuda`. The device cannot reach the Hub, so the
 #      id resolves from a Hugging Face cache filled beforehand with a model of that config,

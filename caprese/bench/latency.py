@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from caprese.adapter import attach, detach, load_weights, read_config
 from caprese.bench.decode import greedy_decode
@@ -118,6 +119,9 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
     runs: dict[str, list] = {name: [] for name in variants}
     tokens: dict[str, torch.Tensor] = {}
+    # A bar per run, with the last run's time: a run cut off at a time limit still shows how
+    # far it got and how long each variant takes.
+    progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
     for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
         for name in variants:
             with variant(model, name, density, rank, adapter):
@@ -127,6 +131,9 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
             tokens[name] = run.tokens
             if repeat:
                 runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt})
+            progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
+            progress.update()
+    progress.close()
     bandwidth = measure_bandwidth(next(model.parameters()).dtype, device.type)
     rows = []
     for name in variants:
