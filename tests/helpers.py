@@ -1,12 +1,15 @@
-"""Shared test utilities: generation with per-step logits, and model copies."""
+"""Shared test utilities: generation with per-step logits, model copies, a word tokenizer."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import caprese
+from tests.conftest import COMMON
 
 
 def generate_with_logits(model, ids, steps=4, attention_mask=None, **kwargs):
@@ -40,3 +43,14 @@ def randomize_lowrank(model, seed=0, scale=0.5):
 def set_fused(model, fused: bool) -> None:
     for block in caprese.blocks(model).values():
         block.fused = fused
+
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, COMMON["vocab_size"])]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per space-separated word "tN" (id N): readable, offline, matches the tiny vocab."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -8,25 +8,13 @@ import lm_eval
 import pytest
 import torch
 from lm_eval.tasks import TaskManager
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import caprese
 from caprese.bench.decode import _cache_kwarg
 from caprese.cli import main
 from caprese.evaluate.lm_eval_bridge import CapreseLM
-from tests.conftest import COMMON, tiny_model
-from tests.helpers import randomize_lowrank
-
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, COMMON["vocab_size"])]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per space-separated word "tN" (id N): readable, offline, matches the tiny vocab."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+from tests.conftest import tiny_model
+from tests.helpers import WORDS, randomize_lowrank, word_tokenizer
 
 
 def caprese_model():

@@ -79,13 +79,18 @@ class DistillSettings:
             )
 
 
+def refuse_unresumed_run(out: Path, resume: bool) -> None:
+    """An existing run is continued only when asked (checked before any costly work)."""
+    if (out / "run.json").is_file() and not resume:
+        raise ValueError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+
+
 def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
     run_file = out / "run.json"
+    refuse_unresumed_run(out, resume)
     if run_file.is_file():
-        if not resume:
-            raise ValueError(
-                f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-            )
         saved = json.loads(run_file.read_text())
         if saved != record:
             changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))

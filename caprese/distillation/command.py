@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
 from caprese.adapter import attach, load_weights
 from caprese.config import CapreseConfig
-from caprese.distillation import STAGES, DistillSettings, distill
+from caprese.distillation import STAGES, DistillSettings, distill, refuse_unresumed_run
+from caprese.distillation.teacher_text import CACHE_FILE, teacher_continuations
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -76,12 +78,21 @@ def run(args: argparse.Namespace) -> int:
     train, held_out = training_data(
         tokenizer, args.data.split(","), args.samples, args.held_out, args.seed, args.max_length
     )
+    if args.continuations == "teacher":
+        refuse_unresumed_run(Path(args.out), args.resume)
+        cache = Path(args.out) / CACHE_FILE
+        train, held_out = (
+            teacher_continuations(model, tokenizer, part, args.max_length, cache,
+                                  args.generation_batch)
+            for part in (train, held_out)
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     info = {
         "model": args.model,
         "dtype": args.dtype,
         "data": args.data,
         "max_length": args.max_length,
+        "continuations": args.continuations,
         "init_from": args.init_from,
     }
     summary = distill(
@@ -143,6 +154,16 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument(
         "--max-length", type=int, default=1024, help="truncate sequences to this many tokens"
+    )
+    p.add_argument(
+        "--continuations",
+        default="reference",
+        choices=["reference", "teacher"],
+        help="train on the data set's solutions, or on the original model's own greedy "
+        "outputs for the same prompts (generated once, cached in --out)",
+    )
+    p.add_argument(
+        "--generation-batch", type=int, default=8, help="prompts per batch for teacher text"
     )
     p.add_argument("--out", required=True, help="run and adapter directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

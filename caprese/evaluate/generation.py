@@ -25,21 +25,26 @@ class Completion:
     text: str
     tokens: int  # generated tokens, up to and including the end-of-sequence token
     truncated: bool  # hit max_new_tokens without ending
+    ids: tuple[int, ...] = ()  # those tokens (before any stop string cut the text)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
-             desc: str = "generate") -> list[list[Completion]]:
-    """settings.samples completions for each prompt, in the prompts' order."""
+def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
+             settings: GenerationSettings, desc: str = "generate",
+             progress: bool = True) -> list[list[Completion]]:
+    """settings.samples completions for each prompt (text, or token ids used as they are), in
+    the prompts' order."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
+               else list(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[list[Completion]] = [[] for _ in prompts]
     torch.manual_seed(settings.seed)
-    for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, unit="batch",
+                      disable=not progress):
         chunk = order[start:start + settings.batch_size]
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -70,4 +75,4 @@ def _completion(tokens: list[int], tokenizer, eos, pad_id, settings) -> Completi
     for stop in settings.stop:
         if stop in text:
             text, truncated = text[: text.index(stop)], False
-    return Completion(text, len(kept), truncated)
+    return Completion(text, len(kept), truncated, tuple(kept))

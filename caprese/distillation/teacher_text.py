@@ -1,0 +1,98 @@
+"""Teacher-written continuations: distill on the text the model itself decodes.
+
+Teacher forcing on reference solutions fits the low-rank path to human-written text, while
+at inference the path sees the model's own chain of thought (longer, in its own style). With
+`caprese distill --continuations teacher` every training prompt's continuation is replaced by
+the original model's greedy output for that prompt (sequence-level distillation), so the fit
+lands on the text that decoding visits. Generating is the costly part (one greedy decode per
+sample), so each output is appended to a cache file as soon as its batch is done: an
+interrupted run regenerates only what is missing, and a torn last line is ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from caprese.data import TrainingSample
+from caprese.evaluate.generation import GenerationSettings, generate
+from caprese.phases import teacher
+
+CACHE_FILE = "teacher_text.jsonl"
+
+
+def _key(sample: TrainingSample) -> str:
+    """A sample's prompt, as ids: a cached output is reused only for the very same prompt."""
+    digest = hashlib.sha256(json.dumps(list(sample.input_ids[: sample.boundary])).encode())
+    return f"{sample.id}:{digest.hexdigest()[:16]}"
+
+
+def _read_cache(path: Path) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            key, ids = record["key"], record["ids"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill: that sample is generated again
+        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
+            found[key] = ids
+    return found
+
+
+def _append(path: Path, lines: list[dict]) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a torn last line: start on a line of our own
+                text = "\n" + text
+    with open(path, "a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def teacher_continuations(
+    model,
+    tokenizer,
+    samples: Sequence[TrainingSample],
+    max_length: int,
+    cache: Path,
+    batch_size: int = 8,
+) -> list[TrainingSample]:
+    """`samples` with each continuation replaced by the dense model's greedy output (ending
+    at its end-of-sequence token, or cut at max_length tokens in all)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_cache(cache)
+    # Batches of similar prompt lengths waste little on padding.
+    missing = sorted((s for s in samples if _key(s) not in done), key=lambda s: s.boundary)
+    progress = tqdm(total=len(samples), initial=len(samples) - len(missing),
+                    desc="teacher text", unit="sample")
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        prompts = [s.input_ids[: s.boundary] for s in chunk]
+        budget = max_length - min(len(p) for p in prompts)
+        settings = GenerationSettings(max_new_tokens=budget, batch_size=len(chunk))
+        with teacher(model):
+            outputs = generate(model, tokenizer, prompts, settings, progress=False)
+        lines = [{"key": _key(s), "ids": list(out[0].ids)}
+                 for s, out in zip(chunk, outputs, strict=True)]
+        _append(cache, lines)
+        done.update((line["key"], line["ids"]) for line in lines)
+        progress.update(len(chunk))
+    progress.close()
+    return [
+        dataclasses.replace(
+            s, input_ids=tuple((list(s.input_ids[: s.boundary]) + done[_key(s)])[:max_length])
+        )
+        for s in samples
+    ]
