@@ -86,7 +86,7 @@ def test_a_rerun_reads_the_cache_and_regenerates_only_a_torn_line(models, tmp_pa
     assert generated == []
 
 
-def test_a_changed_prompt_is_not_served_from_the_cache(models, tmp_path):
+def test_a_changed_prompt_or_budget_is_not_served_from_the_cache(models, tmp_path):
     _, attached = models
     cache = tmp_path / "cache.jsonl"
     teacher_continuations(attached, word_tokenizer(), samples(2), MAX_LENGTH, cache)
@@ -94,6 +94,8 @@ def test_a_changed_prompt_is_not_served_from_the_cache(models, tmp_path):
                for s in samples(2)]
     teacher_continuations(attached, word_tokenizer(), changed, MAX_LENGTH, cache)
     assert len(cache.read_text().splitlines()) == 4
+    teacher_continuations(attached, word_tokenizer(), changed, MAX_LENGTH + 4, cache)
+    assert len(cache.read_text().splitlines()) == 6  # another budget: generated again
 
 
 def test_an_existing_run_is_refused_before_any_generation(tmp_path):

@@ -27,9 +27,10 @@ from caprese.phases import teacher
 CACHE_FILE = "teacher_text.jsonl"
 
 
-def _key(sample: TrainingSample) -> str:
-    """A sample's prompt, as ids: a cached output is reused only for the very same prompt."""
-    digest = hashlib.sha256(json.dumps(list(sample.input_ids[: sample.boundary])).encode())
+def _key(sample: TrainingSample, max_length: int) -> str:
+    """A cached output is reused only for the very same prompt ids and length budget."""
+    prompt = list(sample.input_ids[: sample.boundary])
+    digest = hashlib.sha256(json.dumps([prompt, max_length]).encode())
     return f"{sample.id}:{digest.hexdigest()[:16]}"
 
 
@@ -74,7 +75,8 @@ def teacher_continuations(
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = _read_cache(cache)
     # Batches of similar prompt lengths waste little on padding.
-    missing = sorted((s for s in samples if _key(s) not in done), key=lambda s: s.boundary)
+    missing = sorted((s for s in samples if _key(s, max_length) not in done),
+                     key=lambda s: s.boundary)
     progress = tqdm(total=len(samples), initial=len(samples) - len(missing),
                     desc="teacher text", unit="sample")
     for start in range(0, len(missing), batch_size):
@@ -84,15 +86,15 @@ def teacher_continuations(
         settings = GenerationSettings(max_new_tokens=budget, batch_size=len(chunk))
         with teacher(model):
             outputs = generate(model, tokenizer, prompts, settings, progress=False)
-        lines = [{"key": _key(s), "ids": list(out[0].ids)}
+        lines = [{"key": _key(s, max_length), "ids": list(out[0].ids)}
                  for s, out in zip(chunk, outputs, strict=True)]
         _append(cache, lines)
         done.update((line["key"], line["ids"]) for line in lines)
         progress.update(len(chunk))
     progress.close()
-    return [
-        dataclasses.replace(
-            s, input_ids=tuple((list(s.input_ids[: s.boundary]) + done[_key(s)])[:max_length])
-        )
-        for s in samples
-    ]
+    return [_with_continuation(s, done[_key(s, max_length)], max_length) for s in samples]
+
+
+def _with_continuation(sample: TrainingSample, ids: list[int], max_length: int) -> TrainingSample:
+    prompt = list(sample.input_ids[: sample.boundary])
+    return dataclasses.replace(sample, input_ids=tuple((prompt + ids)[:max_length]))
