@@ -43,6 +43,14 @@ step "$OUT/adapter-griffin-e2e-kl/summary.json" distill --model "$MODEL" --metho
     --data gsm8k --samples 1200 --held-out 40 --max-length 512 --e2e-epochs 1 \
     --e2e-lr 2e-4 --e2e-objective kl --checkpoint-every 5 --out "$OUT/adapter-griffin-e2e-kl"
 
+# Layer-wise + E2E on the model's own greedy text for the same 600 (+40) prompts instead of the
+# GSM8K reference solutions (--continuations teacher: ~70 min of generation here, cached in
+# the run folder, so an interrupted run generates only what is missing)
+step "$OUT/adapter-griffin-teacher/summary.json" distill --model "$MODEL" --method griffin \
+    --density 0.5 --rank 256 --solver closed_form --stages layerwise,e2e --data gsm8k \
+    --samples 600 --held-out 40 --max-length 512 --continuations teacher --generation-batch 16 \
+    --e2e-epochs 1 --e2e-lr 2e-4 --checkpoint-every 5 --out "$OUT/adapter-griffin-teacher"
+
 declare -A VARIANT=(
     [full]="--method none --label full"
     [griffin]="--method griffin --density 0.5 --label GRIFFIN"
@@ -50,11 +58,12 @@ declare -A VARIANT=(
     [caprese-griffin-e2e]="--adapter $OUT/adapter-griffin-e2e --stage e2e --label E2E-Caprese(GRIFFIN)"
     [caprese-griffin-e2e2]="--adapter $OUT/adapter-griffin-e2e2 --stage e2e --label E2E-Caprese(GRIFFIN)-2ep"
     [caprese-griffin-e2e-kl]="--adapter $OUT/adapter-griffin-e2e-kl --stage e2e --label E2E-KL-Caprese(GRIFFIN)"
+    [caprese-griffin-teacher]="--adapter $OUT/adapter-griffin-teacher --stage e2e --label Teacher-text-E2E-Caprese(GRIFFIN)"
     [cats]="--method cats --density 0.5 --label CATS"
     [caprese-cats]="--adapter $OUT/adapter-cats --stage layerwise --label Caprese(CATS)"
 )
 ORDER=(full griffin caprese-griffin caprese-griffin-e2e caprese-griffin-e2e2 caprese-griffin-e2e-kl
-       cats caprese-cats)
+       caprese-griffin-teacher cats caprese-cats)
 
 for name in "${ORDER[@]}"; do  # math accuracy first: the headline numbers
     # shellcheck disable=SC2086
