@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from caprese.data import TrainingSample
+from caprese.distillation.checkpoint import append_log
 from caprese.evaluate.generation import GenerationSettings, generate
 from caprese.phases import teacher
 
@@ -49,19 +49,6 @@ def _read_cache(path: Path) -> dict[str, list[int]]:
     return found
 
 
-def _append(path: Path, lines: list[dict]) -> None:
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":  # a torn last line: start on a line of our own
-                text = "\n" + text
-    with open(path, "a") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def teacher_continuations(
     model,
     tokenizer,
@@ -88,7 +75,8 @@ def teacher_continuations(
             outputs = generate(model, tokenizer, prompts, settings, progress=False)
         lines = [{"key": _key(s, max_length), "ids": list(out[0].ids)}
                  for s, out in zip(chunk, outputs, strict=True)]
-        _append(cache, lines)
+        for line in lines:
+            append_log(cache, line)
         done.update((line["key"], line["ids"]) for line in lines)
         progress.update(len(chunk))
     progress.close()
