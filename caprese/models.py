@@ -327,7 +327,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) for a built-in name, a local HF folder or a Hub id.
 
-    dtype defaults to torch.bfloat16. The model is put in eval mode on `device`.
+    dtype defaults to torch.bfloat16. The model is put in eval mode on `device`; its weights
+    load straight onto it (device_map), so a GPU run never holds a second copy in host RAM.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -340,7 +341,9 @@ def load_model(
     else:
         source = name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or torch.bfloat16, device_map=torch.device(device)
+        )
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         where = (
@@ -350,7 +353,7 @@ def load_model(
             "and the Hugging Face Hub could not provide it"
         )
         raise CapreseModelError(f"could not load {name!r}: {where} ({error})") from error
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
