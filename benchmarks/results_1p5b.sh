@@ -50,6 +50,16 @@ step "$OUT/adapter-griffin-teacher/summary.json" distill --model "$MODEL" --meth
     --density 0.5 --rank 256 --solver closed_form --stages layerwise,e2e --data gsm8k \
     --samples 600 --held-out 40 --max-length 512 --continuations teacher --generation-batch 16 \
     --e2e-epochs 1 --e2e-lr 2e-4 --checkpoint-every 5 --out "$OUT/adapter-griffin-teacher"
+# CATS, layer-wise, on the same teacher text: it depends only on the model, the prompts and
+# --max-length, so the GRIFFIN run's cache is copied in and nothing is generated again
+if [ ! -e "$OUT/adapter-cats-teacher/teacher_text.jsonl" ]; then
+    mkdir -p "$OUT/adapter-cats-teacher"
+    cp "$OUT/adapter-griffin-teacher/teacher_text.jsonl" "$OUT/adapter-cats-teacher/"
+fi
+step "$OUT/adapter-cats-teacher/summary.json" distill --model "$MODEL" --method cats \
+    --density 0.5 --rank 256 --solver closed_form --stages layerwise --data gsm8k \
+    --samples 600 --held-out 40 --max-length 512 --continuations teacher --generation-batch 16 \
+    --out "$OUT/adapter-cats-teacher"
 
 declare -A VARIANT=(
     [full]="--method none --label full"
@@ -61,9 +71,10 @@ declare -A VARIANT=(
     [caprese-griffin-teacher]="--adapter $OUT/adapter-griffin-teacher --stage e2e --label Teacher-text-E2E-Caprese(GRIFFIN)"
     [cats]="--method cats --density 0.5 --label CATS"
     [caprese-cats]="--adapter $OUT/adapter-cats --stage layerwise --label Caprese(CATS)"
+    [caprese-cats-teacher]="--adapter $OUT/adapter-cats-teacher --stage layerwise --label Teacher-text-Caprese(CATS)"
 )
 ORDER=(full griffin caprese-griffin caprese-griffin-e2e caprese-griffin-e2e2 caprese-griffin-e2e-kl
-       caprese-griffin-teacher cats caprese-cats)
+       caprese-griffin-teacher cats caprese-cats caprese-cats-teacher)
 
 for name in "${ORDER[@]}"; do  # math accuracy first: the headline numbers
     # shellcheck disable=SC2086
@@ -80,8 +91,8 @@ eval_step() {  # eval_step TASK NAME LIMIT BATCH
 for name in "${ORDER[@]:1}"; do eval_step fidelity "$name" "$FIDELITY" 4; done
 for name in full caprese-griffin caprese-griffin-e2e caprese-cats; do eval_step xsum "$name" "$ARTICLES" 8; done
 # the 200 articles for the full model and the Caprese variants the report leads with
-# (batches of 16: ~6.5 min per variant)
-for name in full caprese-griffin-e2e caprese-cats; do
+# (batches of 16: 12-26 min per variant on this CPU)
+for name in full caprese-griffin-e2e caprese-griffin-teacher caprese-cats; do
     # shellcheck disable=SC2086
     step "$OUT/results/xsum200-$name.json" eval --model "$MODEL" ${VARIANT[$name]} --task xsum \
         --limit "$ARTICLES_MAIN" --batch-size 16 --out "$OUT/results/xsum200-$name.json"
