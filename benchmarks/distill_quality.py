@@ -45,8 +45,8 @@ def scored(model, held_out, pad_id, batch_size) -> dict:
     return {"kl": result["kl"], "top1": result["top1"], "tokens": result["tokens"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_args(parser: argparse.ArgumentParser) -> None:
+    """The model, data split and adapter shape shared by the issue-4 scripts."""
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--methods", default="griffin,cats")
     parser.add_argument("--samples", type=int, default=1000)
@@ -55,6 +55,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_args(parser)
     parser.add_argument("--sgd-epochs", type=int, default=1,
                         help="epochs actually run (the paper's 20 are extrapolated from these)")
     parser.add_argument("--e2e-epochs", type=int, default=1)
