@@ -57,6 +57,16 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def load_setup(args: argparse.Namespace) -> tuple:
+    """(model, pad_id, train, held_out, setup): the model and the seed-0 GSM8K + MATH split."""
+    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    train, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out,
+                                    seed=0, max_length=args.max_length)
+    setup = {**vars(args), "weights": weights_description(args.model),
+             "threads": torch.get_num_threads(), "dtype": "bfloat16"}
+    return model, tokenizer.pad_token_id or 0, train, held_out, setup
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_args(parser)
@@ -70,13 +80,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
     args = parser.parse_args()
 
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
-    pad_id = tokenizer.pad_token_id or 0
-    train, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out,
-                                    seed=0, max_length=args.max_length)
-    report = {"setup": {**vars(args), "weights": weights_description(args.model),
-                        "threads": torch.get_num_threads(), "dtype": "bfloat16",
-                        "train_tokens": sum(len(s.input_ids) for s in train),
+    model, pad_id, train, held_out, setup = load_setup(args)
+    report = {"setup": {**setup, "train_tokens": sum(len(s.input_ids) for s in train),
                         "train_continuation_tokens": sum(len(s.input_ids) - s.boundary
                                                          for s in train)},
               "teacher_pass_s": teacher_pass_seconds(model, train, args.batch_size, pad_id),

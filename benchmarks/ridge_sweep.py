@@ -19,16 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import caprese
-from caprese.distillation.command import training_data
 from caprese.distillation.layerwise import apply_closed_form, collect_stats
 from caprese.io import atomic_write_text
-from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import RESULTS, add_setup_args, scored  # noqa: E402
+from distill_quality import RESULTS, add_setup_args, load_setup, scored  # noqa: E402
 
 
 def main() -> None:
@@ -40,33 +36,27 @@ def main() -> None:
     args = parser.parse_args()
     ridges = [float(r) for r in args.ridges.split(",")]
 
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
-    pad_id = tokenizer.pad_token_id or 0
-    train, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out,
-                                    seed=0, max_length=args.max_length)
-    report = {"setup": {**vars(args), "weights": weights_description(args.model),
-                        "threads": torch.get_num_threads(), "dtype": "bfloat16"},
-              "methods": {}}
+    model, pad_id, train, held_out, setup = load_setup(args)
+    report = {"setup": setup, "methods": {}}
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     for method in args.methods.split(","):
         caprese.attach(model, caprese.CapreseConfig(method=method, density=args.density,
                                                     rank=args.rank))
         rows = report["methods"].setdefault(method, {})
-        rows["method alone"] = scored(model, held_out, pad_id, args.batch_size)
+        rows["method alone"] = {**scored(model, held_out, pad_id, args.batch_size),
+                                "kl_gap_closed": 0.0}
         started = time.perf_counter()
         stats = collect_stats(model, train, args.batch_size, work / method, "stats-train",
                               checkpoint_every=10**6, pad_id=pad_id)
         rows["method alone"]["stats_s"] = time.perf_counter() - started
         for ridge in ridges:
             apply_closed_form(model, stats, ridge)
-            rows[f"closed form, ridge {ridge:g}"] = {
-                "ridge": ridge, **scored(model, held_out, pad_id, args.batch_size)}
-            gap = rows["method alone"]["kl"]
-            for row in rows.values():
-                row["kl_gap_closed"] = 1 - row["kl"] / gap
+            row = {"ridge": ridge, **scored(model, held_out, pad_id, args.batch_size)}
+            row["kl_gap_closed"] = 1 - row["kl"] / rows["method alone"]["kl"]
+            rows[f"closed form, ridge {ridge:g}"] = row
             atomic_write_text(Path(args.out), json.dumps(report, indent=2))
-            print_row(method, f"ridge {ridge:g}", rows[f"closed form, ridge {ridge:g}"])
+            print_row(method, f"ridge {ridge:g}", row)
         caprese.detach(model)
 
 
