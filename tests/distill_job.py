@@ -22,13 +22,15 @@ def tiny_samples(count: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def run(out: str, resume: bool, step_delay: float = 0.0) -> dict:
+def run(out: str, resume: bool, step_delay: float = 0.0, solver: str = "closed_form+sgd"
+        ) -> dict:
     model = caprese.attach(tiny_model("qwen2"),
                            caprese.CapreseConfig(method="cats", density=0.5, rank=4))
-    settings = DistillSettings(stages=("layerwise", "e2e"), solver="closed_form+sgd",
+    settings = DistillSettings(stages=("layerwise", "e2e"), solver=solver,
                                capture_batch=4, sgd_epochs=2, sgd_batch=8, e2e_epochs=2,
                                e2e_batch=8, e2e_lr=1e-3, micro_batch=4, checkpoint_every=1)
     if step_delay:  # slow the run down so that a test can kill it in the middle
+        import caprese.distillation.sequential as sequential
         import caprese.distillation.trainer as trainer
 
         append = trainer.append_log
@@ -39,11 +41,13 @@ def run(out: str, resume: bool, step_delay: float = 0.0) -> dict:
 
             time.sleep(step_delay)
 
-        trainer.append_log = slow_append
+        trainer.append_log = sequential.append_log = slow_append
     return distill(model, tiny_samples(40), out, settings, held_out=tiny_samples(8, seed=1),
                    resume=resume)
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], resume="--resume" in sys.argv,
-        step_delay=float(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2][0].isdigit() else 0)
+    options = [a for a in sys.argv[2:] if a.startswith("--")]
+    delays = [a for a in sys.argv[2:] if a[0].isdigit()]
+    run(sys.argv[1], resume="--resume" in options, step_delay=float(delays[0]) if delays else 0,
+        solver="sequential" if "--sequential" in options else "closed_form+sgd")

@@ -26,13 +26,15 @@ from caprese.distillation.batches import Sample
 from caprese.distillation.checkpoint import remove_checkpoint
 from caprese.distillation.e2e import OBJECTIVES, e2e_loss
 from caprese.distillation.layerwise import run_layerwise
+from caprese.distillation.sequential import CHECKPOINT as SEQUENTIAL_CHECKPOINT
+from caprese.distillation.sequential import check_supported, run_sequential
 from caprese.distillation.trainer import TrainingDiverged, TrainSettings, train
 from caprese.io import atomic_write_text
 
 __all__ = ["DistillSettings", "Sample", "TrainingDiverged", "distill"]
 
 STAGES = ("layerwise", "e2e")
-SOLVERS = ("closed_form", "sgd", "closed_form+sgd")
+SOLVERS = ("closed_form", "sgd", "closed_form+sgd", "sequential")
 
 
 @dataclass
@@ -119,6 +121,8 @@ def distill(
     out = Path(out)
     if not samples:
         raise ValueError("no training samples")
+    if settings.solver == "sequential" and "layerwise" in settings.stages:
+        check_supported(model)
     record = {
         "caprese": json.loads(config_of(model).to_json()),
         "settings": dataclasses.asdict(settings),
@@ -140,7 +144,7 @@ def distill(
         result["seconds"] = time.perf_counter() - started
         save(model, stage_dir)
         atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
-        for name in ("stats-train", "stats-held-out", "sgd", "e2e"):
+        for name in ("stats-train", "stats-held-out", "sgd", "e2e", SEQUENTIAL_CHECKPOINT):
             remove_checkpoint(out / "checkpoints", name)
         summary["stages"][stage] = result
     save(model, out)
@@ -150,6 +154,10 @@ def distill(
 
 
 def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
+    if stage == "layerwise" and settings.solver == "sequential":
+        report, timings = run_sequential(model, samples, held_out, out, settings.capture_batch,
+                                         settings.ridge, pad_id)
+        return {"solver": settings.solver, "timings": timings, "layers": report}
     if stage == "layerwise":
         sgd = TrainSettings(
             "sgd",

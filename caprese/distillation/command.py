@@ -11,7 +11,14 @@ import torch
 
 from caprese.adapter import attach, load_weights
 from caprese.config import CapreseConfig
-from caprese.distillation import STAGES, DistillSettings, distill, refuse_unresumed_run
+from caprese.distillation import (
+    SOLVERS,
+    STAGES,
+    DistillSettings,
+    distill,
+    refuse_unresumed_run,
+)
+from caprese.distillation.sequential import check_supported
 from caprese.distillation.teacher_text import CACHE_FILE, teacher_continuations
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -73,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     attach(model, config)
+    if settings.solver == "sequential" and "layerwise" in settings.stages:
+        check_supported(model)  # before the data and any teacher-text generation
     if args.init_from:
         load_weights(model, args.init_from)  # E2E then starts from that adapter's L, R
     train, held_out = training_data(
@@ -141,7 +150,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--layers", help="e.g. 0-13 or 0,2,4 (default: the method's own)")
     p.add_argument(
-        "--solver", default=defaults.solver, choices=["closed_form", "sgd", "closed_form+sgd"]
+        "--solver", default=defaults.solver, choices=list(SOLVERS),
+        help="layer-wise fit: closed_form (one pass, original inputs: the paper's objective), "
+        "sgd (the paper's recipe), closed_form+sgd, or sequential (closed form layer by "
+        "layer on the compressed model's own inputs, toward the original hidden states: "
+        "closer to the original model, slower, hidden states on disk; not for Gemma 2/3)",
     )
     p.add_argument("--stages", default="layerwise,e2e", help=f"comma list of {STAGES}")
     p.add_argument("--data", default="gsm8k,math", help="comma list of training sources")
