@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--every", type=int, default=25, help="score every N steps")
     parser.add_argument("--eval-samples", type=int, default=60)
+    parser.add_argument("--out", help="result file (default: results/e2e_steps_<method>.json)")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
@@ -89,7 +90,7 @@ def main() -> None:
         "trajectory": trajectory, "losses": losses,
     }
     suffix = "" if args.objective == "mse" else f"_{args.objective}"
-    out = RESULTS / f"e2e_steps_{args.method}{suffix}.json"
+    out = Path(args.out) if args.out else RESULTS / f"e2e_steps_{args.method}{suffix}.json"
     atomic_write_text(out, json.dumps(report, indent=2))
     print(f"\n{args.method} on {len(held_out)} held-out: alone KL {gap:.4f}; layer-wise "
           f"{scored_layerwise['kl']:.4f} ({100 * report['kl_gap_closed']['layerwise']:.1f}% "
