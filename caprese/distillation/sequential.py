@@ -169,6 +169,7 @@ def run_sequential(
                 streams.write(first, name, "teacher", hidden)
                 streams.write(first, name, "student", hidden)
                 timings[f"{part}_s"] += time.perf_counter() - started
+        os.sync()
         save_checkpoint(checkpoints, CHECKPOINT, {}, {"next_layer": first, "rows": rows,
                                                       "timings": timings})
     else:
