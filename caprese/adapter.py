@@ -154,10 +154,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("this model has the method alone (rank=None): there is nothing to save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for index, block in blocks(model).items():
-        tensors[f"layers.{index}.L"] = block.L.detach().to("cpu").contiguous()
-        tensors[f"layers.{index}.R"] = block.R.detach().to("cpu").contiguous()
+    tensors = lowrank_tensors(model)
     weights = directory / WEIGHTS_FILE
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
     record = json.loads(config.to_json())
@@ -165,6 +162,12 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     text = json.dumps(record, indent=2, sort_keys=True)
     atomic_write_text(directory / CONFIG_FILE, text)
     return directory
+
+
+def lowrank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L and R of every block under the adapter file's names, on the CPU."""
+    return {f"layers.{index}.{name}": getattr(block, name).detach().to("cpu").contiguous()
+            for index, block in blocks(model).items() for name in ("L", "R")}
 
 
 def read_config(directory: str | os.PathLike) -> tuple[CapreseConfig, str]:
@@ -230,12 +233,13 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{weights} is not a readable safetensors file: {error}") from error
-    _fill(model, tensors, weights)
+    fill_lowrank(model, tensors, weights)
     return model
 
 
 @torch.no_grad()
-def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def fill_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy lowrank_tensors-named L and R into every block; `source` names them in errors."""
     expected = set()
     for index, block in blocks(model).items():
         for name in ("L", "R"):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -54,3 +60,31 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def kill_and_resume_job(tmp_path: Path, options: list[str], marker: str, count: int,
+                        delay: str, check_killed=None) -> tuple[Path, Path]:
+    """distill_job.py straight to the end, and again SIGKILLed once its run log holds `count`
+    lines with `marker` (each logged step slowed by `delay` s), checked by check_killed(dir),
+    then resumed. Returns (straight, resumed) run directories."""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests), "HF_HUB_OFFLINE": "1"}
+    job = [sys.executable, str(tests / "distill_job.py")]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*job, str(straight), *options], env=env, check=True, capture_output=True)
+    process = subprocess.Popen([*job, str(killed), delay, *options], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "run_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.is_file() and sum(marker in line for line in open(log)) >= count:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter.safetensors").exists(), "the run finished before the kill"
+    if check_killed is not None:
+        check_killed(killed)
+    subprocess.run([*job, str(killed), "--resume", *options], env=env, check=True,
+                   capture_output=True)
+    return straight, killed

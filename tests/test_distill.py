@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 from distill_job import tiny_samples
-from helpers import randomize_lowrank
+from helpers import kill_and_resume_job, randomize_lowrank
 
 import caprese
 from caprese.distillation import DistillSettings, TrainingDiverged, distill
@@ -24,8 +19,6 @@ from caprese.distillation.capture import RegressionStats, capture
 from caprese.distillation.checkpoint import load_checkpoint
 from caprese.distillation.layerwise import collect_stats, residual_report, solve_closed_form
 from caprese.distillation.trainer import TrainSettings, lr_factor, train
-
-TESTS = Path(__file__).resolve().parent
 
 
 def test_closed_form_recovers_a_planted_low_rank_map():
@@ -280,27 +273,12 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path):
 
 
 def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1"}
-    job = [sys.executable, str(TESTS / "distill_job.py")]
-    subprocess.run([*job, str(tmp_path / "straight")], env=env, check=True,
-                   capture_output=True)
+    def killed_during_e2e(killed):  # after a few E2E steps: the layer-wise stage is done
+        assert (killed / "stages" / "layerwise" / "adapter.safetensors").exists()
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([*job, str(killed), "0.05"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = killed / "run_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the E2E stage has taken a few steps
-        if log.is_file() and sum('"e2e"' in line for line in open(log)) >= 3:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "adapter.safetensors").exists(), "the run finished before the kill"
-    assert (killed / "stages" / "layerwise" / "adapter.safetensors").exists()
-    subprocess.run([*job, str(killed), "--resume"], env=env, check=True, capture_output=True)
+    straight, killed = kill_and_resume_job(tmp_path, [], '"e2e"', 3, "0.05", killed_during_e2e)
     for name in ("adapter.safetensors", "stages/layerwise/adapter.safetensors"):
-        assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+        assert (killed / name).read_bytes() == (straight / name).read_bytes()
 
 
 def test_fidelity_is_perfect_at_density_one_and_improves_with_distillation(tmp_path):

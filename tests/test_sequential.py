@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 from distill_job import tiny_samples
+from helpers import kill_and_resume_job
 
 import caprese
 from caprese.distillation import DistillSettings, distill
@@ -22,8 +17,6 @@ from caprese.distillation.batches import collate
 from caprese.distillation.sequential import run_layer
 from caprese.evaluate.fidelity import fidelity
 from caprese.families import decoder
-
-TESTS = Path(__file__).resolve().parent
 
 
 def test_layer_by_layer_runs_reproduce_the_models_hidden_states(family):
@@ -90,27 +83,13 @@ def test_models_that_normalise_the_mlp_output_are_refused(tmp_path):
 
 
 def test_kill_and_resume_mid_sweep_ends_with_the_same_adapter(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1"}
-    job = [sys.executable, str(TESTS / "distill_job.py")]
-    subprocess.run([*job, str(tmp_path / "straight"), "--sequential"], env=env, check=True,
-                   capture_output=True)
+    def killed_mid_sweep(killed):  # two of the four layers fitted
+        assert not (killed / "stages" / "layerwise" / "adapter.safetensors").exists()
+        assert list((killed / "checkpoints" / "streams").glob("layer-*"))
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([*job, str(killed), "0.5", "--sequential"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = killed / "run_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until two of the four layers are fitted
-        if log.is_file() and sum('"layerwise"' in line for line in open(log)) >= 2:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "stages" / "layerwise" / "adapter.safetensors").exists()
-    assert list((killed / "checkpoints" / "streams").glob("layer-*"))
-    subprocess.run([*job, str(killed), "--resume", "--sequential"], env=env, check=True,
-                   capture_output=True)
+    straight, killed = kill_and_resume_job(tmp_path, ["--sequential"], '"layerwise"', 2, "0.5",
+                                           killed_mid_sweep)
     for name in ("adapter.safetensors", "stages/layerwise/adapter.safetensors"):
-        assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+        assert (killed / name).read_bytes() == (straight / name).read_bytes()
     stage = json.loads((killed / "stages" / "layerwise" / "stage.json").read_text())
     assert [row["layer"] for row in stage["layers"]] == [0, 1, 2, 3]

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from caprese.adapter import blocks
+from caprese.adapter import blocks, fill_lowrank, lowrank_tensors
 from caprese.distillation.batches import Batch, Sample, collate
 from caprese.distillation.capture import RegressionStats
 from caprese.distillation.checkpoint import append_log, load_checkpoint, save_checkpoint
@@ -170,23 +170,20 @@ def run_sequential(
                 streams.write(first, name, "student", hidden)
                 timings[f"{part}_s"] += time.perf_counter() - started
         os.sync()
-        save_checkpoint(checkpoints, CHECKPOINT, {}, {"next_layer": first, "rows": rows,
-                                                      "timings": timings})
+        save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
+                        {"next_layer": first, "rows": rows, "timings": timings})
     else:
         tensors, meta = found
         rows, timings = meta["rows"], meta["timings"]
-        with torch.no_grad():
-            for index, block in layer_blocks.items():
-                if f"layers.{index}.L" in tensors:
-                    block.L.copy_(tensors[f"layers.{index}.L"])
-                    block.R.copy_(tensors[f"layers.{index}.R"])
+        fill_lowrank(model, tensors, checkpoints)  # layers not yet fitted are refitted anyway
         first = int(meta["next_layer"])
     streams.keep_only(first)
     last = max(layer_blocks)
+    width = next(iter(layer_blocks.values())).L.shape[0]
     progress = tqdm(total=(last + 1 - first) * len(work), desc="sequential", unit="batch")
     for index in range(first, last + 1):
         block = layer_blocks.get(index)
-        stats = {part: RegressionStats.zeros(_width(model)) for part in named}
+        stats = {part: RegressionStats.zeros(width) for part in named}
         if block is not None:
             with torch.no_grad():
                 block.R.zero_()  # the target is measured with this layer's path off
@@ -206,7 +203,7 @@ def run_sequential(
             rows.append(_report_row(index, stats, left @ right))
             append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **rows[-1]})
         os.sync()  # the streams of layer index + 1 are on disk before the checkpoint says so
-        save_checkpoint(checkpoints, CHECKPOINT, _fitted(layer_blocks, index),
+        save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
                         {"next_layer": index + 1, "rows": rows, "timings": timings})
         streams.keep_only(index + 1)
     progress.close()
@@ -222,10 +219,6 @@ def check_supported(model: torch.nn.Module) -> None:
             "but this model normalises its MLP output first (post_feedforward_layernorm, as "
             "Gemma 2 and 3 do): use --solver closed_form"
         )
-
-
-def _width(model: torch.nn.Module) -> int:
-    return next(iter(blocks(model).values())).mlp.up_proj.weight.shape[1]
 
 
 @torch.no_grad()
@@ -279,7 +272,3 @@ def _report_row(index: int, stats: dict[str, RegressionStats], product: torch.Te
                    held_out_after=stats["held_out"].relative_error(product))
     return row
 
-
-def _fitted(layer_blocks: dict, last: int) -> dict[str, torch.Tensor]:
-    return {f"layers.{i}.{name}": getattr(block, name).detach()
-            for i, block in layer_blocks.items() if i <= last for name in ("L", "R")}
