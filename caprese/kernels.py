@@ -1,9 +1,11 @@
 """CPU decode kernels: a dense matrix-vector product and CATS' real sparse MLP.
 
 Decoding one token multiplies every weight matrix by one vector, so its speed is the speed
-of reading the weights. Two kernels, compiled once with torch's C++ extension loader
-(AVX-512 where the CPU has it) and cached; set CAPRESE_NO_KERNELS=1 to skip them (callers
-fall back to PyTorch, which computes the same values up to rounding):
+of reading the weights. Two kernels, compiled once per kind of CPU with torch's C++
+extension loader (AVX-512, else AVX2 + FMA, else plain loops) and cached; set
+CAPRESE_NO_KERNELS=1 to skip them (callers fall back to PyTorch, which computes the same
+values up to rounding). Without SIMD code CATS' kernel read 4.6x slower than PyTorch on an
+AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCHMARKS.md):
 
 - `linear`: y = x W^T for a few rows of x, four weight rows at a time so the memory system
   streams several rows at once. On the development CPU PyTorch's bf16 product reaches about
@@ -21,8 +23,10 @@ fall back to PyTorch, which computes the same values up to rounding):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 
 import torch
@@ -36,7 +40,7 @@ _SOURCE = r"""
 #include <vector>
 #include <algorithm>
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -45,21 +49,47 @@ static inline float to_float(at::BFloat16 v) {
   uint32_t bits = uint32_t(reinterpret_cast<const uint16_t&>(v)) << 16;
   float out; std::memcpy(&out, &bits, 4); return out;
 }
+// One SIMD vector of floats: 16 lanes with AVX-512, 8 with AVX2 + FMA (bf16 widens to
+// float by a 16-bit shift), none otherwise (the scalar loops below do all the work).
 #if defined(__AVX512F__)
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const at::BFloat16* p) {
+#define CAPRESE_SIMD 16
+typedef __m512 vec;
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vset(float v) { return _mm512_set1_ps(v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CAPRESE_SIMD 8
+typedef __m256 vec;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vset(float v) { return _mm256_set1_ps(v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline float vsum(vec v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
 }
 #endif
 
 template <typename T>
 static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) {
   int64_t d = begin;
-#if defined(__AVX512F__)
-  const __m512 wv = _mm512_set1_ps(w);
-  for (; d + 16 <= end; d += 16)
-    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(wv, load16(row + d), _mm512_loadu_ps(out + d)));
+#if defined(CAPRESE_SIMD)
+  const vec wv = vset(w);
+  for (; d + CAPRESE_SIMD <= end; d += CAPRESE_SIMD)
+    vstore(out + d, vfma(wv, vload(row + d), vload(out + d)));
 #endif
   for (; d < end; ++d) out[d] += w * to_float(row[d]);
 }
@@ -77,19 +107,19 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
     const int64_t mb = std::min<int64_t>(4, rows - m0);
     float sums[4][4] = {};
     int64_t d = 0;
-#if defined(__AVX512F__)
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; ++r) for (int m = 0; m < 4; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (; d + 16 <= in; d += 16) {
-      __m512 xv[4];
-      for (int m = 0; m < mb; ++m) xv[m] = _mm512_loadu_ps(x + (m0 + m) * in + d);
+#if defined(CAPRESE_SIMD)
+    vec acc[4][4];
+    for (int r = 0; r < 4; ++r) for (int m = 0; m < 4; ++m) acc[r][m] = vzero();
+    for (; d + CAPRESE_SIMD <= in; d += CAPRESE_SIMD) {
+      vec xv[4];
+      for (int m = 0; m < mb; ++m) xv[m] = vload(x + (m0 + m) * in + d);
       for (int r = 0; r < nr; ++r) {
-        const __m512 wv = load16(row[r] + d);
-        for (int m = 0; m < mb; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        const vec wv = vload(row[r] + d);
+        for (int m = 0; m < mb; ++m) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
       }
     }
     for (int r = 0; r < nr; ++r)
-      for (int m = 0; m < mb; ++m) sums[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+      for (int m = 0; m < mb; ++m) sums[r][m] = vsum(acc[r][m]);
 #endif
     for (int r = 0; r < nr; ++r)
       for (int m = 0; m < mb; ++m) {
@@ -214,6 +244,20 @@ _module = None
 _failed = False
 
 
+def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """A short hash of this CPU's instruction-set flags.
+
+    The module is compiled with -march=native, and torch caches it by name alone: a home
+    directory shared by an AVX-512 and an AVX2 machine would hand the second one code it
+    cannot run (SIGILL). The name carries this tag, so each kind of CPU builds its own."""
+    try:
+        with open(cpuinfo) as lines:
+            flags = next(line for line in lines if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
 def kernels():
     """The compiled module, or None (disabled, or no compiler on this machine)."""
     global _module, _failed
@@ -226,7 +270,7 @@ def kernels():
 
                 log.info("building caprese's CPU decode kernels (once; cached afterwards)")
                 _module = load_inline(
-                    name="caprese_cpu_kernels_v6", cpp_sources=_SOURCE, functions=None,
+                    name=f"caprese_cpu_kernels_v7_{cpu_tag()}", cpp_sources=_SOURCE, functions=None,
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as error:  # no compiler, no headers: the dense form still works

@@ -55,10 +55,11 @@ def _run(argv: list[str], output: Path) -> None:
 
 
 def run_pipeline(preset: Preset, out: Path, methods: tuple[str, ...] = ("griffin", "cats"),
-                 device: str | None = None) -> Path:
+                 device: str | None = None, dtype: str = "bf16") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    common = ["--model", preset.model] + (["--device", device] if device else [])
+    common = ["--model", preset.model, "--dtype", dtype]
+    common += ["--device", device] if device else []
     from caprese.models import BUILTIN_MODELS, prepare
 
     if preset.model in BUILTIN_MODELS:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     preset = PRESETS["quick" if args.quick else "default"]
     if args.model:
         preset = Preset(**{**asdict(preset), "model": args.model})
-    run_pipeline(preset, Path(args.out), device=args.device)
+    run_pipeline(preset, Path(args.out), device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -113,4 +114,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (<10 min)")
     p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
+                   help="of every step; fp32 on CPUs without AVX512_BF16/AMX, where bf16 "
+                   "matrix products run in software (several times slower)")
     p.set_defaults(func=run)

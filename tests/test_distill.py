@@ -195,7 +195,8 @@ def test_kl_objective_is_the_kl_of_the_models_own_logits_in_any_chunking(family,
     assert tokens == int(batch.continuation.sum()) > 7
     monkeypatch.setattr(e2e, "LOGIT_ROWS", 7)  # several chunks, the same sum and gradient
     chunked, _, chunked_l, chunked_r = loss_and_grads()
-    assert chunked == pytest.approx(total, rel=1e-6)
+    # fp32 sums over the vocabulary in another order: 2e-6 apart on an AVX2 CPU
+    assert chunked == pytest.approx(total, rel=1e-5)
     assert torch.allclose(chunked_l, grad_l, rtol=1e-5, atol=1e-7)
     assert torch.allclose(chunked_r, grad_r, rtol=1e-5, atol=1e-7)
 

@@ -109,3 +109,13 @@ def test_decode_kernels_match_torch_in_bf16():
         tokens, logits = generate_with_logits(model, ids, steps=5)
     torch.testing.assert_close(logits, ref_logits, rtol=5e-2, atol=5e-2)
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_the_kernel_cache_is_per_cpu_kind(tmp_path):
+    """-march=native code is cached under a name that changes with the CPU's flags."""
+    avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
+    avx2.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    avx512.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
+    assert caprese.kernels.cpu_tag(str(avx2)) == caprese.kernels.cpu_tag(str(avx2))
+    assert caprese.kernels.cpu_tag(str(avx2)) != caprese.kernels.cpu_tag(str(avx512))
+    assert caprese.kernels.cpu_tag(str(tmp_path / "missing"))  # no /proc: still a tag

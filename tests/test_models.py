@@ -240,3 +240,16 @@ def test_cli_list_and_prepare(cache, fake, converted, capsys):
     args = parser.parse_args(["models", "prepare", "nope"])
     with pytest.raises(CapreseModelError, match="unknown built-in model"):
         args.func(args)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, True), (True, False, False), (False, True, False)])
+def test_software_bf16_is_bf16_on_a_cpu_without_a_bf16_unit(monkeypatch, avx512_bf16, amx,
+                                                            expected):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert models.software_bf16(torch.bfloat16, "cpu") is expected
+    assert not models.software_bf16(torch.float32, "cpu")
+    assert not models.software_bf16(torch.bfloat16, "meta")
