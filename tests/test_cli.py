@@ -35,3 +35,17 @@ def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "has no model_type" in capsys.readouterr().err
     assert main(["info", "--model", str(CONFIGS / "llama-3.1-8b.json"), "--rank", "4096"]) == 2
     assert "must be smaller than the hidden size" in capsys.readouterr().err
+
+
+def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
+    """`caprese pipeline --dtype fp32` reaches each distill and eval command line."""
+    import caprese.pipeline as pipeline
+
+    commands = []
+    monkeypatch.setattr(pipeline, "_run", lambda argv, output: commands.append(argv))
+    monkeypatch.setattr("caprese.evaluate.report.build_report", lambda results, out: out)
+    assert main(["pipeline", "--quick", "--model", str(tmp_path), "--dtype", "fp32",
+                 "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert len(commands) == 2 + 7 * 4 - 2  # no fidelity of the full model to itself
+    for argv in commands:
+        assert argv[1:7] == ["--model", str(tmp_path), "--dtype", "fp32", "--device", "cpu"]
