@@ -27,7 +27,13 @@ from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import RESULTS, teacher_pass_seconds  # noqa: E402
+from distill_quality import (  # noqa: E402
+    DTYPES,
+    RESULTS,
+    add_dtype_arg,
+    dtype_name,
+    teacher_pass_seconds,
+)
 
 
 def main() -> None:
@@ -37,8 +43,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    add_dtype_arg(parser)
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     pad = tokenizer.pad_token_id or 0
     train, _ = training_data(tokenizer, ["gsm8k", "math"], args.samples, 200, 0, args.max_length)
     teacher = teacher_pass_seconds(model, train, args.batch_size, pad)
@@ -52,7 +59,7 @@ def main() -> None:
     apply_closed_form(model, stats, 1e-4)
     solve = time.perf_counter() - started
     result = {"setup": {**vars(args), "weights": weights_description(args.model),
-                        "dtype": "bfloat16", "threads": torch.get_num_threads(),
+                        "dtype": dtype_name(args), "threads": torch.get_num_threads(),
                         "processor": platform.processor() or platform.machine()},
               "teacher_pass_s": teacher, "statistics_s": statistics, "solve_s": solve,
               "ratio": (statistics + solve) / teacher}

@@ -22,7 +22,7 @@ import torch
 import caprese
 from caprese.distillation import DistillSettings, distill
 from caprese.distillation.batches import collate
-from caprese.distillation.command import training_data
+from caprese.distillation.command import DTYPES, training_data
 from caprese.evaluate.fidelity import fidelity
 from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
@@ -45,9 +45,20 @@ def scored(model, held_out, pad_id, batch_size) -> dict:
     return {"kl": result["kl"], "top1": result["top1"], "tokens": result["tokens"]}
 
 
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                        help="bf16 (docs/BENCHMARKS.md); fp32 on CPUs without AVX512_BF16 or "
+                        "AMX, where bf16 products run in software")
+
+
+def dtype_name(args: argparse.Namespace) -> str:
+    return str(DTYPES[args.dtype]).removeprefix("torch.")
+
+
 def add_setup_args(parser: argparse.ArgumentParser) -> None:
     """The model, data split and adapter shape shared by the issue-4 scripts."""
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    add_dtype_arg(parser)
     parser.add_argument("--methods", default="griffin,cats")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--held-out", type=int, default=200)
@@ -59,11 +70,11 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
 
 def load_setup(args: argparse.Namespace) -> tuple:
     """(model, pad_id, train, held_out, setup): the model and the seed-0 GSM8K + MATH split."""
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     train, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out,
                                     seed=0, max_length=args.max_length)
     setup = {**vars(args), "weights": weights_description(args.model),
-             "threads": torch.get_num_threads(), "dtype": "bfloat16"}
+             "threads": torch.get_num_threads(), "dtype": dtype_name(args)}
     return model, tokenizer.pad_token_id or 0, train, held_out, setup
 
 

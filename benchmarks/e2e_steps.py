@@ -29,7 +29,7 @@ from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import RESULTS, scored  # noqa: E402
+from distill_quality import DTYPES, RESULTS, add_dtype_arg, dtype_name, scored  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="score every N steps")
     parser.add_argument("--eval-samples", type=int, default=60)
     parser.add_argument("--out", help="result file (default: results/e2e_steps_<method>.json)")
+    add_dtype_arg(parser)
     args = parser.parse_args()
 
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     pad_id = tokenizer.pad_token_id or 0
     train_set, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples,
                                         args.held_out, seed=0, max_length=args.max_length)
@@ -81,8 +82,9 @@ def main() -> None:
     scored_layerwise = scored(model, held_out, pad_id, 8)
     gap = alone["kl"]
     report = {
-        "setup": {**vars(args), "weights": weights_description(args.model), "dtype": "bfloat16",
-                  "threads": torch.get_num_threads(), "steps": len(losses),
+        "setup": {**vars(args), "weights": weights_description(args.model),
+                  "dtype": dtype_name(args), "threads": torch.get_num_threads(),
+                  "steps": len(losses),
                   "train_seconds_with_scoring": seconds},
         "method_alone": alone, "layerwise": scored_layerwise, "e2e": final,
         "kl_gap_closed": {"layerwise": 1 - scored_layerwise["kl"] / gap,
