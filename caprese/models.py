@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -357,13 +358,19 @@ def load_model(
         )
         raise CapreseModelError(f"could not load {name!r}: {where} ({error})") from error
     if software_bf16(model.dtype, device):
-        log.warning(
-            "this CPU has no bfloat16 matrix unit (AVX512_BF16 or AMX): bf16 matrix products "
-            "run in software, several times slower than fp32 for prefill, distillation and "
-            "scoring (7.5x on an AVX2 EPYC; decode, bound by memory, is not slower). Pass "
-            "--dtype fp32 (dtype=torch.float32) where twice the memory fits."
-        )
+        _warn_software_bf16()
     return model.eval(), tokenizer
+
+
+@functools.cache
+def _warn_software_bf16() -> None:
+    """Once per process: a pipeline loads the model for each of its steps."""
+    log.warning(
+        "this CPU has no bfloat16 matrix unit (AVX512_BF16 or AMX): bf16 matrix products "
+        "run in software, several times slower than fp32 for prefill, distillation and "
+        "scoring (7.5x on an AVX2 EPYC; decode, bound by memory, is not slower). Pass "
+        "--dtype fp32 (dtype=torch.float32) where twice the memory fits."
+    )
 
 
 def software_bf16(dtype: torch.dtype, device: str | torch.device) -> bool:

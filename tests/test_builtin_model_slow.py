@@ -92,3 +92,12 @@ def test_a_hub_id_runs_like_the_builtin_model(smollm2, tmp_path):
     setup = json.loads((tmp_path / "hub.json").read_text())["setup"]
     assert setup["command"].startswith("caprese eval --method griffin") and repo_id in setup[
         "command"]
+
+
+def test_software_bf16_is_warned_about_once_per_process(smollm2, monkeypatch, caplog):
+    monkeypatch.setattr(models, "software_bf16", lambda dtype, device: True)
+    models._warn_software_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="caprese.models"):
+        models.load_model(NAME)
+        models.load_model(NAME)  # a pipeline's next step
+    assert sum("no bfloat16 matrix unit" in r.getMessage() for r in caplog.records) == 1
