@@ -114,7 +114,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (<10 min)")
     p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
+    from caprese.distillation.command import DTYPES
+
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
                    help="of every step; fp32 on CPUs without AVX512_BF16/AMX, where bf16 "
                    "matrix products run in software (several times slower)")
     p.set_defaults(func=run)

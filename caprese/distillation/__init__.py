@@ -121,8 +121,7 @@ def distill(
     out = Path(out)
     if not samples:
         raise ValueError("no training samples")
-    if settings.solver == "sequential" and "layerwise" in settings.stages:
-        check_supported(model)
+    check_solver(model, settings)
     record = {
         "caprese": json.loads(config_of(model).to_json()),
         "settings": dataclasses.asdict(settings),
@@ -151,6 +150,12 @@ def distill(
     summary["peak_memory_gib"] = _peak_memory_gib()
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def check_solver(model: torch.nn.Module, settings: DistillSettings) -> None:
+    """Refuse a model the layer-wise solver cannot fit, before anything is computed."""
+    if settings.solver == "sequential" and "layerwise" in settings.stages:
+        check_supported(model)
 
 
 def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:

@@ -15,10 +15,10 @@ from caprese.distillation import (
     SOLVERS,
     STAGES,
     DistillSettings,
+    check_solver,
     distill,
     refuse_unresumed_run,
 )
-from caprese.distillation.sequential import check_supported
 from caprese.distillation.teacher_text import CACHE_FILE, teacher_continuations
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     attach(model, config)
-    if settings.solver == "sequential" and "layerwise" in settings.stages:
-        check_supported(model)  # before the data and any teacher-text generation
+    check_solver(model, settings)  # before the data and any teacher-text generation
     if args.init_from:
         load_weights(model, args.init_from)  # E2E then starts from that adapter's L, R
     train, held_out = training_data(

@@ -147,8 +147,8 @@ def run_sequential(
     ridge: float,
     pad_id: int = 0,
 ) -> tuple[list[dict], dict]:
-    """Fit every Caprese layer in order; returns the per-layer report and timings."""
-    check_supported(model)
+    """Fit every Caprese layer in order (distill() has run check_supported); returns the
+    per-layer report and timings."""
     layer_blocks = blocks(model)
     device = next(model.parameters()).device
     checkpoints = run_dir / "checkpoints"
