@@ -170,12 +170,17 @@ class CapreseBlock(nn.Module):
         self.phase_state.observer(self, x[continuation], dropped)
 
     def _teacher_forced_parts(self, x: torch.Tensor):
-        """Dense parts of the whole sequence, selecting from each sample's prompt positions."""
+        """Dense parts of the whole sequence, selecting from each sample's prompt positions.
+
+        The selection sees positions up to the longest prompt only: the rest are no sample's
+        prompt, and scoring them (GRIFFIN's float32 pass over S x D_FF) cost as much as
+        the selection itself."""
         state = self.phase_state
         positions = torch.arange(x.shape[1], device=x.device)
         is_decode = positions[None, :] >= state.boundary[:, None]  # (B, S)
         act_gate, up, hidden = self._dense_parts(x)
-        self._select(act_gate, hidden, state.valid & ~is_decode)
+        prompt = slice(0, int(state.boundary.max()))
+        self._select(act_gate[:, prompt], hidden[:, prompt], (state.valid & ~is_decode)[:, prompt])
         return is_decode, act_gate, up, hidden
 
     # -- fused fast path --------------------------------------------------------------------

@@ -315,7 +315,10 @@ def test_fidelity_in_chunks_of_positions_equals_one_chunk(monkeypatch):
     assert whole["tokens"] > 5 * 4
     assert chunked["tokens"] == whole["tokens"] and chunked["top1"] == whole["top1"]
     for key in ("kl", "ppl_teacher", "ppl_student"):
-        assert chunked[key] == pytest.approx(whole[key], rel=1e-6)  # fp32 sums, reordered
+        # The LM head's product over 5 rows may round differently from one over all rows
+        # (another GEMM kernel; 1.5e-6 apart on an AMD Zen 5 CPU), and the KL is a small
+        # difference of log-probabilities: 1e-5, as for the E2E objective's chunking test.
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-5)
 
 
 def test_load_weights_continues_a_saved_adapter_and_names_what_differs(tmp_path):

@@ -14,6 +14,8 @@ from helpers import kill_and_resume_job
 import caprese
 from caprese.distillation import DistillSettings, distill
 from caprese.distillation.batches import collate
+from caprese.distillation.capture import RegressionStats
+from caprese.distillation.layerwise import solve_closed_form
 from caprese.distillation.sequential import run_layer
 from caprese.evaluate.fidelity import fidelity
 from caprese.families import decoder
@@ -59,6 +61,36 @@ def test_first_layer_is_the_closed_form_and_later_layers_differ(tmp_path):
     assert set(summary["stages"]["layerwise"]["timings"]) == {"train_s", "held_out_s", "solve_s"}
     assert not (tmp_path / "sequential" / "checkpoints" / "streams").exists()
     assert not list((tmp_path / "sequential" / "checkpoints").glob("sequential*"))
+
+
+def test_a_later_layers_fit_is_the_closed_form_of_the_students_own_drift(tmp_path):
+    """Layer 2's path, from the streams on disk, equals the closed form on targets built
+    directly: the original hidden state after layer 2 minus the compressed model's (paths 0
+    and 1 as fitted, path 2 off), against layer 2's MLP input in the compressed model."""
+    model, _ = distilled(tiny_model("qwen2"), "sequential", tmp_path)
+    layer = caprese.blocks(model)[2]
+    fitted = (layer.L @ layer.R).detach()
+    with torch.no_grad():
+        layer.R.zero_()
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    stats = RegressionStats.zeros(fitted.shape[0])
+    samples = tiny_samples(48)
+    with torch.no_grad():
+        for start in range(0, len(samples), 8):  # the solver's batches
+            batch = collate(samples[start:start + 8], 0)
+            run = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       output_hidden_states=True, use_cache=False)
+            with caprese.teacher(model):
+                original = decoder(model)(**run).hidden_states[3]
+            inputs.clear()
+            with caprese.split(model, batch.boundary):
+                compressed = decoder(model)(**run).hidden_states[3]
+            rows = batch.continuation
+            stats.add(inputs[0][rows], (original - compressed)[rows])
+    hook.remove()
+    left, right = solve_closed_form(stats, layer.L.shape[1])
+    torch.testing.assert_close(fitted, left @ right, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

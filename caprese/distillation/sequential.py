@@ -101,14 +101,6 @@ def run_layer(model: torch.nn.Module, index: int, batch: Batch,
     return result["out"]
 
 
-def _paired(batch: Batch) -> Batch:
-    """The batch twice: teacher rows (boundary at the end: every position runs dense) first,
-    then student rows (prompt dense, continuation compressed + path)."""
-    length = batch.input_ids.shape[1]
-    return Batch(batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1),
-                 torch.cat([torch.full_like(batch.boundary, length), batch.boundary]))
-
-
 class _Streams:
     """Hidden states entering each layer, one safetensors file per batch and stream.
 
@@ -223,32 +215,31 @@ def check_supported(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def _advance(model, index, batch, name, streams, stats, block, previous) -> None:
-    """Both streams through layer `index` in one forward; with a Caprese block there, add
-    (x_student, teacher - student) at continuation rows to `stats` and store the student
+    """Both streams through layer `index`: the teacher dense (no selection, no masks: it has
+    no continuation to compress), the student teacher-forced. With a Caprese block there,
+    add (x_student, teacher - student) at continuation rows to `stats` and store the student
     with this layer's path off, and its x, for the next layer to add the fitted path."""
     device = batch.input_ids.device
-    hidden = torch.cat([streams.read(index, name, "teacher", device),
-                        _student_input(index, name, batch, streams, previous)])
+    with teacher(model):
+        taught = run_layer(model, index, batch, streams.read(index, name, "teacher", device))
+    streams.write(index + 1, name, "teacher", taught)
     inputs: dict[str, torch.Tensor] = {}
     hook = None if block is None else block.register_forward_pre_hook(
         lambda module, args: inputs.__setitem__("x", args[0]))
-    paired = _paired(batch)
     try:
-        with split(model, paired.boundary):
-            out = run_layer(model, index, paired, hidden)
+        with split(model, batch.boundary):
+            student = run_layer(model, index, batch,
+                                _student_input(index, name, batch, streams, previous))
     finally:
         if hook is not None:
             hook.remove()
-    rows = batch.input_ids.shape[0]
-    streams.write(index + 1, name, "teacher", out[:rows])
-    streams.write(index + 1, name, "student", out[rows:])
+    streams.write(index + 1, name, "student", student)
     if block is None:
         return
-    x = inputs["x"][rows:]
+    x = inputs["x"]
     streams.write(index + 1, name, "student_x", x)
     continuation = batch.continuation
-    target = out[:rows].float() - out[rows:].float()
-    stats.add(x[continuation], target[continuation])
+    stats.add(x[continuation], taught[continuation].float() - student[continuation].float())
 
 
 def _student_input(index, name, batch, streams, previous) -> torch.Tensor:
