@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--method", default="griffin")
     parser.add_argument("--layerwise", required=True, help="layer-wise adapter to start from")
+    parser.add_argument("--rank", type=int, default=256, help="the --layerwise adapter's rank")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--held-out", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=256)
@@ -55,7 +56,7 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id or 0
     train_set, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples,
                                         args.held_out, seed=0, max_length=args.max_length)
-    caprese.attach(model, caprese.CapreseConfig(method=args.method, density=0.5, rank=256))
+    caprese.attach(model, caprese.CapreseConfig(method=args.method, density=0.5, rank=args.rank))
     alone = scored(model, held_out, pad_id, 8)
     caprese.load_weights(model, args.layerwise)
     probe = held_out[:args.eval_samples]
