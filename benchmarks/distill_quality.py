@@ -68,14 +68,19 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def mixture_split(tokenizer, args: argparse.Namespace, max_length: int) -> tuple:
+    """(train, held_out): the seed-0 GSM8K + MATH split, sequences cut at max_length."""
+    return training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out, seed=0,
+                         max_length=max_length)
+
+
 def load_setup(args: argparse.Namespace) -> tuple:
-    """(model, pad_id, train, held_out, setup): the model and the seed-0 GSM8K + MATH split."""
+    """(model, tokenizer, train, held_out, setup): the model and the seed-0 split."""
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    train, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out,
-                                    seed=0, max_length=args.max_length)
+    train, held_out = mixture_split(tokenizer, args, args.max_length)
     setup = {**vars(args), "weights": weights_description(args.model),
              "threads": torch.get_num_threads(), "dtype": dtype_name(args)}
-    return model, tokenizer.pad_token_id or 0, train, held_out, setup
+    return model, tokenizer, train, held_out, setup
 
 
 def main() -> None:
@@ -91,7 +96,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "distill_quality.json"))
     args = parser.parse_args()
 
-    model, pad_id, train, held_out, setup = load_setup(args)
+    model, tokenizer, train, held_out, setup = load_setup(args)
+    pad_id = tokenizer.pad_token_id or 0
     report = {"setup": {**setup, "train_tokens": sum(len(s.input_ids) for s in train),
                         "train_continuation_tokens": sum(len(s.input_ids) - s.boundary
                                                          for s in train)},

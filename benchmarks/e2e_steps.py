@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 import caprese
-from caprese.distillation.command import training_data
 from caprese.distillation.e2e import e2e_loss
 from caprese.distillation.trainer import TrainSettings, train
 from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import DTYPES, RESULTS, add_dtype_arg, dtype_name, scored  # noqa: E402
+from distill_quality import DTYPES, RESULTS, add_dtype_arg, dtype_name, mixture_split, scored  # noqa: E402
 
 
 def main() -> None:
@@ -54,8 +53,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     pad_id = tokenizer.pad_token_id or 0
-    train_set, held_out = training_data(tokenizer, ["gsm8k", "math"], args.samples,
-                                        args.held_out, seed=0, max_length=args.max_length)
+    train_set, held_out = mixture_split(tokenizer, args, args.max_length)
     caprese.attach(model, caprese.CapreseConfig(method=args.method, density=0.5, rank=args.rank))
     alone = scored(model, held_out, pad_id, 8)
     caprese.load_weights(model, args.layerwise)

@@ -59,7 +59,8 @@ def main() -> None:
     ridges = [float(r) for r in args.ridges.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank]
 
-    model, pad_id, train, held_out, setup = load_setup(args)
+    model, tokenizer, train, held_out, setup = load_setup(args)
+    pad_id = tokenizer.pad_token_id or 0
     report = {"setup": setup, "methods": {}}
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

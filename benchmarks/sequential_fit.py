@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "sequential_fit.json"))
     args = parser.parse_args()
 
-    model, pad_id, train, held_out, setup = load_setup(args)
+    model, tokenizer, train, held_out, setup = load_setup(args)
+    pad_id = tokenizer.pad_token_id or 0
     report = {"setup": setup, "methods": {},
               "teacher_pass_s": teacher_pass_seconds(model, train, args.batch_size, pad_id)}
     print(f"teacher pass over {len(train)} samples: {report['teacher_pass_s']:.0f} s", flush=True)
