@@ -55,10 +55,19 @@ def dtype_name(args: argparse.Namespace) -> str:
     return str(DTYPES[args.dtype]).removeprefix("torch.")
 
 
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Which training sets make the mixture, and how its prompts are written."""
+    parser.add_argument("--sources", default="gsm8k,math")
+    parser.add_argument("--plain-prompts", action="store_true",
+                        help="no chat template: 'Please reason step by step.' + the question as "
+                        "plain text (the issue's probe; the library's default is the template)")
+
+
 def add_setup_args(parser: argparse.ArgumentParser) -> None:
     """The model, data split and adapter shape shared by the issue-4 scripts."""
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     add_dtype_arg(parser)
+    add_data_args(parser)
     parser.add_argument("--methods", default="griffin,cats")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--held-out", type=int, default=200)
@@ -69,9 +78,11 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
 
 
 def mixture_split(tokenizer, args: argparse.Namespace, max_length: int) -> tuple:
-    """(train, held_out): the seed-0 GSM8K + MATH split, sequences cut at max_length."""
-    return training_data(tokenizer, ["gsm8k", "math"], args.samples, args.held_out, seed=0,
-                         max_length=max_length)
+    """(train, held_out): the seed-0 split of --sources, sequences cut at max_length."""
+    if args.plain_prompts:
+        tokenizer.chat_template = None  # caprese.prompts.templated's plain-text form
+    return training_data(tokenizer, args.sources.split(","), args.samples, args.held_out,
+                         seed=0, max_length=max_length)
 
 
 def load_setup(args: argparse.Namespace) -> tuple:

@@ -28,7 +28,15 @@ from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_quality import DTYPES, RESULTS, add_dtype_arg, dtype_name, mixture_split, scored  # noqa: E402
+from distill_quality import (  # noqa: E402
+    DTYPES,
+    RESULTS,
+    add_data_args,
+    add_dtype_arg,
+    dtype_name,
+    mixture_split,
+    scored,
+)
 
 
 def main() -> None:
@@ -49,6 +57,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=60)
     parser.add_argument("--out", help="result file (default: results/e2e_steps_<method>.json)")
     add_dtype_arg(parser)
+    add_data_args(parser)
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])

@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--ranks", default=None,
                         help="comma-separated ranks (default: --rank alone)")
     parser.add_argument("--work", default="/tmp/caprese-ridge-sweep")
+    parser.add_argument("--save-adapters", metavar="DIR",
+                        help="save each method's last (ridge, rank) fit as DIR/<method>, a "
+                        "layer-wise adapter e2e_steps.py --layerwise can start from")
     parser.add_argument("--out", default=str(RESULTS / "ridge_sweep.json"))
     args = parser.parse_args()
     ridges = [float(r) for r in args.ridges.split(",")]
@@ -84,6 +87,8 @@ def main() -> None:
                 rows[name] = row
                 atomic_write_text(Path(args.out), json.dumps(report, indent=2))
                 print_row(method, name, row)
+        if args.save_adapters:
+            caprese.save(model, Path(args.save_adapters) / method)
         caprese.detach(model)
 
 
