@@ -77,17 +77,24 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def load_model_for(args: argparse.Namespace) -> tuple:
+    """(model, tokenizer) in --dtype; with --plain-prompts the tokenizer has no chat template,
+    so caprese.prompts.templated writes its plain-text form."""
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    if args.plain_prompts:
+        tokenizer.chat_template = None
+    return model, tokenizer
+
+
 def mixture_split(tokenizer, args: argparse.Namespace, max_length: int) -> tuple:
     """(train, held_out): the seed-0 split of --sources, sequences cut at max_length."""
-    if args.plain_prompts:
-        tokenizer.chat_template = None  # caprese.prompts.templated's plain-text form
     return training_data(tokenizer, args.sources.split(","), args.samples, args.held_out,
                          seed=0, max_length=max_length)
 
 
 def load_setup(args: argparse.Namespace) -> tuple:
     """(model, tokenizer, train, held_out, setup): the model and the seed-0 split."""
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_model_for(args)
     train, held_out = mixture_split(tokenizer, args, args.max_length)
     setup = {**vars(args), "weights": weights_description(args.model),
              "threads": torch.get_num_threads(), "dtype": dtype_name(args)}

@@ -25,15 +25,15 @@ import caprese
 from caprese.distillation.e2e import e2e_loss
 from caprese.distillation.trainer import TrainSettings, train
 from caprese.io import atomic_write_text
-from caprese.models import load_model, weights_description
+from caprese.models import weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_quality import (  # noqa: E402
-    DTYPES,
     RESULTS,
     add_data_args,
     add_dtype_arg,
     dtype_name,
+    load_model_for,
     mixture_split,
     scored,
 )
@@ -60,7 +60,7 @@ def main() -> None:
     add_data_args(parser)
     args = parser.parse_args()
 
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_model_for(args)
     pad_id = tokenizer.pad_token_id or 0
     train_set, held_out = mixture_split(tokenizer, args, args.max_length)
     caprese.attach(model, caprese.CapreseConfig(method=args.method, density=0.5, rank=args.rank))
