@@ -28,7 +28,6 @@ from caprese.models import load_model, weights_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_quality import (  # noqa: E402
-    DTYPES,
     RESULTS,
     add_dtype_arg,
     dtype_name,
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     add_dtype_arg(parser)
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     pad = tokenizer.pad_token_id or 0
     train, _ = training_data(tokenizer, ["gsm8k", "math"], args.samples, 200, 0, args.max_length)
     teacher = teacher_pass_seconds(model, train, args.batch_size, pad)

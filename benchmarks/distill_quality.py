@@ -22,7 +22,8 @@ import torch
 import caprese
 from caprese.distillation import DistillSettings, distill
 from caprese.distillation.batches import collate
-from caprese.distillation.command import DTYPES, training_data
+from caprese.distillation.command import training_data
+from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.evaluate.fidelity import fidelity
 from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
@@ -46,13 +47,13 @@ def scored(model, held_out, pad_id, batch_size) -> dict:
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES),
-                        help="bf16 (docs/BENCHMARKS.md); fp32 on CPUs without AVX512_BF16 or "
-                        "AMX, where bf16 products run in software")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: bf16 on CPUs with AVX512_BF16 or AMX, else fp32 (where bf16 "
+                        "products run in software)")
 
 
 def dtype_name(args: argparse.Namespace) -> str:
-    return str(DTYPES[args.dtype]).removeprefix("torch.")
+    return str(resolve_dtype(args.dtype).dtype).removeprefix("torch.")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +81,7 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
 def load_model_for(args: argparse.Namespace) -> tuple:
     """(model, tokenizer) in --dtype; with --plain-prompts the tokenizer has no chat template,
     so caprese.prompts.templated writes its plain-text form."""
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     if args.plain_prompts:
         tokenizer.chat_template = None
     return model, tokenizer

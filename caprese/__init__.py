@@ -1,6 +1,7 @@
 """Caprese: low-rank distillation that restores what sparsified MLPs lose (arXiv 2505.07861).
 
 import caprese
+model, tokenizer = caprese.load_model("qwen2.5-coder-0.5b-instruct")  # built-in, folder or Hub id
 cfg = caprese.CapreseConfig(method="griffin", density=0.5, rank=256)
 model = caprese.attach(model, cfg)          # in place
 with caprese.teacher(model): ...             # the original dense model, same weights
@@ -24,6 +25,7 @@ from caprese.adapter import (
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillSettings, distill
 from caprese.families import UnsupportedModelError
+from caprese.models import load_model
 from caprese.phases import Phase, forced_phase, split, teacher
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "fingerprint",
     "forced_phase",
     "load",
+    "load_model",
     "load_weights",
     "read_config",
     "save",

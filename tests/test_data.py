@@ -5,8 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
+import hashlib
 import json
+import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -124,6 +127,71 @@ def test_offline_copy_problems_are_reported(monkeypatch, tmp_path):
         data.load("gsm8k")
     with pytest.raises(CapreseDataError, match="unknown data set"):
         data.load("gsm9k")
+
+
+def test_default_loader_reads_the_bundled_copies_and_checks_them(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    assert data.data_dir() == data.BUNDLED
+    assert data.BUNDLED.is_relative_to(Path(data.__file__).parent)  # inside the package
+    for name, spec in data.DATASETS.items():
+        path = data.BUNDLED / spec.file
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == data._SHA256[spec.file], name
+    # A changed bundled file is refused, not read.
+    copy_dir = tmp_path / "bundled"
+    shutil.copytree(data.BUNDLED, copy_dir)
+    with open(copy_dir / "amc23" / "test.jsonl", "a") as handle:
+        handle.write('{"id": 99, "problem": "extra", "answer": "1"}\n')
+    monkeypatch.setattr(data, "BUNDLED", copy_dir)
+    assert len(data.load("aime24")) == 30
+    with pytest.raises(CapreseDataError, match="sha256"):
+        data.load("amc23")
+
+
+def test_gsm_symbolic_templates_are_bundled_unchanged():
+    folder = data.GSM_SYMBOLIC_DIR
+    sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert len(sums) == 101  # 100 templates and replacements.json
+    for name, digest in sums.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert "MIT" in (folder / "LICENSE").read_text()
+
+
+def test_a_missing_bundled_file_says_which_and_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setattr(data, "BUNDLED", tmp_path)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # no Hub either
+    with pytest.raises(CapreseDataError) as error:
+        data.load("xsum")
+    message = str(error.value)
+    assert str(tmp_path / "xsum" / "xsum_1shot.jsonl") in message
+    assert "EdinburghNLP/xsum" in message and data.DATA_ENV in message
+    assert "pip install datasets" in message and data._SHA256["xsum/xsum_1shot.jsonl"] in message
+
+
+def test_a_missing_bundled_file_is_loaded_from_the_hub_when_it_answers(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setattr(data, "BUNDLED", tmp_path)
+    calls = []
+
+    def load_dataset(source, config, split):
+        calls.append((source, config, split))
+        return [{"id": 1, "problem": "What is 1+1?", "answer": 2}]
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    (record,) = data.load("amc23")
+    assert calls == [("math-ai/amc23", None, "test")]
+    assert (record.prompt, record.answer, record.source) == ("What is 1+1?", "2", "amc23")
+
+
+def test_nothing_reads_a_folder_beside_the_checkout():
+    """A user's clone has nothing beside it: no code, test, script or CI file may look there."""
+    root = Path(__file__).resolve().parents[1]
+    needle = "../" + "shared"
+    files = [p for folder in ("caprese", "tests", "scripts", ".ci", "benchmarks", "examples")
+             for p in (root / folder).rglob("*") if p.is_file() and p.suffix != ".jsonl"]
+    offenders = [str(p.relative_to(root)) for p in files
+                 if needle in p.read_text(errors="ignore")]
+    assert offenders == []
 
 
 def test_local_file_and_hub_sources(monkeypatch, tmp_path):

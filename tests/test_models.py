@@ -253,3 +253,56 @@ def test_software_bf16_is_bf16_on_a_cpu_without_a_bf16_unit(monkeypatch, avx512_
     assert models.software_bf16(torch.bfloat16, "cpu") is expected
     assert not models.software_bf16(torch.float32, "cpu")
     assert not models.software_bf16(torch.bfloat16, "meta")
+
+
+@pytest.mark.parametrize("has_unit, expected", [(False, "fp32"), (True, "bf16")])
+def test_auto_dtype_follows_the_cpu_bf16_unit(monkeypatch, has_unit, expected, capsys):
+    import torch
+
+    from caprese import dtypes
+
+    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: has_unit)
+    choice = dtypes.resolve_dtype("auto", "cpu")
+    assert choice.name == expected
+    assert choice.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[expected]
+    assert choice.reason.startswith("auto") and ("AVX512_BF16" in choice.reason)
+    assert dtypes.resolve_dtype("fp16", "cpu").dtype == torch.float16
+    assert dtypes.resolve_dtype(torch.float32).name == "fp32"
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+        dtypes.resolve_dtype("bf17")
+    dtypes._announce_once.cache_clear()
+    dtypes.announce(choice)
+    dtypes.announce(choice)
+    assert capsys.readouterr().err.count(f"dtype {expected}") == 1
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, False), (True, False, True), (False, True, True)])
+def test_cpu_bf16_unit_reads_torchs_probes(monkeypatch, avx512_bf16, amx, expected):
+    import torch
+
+    from caprese import dtypes
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dtypes.cpu_has_bf16_unit() is expected
+
+
+def test_top_level_load_model_loads_a_tiny_local_model(tmp_path, monkeypatch):
+    import torch
+
+    import caprese
+    from caprese import dtypes
+    from tests.conftest import tiny_model
+    from tests.helpers import word_tokenizer
+
+    tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
+    word_tokenizer().save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: False)
+    model, tokenizer = caprese.load_model(tmp_path / "tiny")
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config.model_type == "qwen2" and tokenizer("t5 t6")["input_ids"] == [5, 6]
+    model, _ = caprese.load_model(str(tmp_path / "tiny"), dtype="bf16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(CapreseModelError, match="could not load"):
+        caprese.load_model(tmp_path / "missing-folder-and-not-a-hub-id")

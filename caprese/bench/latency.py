@@ -24,6 +24,7 @@ from caprese.adapter import attach, detach, load_weights, read_config
 from caprese.bench.decode import greedy_decode
 from caprese.bench.lora import attach_lora, matched_rank
 from caprese.config import CapreseConfig
+from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.families import text_config
 from caprese.info import budget
 from caprese.io import atomic_write_text
@@ -184,7 +185,6 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from caprese.distillation.command import DTYPES
     from caprese.models import load_model
 
     variants = args.variants.split(",")
@@ -192,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
         parse_variant(name)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
                        args.batch, args.density, args.rank, args.adapter)
     result["setup"]["model"] = args.model
+    result["setup"]["dtype_reason"] = resolve_dtype(args.dtype, args.device).reason
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the device computes it in hardware, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="write the results JSON here")

@@ -20,8 +20,7 @@ from caprese.distillation import (
     refuse_unresumed_run,
 )
 from caprese.distillation.teacher_text import CACHE_FILE, teacher_continuations
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 
 
 def truncate(samples, max_length: int | None):
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     attach(model, config)
     check_solver(model, settings)  # before the data and any teacher-text generation
     if args.init_from:
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     info = {
         "model": args.model,
-        "dtype": args.dtype,
+        "dtype": resolve_dtype(args.dtype, args.device).name,
         "data": args.data,
         "max_length": args.max_length,
         "continuations": args.continuations,
@@ -185,7 +184,8 @@ def add_cli(subparsers) -> None:
         help="start L and R from this adapter (e.g. RUN/stages/layerwise with --stages e2e)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the device computes it in hardware, else fp32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument(
         "--batch-size",

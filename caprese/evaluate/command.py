@@ -17,6 +17,7 @@ import torch
 
 from caprese.adapter import attach, load, read_config
 from caprese.config import CapreseConfig
+from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.evaluate.generation import GenerationSettings
 from caprese.io import atomic_write_text
 
@@ -39,11 +40,16 @@ def describe_variant(args: argparse.Namespace) -> dict:
             "label": args.label or f"{args.method} {args.density:g}"}
 
 
+def dtype_record(args: argparse.Namespace) -> dict:
+    """The dtype a run used and why, for its results file."""
+    choice = resolve_dtype(args.dtype, args.device)
+    return {"dtype": choice.name, "dtype_reason": choice.reason}
+
+
 def prepare_model(args: argparse.Namespace):
-    from caprese.distillation.command import DTYPES
     from caprese.models import load_model, weights_description
 
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         load(model, args.adapter)
     elif args.method != "none":
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "task": args.task, "variant": variant, "summary": result["summary"],
         "settings": result.get("settings"), "records_file": per_problem.name,
-        "setup": {"model": args.model, "weights": weights, "dtype": args.dtype,
+        "setup": {"model": args.model, "weights": weights, **dtype_record(args),
                   "device": args.device, "threads": torch.get_num_threads(),
                   "limit": args.limit, "seconds": time.perf_counter() - started,
                   "command": "caprese " + shlex.join(args.argv)}}
@@ -142,6 +148,7 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--label", help="name of this variant in reports")
     p.add_argument("--stage", choices=["layerwise", "e2e"], help="adapter's distillation stage")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the device computes it in hardware, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-from caprese.evaluate.command import add_variant_options, describe_variant, prepare_model
+from caprese.evaluate.command import (
+    add_variant_options,
+    describe_variant,
+    dtype_record,
+    prepare_model,
+)
 from caprese.io import atomic_write_text
 
 
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "summary": output["results"], "settings": {"num_fewshot": args.num_fewshot,
                                                    "max_length": args.max_length,
                                                    "max_new_tokens": args.max_new_tokens},
-        "setup": {"model": args.model, "weights": weights, "dtype": args.dtype,
+        "setup": {"model": args.model, "weights": weights, **dtype_record(args),
                   "device": args.device, "threads": torch.get_num_threads(),
                   "limit": args.limit, "seconds": time.perf_counter() - started,
                   "lm_eval": lm_eval.__version__, "command": "caprese " + shlex.join(args.argv)}}

