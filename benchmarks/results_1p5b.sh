@@ -90,7 +90,7 @@ eval_step() {  # eval_step TASK NAME LIMIT BATCH
 # then fidelity on math, language retention for the Caprese variants, and the rest
 for name in "${ORDER[@]:1}"; do eval_step fidelity "$name" "$FIDELITY" 4; done
 for name in full caprese-griffin caprese-griffin-e2e caprese-cats; do eval_step xsum "$name" "$ARTICLES" 8; done
-# the 200 articles for the full model and the Caprese variants the report leads with
+# 200 articles for the full model and the Caprese variants the report leads with
 # (batches of 16: 12-26 min per variant on this CPU)
 for name in full caprese-griffin-e2e caprese-griffin-teacher caprese-cats; do
     # shellcheck disable=SC2086

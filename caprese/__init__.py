@@ -8,6 +8,8 @@ with caprese.teacher(model): ...             # the original dense model, same we
 caprese.save(model, "adapter_dir")
 model = caprese.load(base_model, "adapter_dir")
 caprese.detach(model)
+
+The layers, bottom to top, are in docs/ARCHITECTURE.md.
 """
 
 from caprese.adapter import (
@@ -19,21 +21,27 @@ from caprese.adapter import (
     fingerprint,
     load,
     load_weights,
+    read_adapter,
     read_config,
     save,
 )
+from caprese.block import DecodeOptions, Phase
 from caprese.config import CapreseConfig
-from caprese.distillation import DistillSettings, distill
+from caprese.distillation import DistillJob, DistillSettings, distill, run_job
 from caprese.families import UnsupportedModelError
 from caprese.models import load_model
-from caprese.phases import Phase, forced_phase, split, teacher
+from caprese.phases import forced_phase, set_decode, split, teacher, use_decode_kernels
+from caprese.version import __version__
 
 __all__ = [
     "AdapterError",
     "CapreseConfig",
+    "DecodeOptions",
+    "DistillJob",
     "DistillSettings",
     "Phase",
     "UnsupportedModelError",
+    "__version__",
     "attach",
     "blocks",
     "config_of",
@@ -44,9 +52,12 @@ __all__ = [
     "load",
     "load_model",
     "load_weights",
+    "read_adapter",
     "read_config",
+    "run_job",
     "save",
+    "set_decode",
     "split",
     "teacher",
+    "use_decode_kernels",
 ]
-__version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 An adapter directory holds two files:
 - caprese_config.json: the CapreseConfig (method, density, rank, layers, ...), the base
-  model's fingerprint, and the sha256 of the weights file;
+  model's fingerprint, the sha256 of the weights file, the adapter format and the caprese
+  version that wrote it, and what produced the weights (`trained`, e.g. the stage);
 - adapter.safetensors: L and R of every modified layer ("layers.{i}.L", "layers.{i}.R").
 Both are written to temporary files and renamed into place; the checksum ties the pair
 together, so a half-updated or truncated adapter is refused instead of silently loaded.
@@ -23,13 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from caprese.block import CapreseBlock
+from caprese.block import CapreseBlock, PhaseState
 from caprese.config import CapreseConfig
 from caprese.families import (
+    check_family,
     check_gated_mlp,
     decoder,
     decoder_layers,
-    family_of,
     mlp_of,
     set_mlp,
     text_config,
@@ -37,10 +38,16 @@ from caprese.families import (
 from caprese.families import fingerprint as config_fingerprint
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 from caprese.methods import build_method
-from caprese.phases import PhaseHook, PhaseState, guarded_generate, handle_of
+from caprese.phases import PhaseHook, guarded_generate
+from caprese.version import ADAPTER_FORMAT, __version__
 
 CONFIG_FILE = "caprese_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+# L of layer i starts from seed * LAYER_SEED_STRIDE + i: a prime above any layer count, so
+# no two (seed, layer) pairs share a generator.
+LAYER_SEED_STRIDE = 100_003
+# Keys of caprese_config.json beside the CapreseConfig fields.
+RECORD_KEYS = ("weights_sha256", "format", "caprese_version", "trained")
 
 
 class AdapterError(ValueError):
@@ -56,6 +63,26 @@ class Handle:
     blocks: dict[int, CapreseBlock]
     hooks: list[torch.utils.hooks.RemovableHandle]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What caprese_config.json says besides the config: which format and version wrote it,
+    the weights' checksum, and what produced the weights (e.g. {"stage": "e2e"})."""
+
+    config: CapreseConfig
+    weights_sha256: str
+    format: int
+    caprese_version: str | None
+    trained: dict
+
+
+def handle_of(model: nn.Module) -> Handle:
+    """What attach recorded on the model."""
+    handle = getattr(model, "_caprese", None)
+    if handle is None:
+        raise ValueError("this model has no caprese blocks: call caprese.attach(model, config)")
+    return handle
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -91,7 +118,7 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     """Replace the chosen layers' MLPs with Caprese blocks, in place; freeze the base."""
     if getattr(model, "_caprese", None) is not None:
         raise ValueError("caprese is already attached to this model: call caprese.detach first")
-    family_of(model.config)
+    check_family(model.config)
     text = text_config(model.config)
     layers = config.resolve_layers(len(decoder_layers(model)))
     config.check_rank(text.hidden_size)
@@ -105,7 +132,7 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     model.requires_grad_(False)
     created = {}
     for index in layers:
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        generator = torch.Generator().manual_seed(config.seed * LAYER_SEED_STRIDE + index)
         block = CapreseBlock(
             mlp_of(model, index),
             method,
@@ -147,8 +174,9 @@ def config_of(model: nn.Module) -> CapreseConfig:
     return handle_of(model).config
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter (L, R per layer + config) to `directory`; returns its path."""
+def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = None) -> Path:
+    """Write the adapter (L, R per layer + config) to `directory`; returns its path.
+    `trained` says what produced the weights (distillation writes {"stage": ...})."""
     config = config_of(model)
     if config.rank is None:
         raise ValueError("this model has the method alone (rank=None): there is nothing to save")
@@ -158,7 +186,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     weights = directory / WEIGHTS_FILE
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
     record = json.loads(config.to_json())
-    record["weights_sha256"] = sha256_file(weights)
+    record.update(weights_sha256=sha256_file(weights), format=ADAPTER_FORMAT,
+                  caprese_version=__version__, trained=trained or {})
     text = json.dumps(record, indent=2, sort_keys=True)
     atomic_write_text(directory / CONFIG_FILE, text)
     return directory
@@ -170,17 +199,33 @@ def lowrank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             for index, block in blocks(model).items() for name in ("L", "R")}
 
 
-def read_config(directory: str | os.PathLike) -> tuple[CapreseConfig, str]:
-    """The adapter's config and the checksum recorded for its weights."""
+def read_adapter(directory: str | os.PathLike) -> AdapterInfo:
+    """The adapter's config and record; format 1 (before caprese 0.2) had no version fields."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{path} not found: is {directory} a caprese adapter directory?")
     try:
         record = json.loads(path.read_text())
-        checksum = record.pop("weights_sha256")
-        return CapreseConfig.from_json(json.dumps(record)), checksum
+        fields = {key: record.pop(key) for key in RECORD_KEYS if key in record}
+        checksum = fields["weights_sha256"]
+        config = CapreseConfig.from_json(json.dumps(record))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise AdapterError(f"{path} is not a valid caprese config: {error}") from error
+    written = fields.get("format", 1)
+    if written > ADAPTER_FORMAT:
+        raise AdapterError(
+            f"{path} is adapter format {written}, written by caprese "
+            f"{fields.get('caprese_version')}; this caprese {__version__} reads formats up to "
+            f"{ADAPTER_FORMAT}: upgrade caprese"
+        )
+    return AdapterInfo(config, checksum, written, fields.get("caprese_version"),
+                       fields.get("trained") or {})
+
+
+def read_config(directory: str | os.PathLike) -> tuple[CapreseConfig, str]:
+    """The adapter's config and the checksum recorded for its weights."""
+    info = read_adapter(directory)
+    return info.config, info.weights_sha256
 
 
 def _check_fingerprint(expected: dict, model: nn.Module) -> None:

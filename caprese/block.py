@@ -6,20 +6,75 @@ Two decode forms compute the same thing:
 - reference: the masked dense MLP plus (x L) R, differentiable, used for training and tests;
 - fused (the paper's inference form): u = x [W1hat | L]; the gate multiplies only the first
   k entries of u; out = u [W2hat ; R]. Decode then runs exactly the efficient method's three
-  matrix products, the low-rank path riding along inside them.
+  matrix products, the low-rank path riding along inside them. Its weights are built without
+  gradients, so it refuses to run where autograd would need them.
+Which form, and which backend multiplies (kernels/select.py), is the model's DecodeOptions,
+set in one place (caprese.set_decode); the phase comes from the model's phase hook.
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from caprese.kernels import decode_linear, decode_rows_product, gpu_cats_decode, sparse_decode
+from caprese.kernels.select import KERNELS, select_backend
 from caprese.methods import FastWeights, Method
-from caprese.methods.base import linear_rows
-from caprese.phases import Phase, PhaseState
+
+
+class Phase(enum.Enum):
+    DENSE = "dense"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SPLIT = "split"
+    CAPTURE = "capture"
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decode tokens are computed; every choice gives the same values up to rounding."""
+
+    fused: bool = True  # the paper's inference form; False: masked dense MLP + (x L) R
+    kernels: str = "auto"  # a kernels.select.KERNELS name
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose one of "
+                             f"{', '.join(KERNELS)}")
+
+
+@dataclass
+class PhaseState:
+    """Shared by all blocks of one model; the phase is written only by the phase hook."""
+
+    phase: Phase = Phase.DENSE
+    valid: torch.Tensor | None = None  # (B, S) bool: real tokens of the current input
+    boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
+    forced: Phase | None = None
+    teacher_depth: int = 0
+    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped), continuation rows
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+class ProjectionUpdate(nn.Module):
+    """Extension point: a term a block adds to its gate, up and down projections when it
+    decodes (both forms), such as the paper's LoRA baseline (caprese.bench.lora). A block
+    with an update decodes CATS by the masked form, never by a sparse kernel."""
+
+    def prepare(self, neurons: torch.Tensor) -> None:
+        """Called when the block gathers a prompt's per-sample decode weights (time to first
+        token), with the neurons (B, k) they keep: gather what `project` will need."""
+
+    def project(self, name: str, inputs: torch.Tensor, neurons: torch.Tensor | None
+                ) -> torch.Tensor:
+        """What to add to projection `name` ("gate", "up" or "down") of `inputs`. `neurons`
+        (B, k) are the MLP neurons each sample's gathered decode weights keep (GRIFFIN's
+        fused form), or None when the projections span all D_FF neurons."""
+        raise NotImplementedError
 
 
 def init_left(hidden: int, rank: int, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -52,9 +107,7 @@ class CapreseBlock(nn.Module):
         self.layer_index = layer_index
         self.method = method
         self.phase_state = state
-        self.fused = True
-        self.sparse = True  # CATS: gather only the surviving rows when decoding one token
-        self.dense_kernels = False  # one-token products by caprese.kernels (use_decode_kernels)
+        self.update: ProjectionUpdate | None = None  # see ProjectionUpdate
         weight = mlp.up_proj.weight
         hidden = weight.shape[1]
         if rank is None:
@@ -67,7 +120,7 @@ class CapreseBlock(nn.Module):
             self.R = nn.Parameter(torch.zeros(rank, hidden, device=weight.device))
         self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
         self.batch_size: int | None = None
-        self.fast: FastWeights | None = None
+        self.fast: FastWeights | None = None  # the fused form's weights for this prompt
         self._shared_fast: tuple[tuple, FastWeights] | None = None
 
     # -- the pieces -------------------------------------------------------------------------
@@ -101,7 +154,7 @@ class CapreseBlock(nn.Module):
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         act_gate, up, hidden = self._dense_parts(x)
         self._select(act_gate, hidden, self.phase_state.valid)
-        if self._fused_decode():
+        if self.phase_state.decode.fused and self._gathers_for_fused():
             self.fast = self._fast_weights()  # gathering is part of time to first token
         return self.mlp.down_proj(hidden)
 
@@ -113,17 +166,24 @@ class CapreseBlock(nn.Module):
                 f"decode batch of {x.shape[0]} after a prefill of {self.batch_size}; beam "
                 "search and batch reordering are not supported: run a new prefill"
             )
-        if self._fused_decode():
-            return self._decode_fused(x)
-        return self._decode_reference(x)
+        if not (self.phase_state.decode.fused and self._gathers_for_fused()):
+            return self._decode_reference(x)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._trained()):
+            raise RuntimeError(
+                "the fused decode form computes no gradients: decode under torch.no_grad(), "
+                "or use the differentiable form with caprese.set_decode(model, fused=False)"
+            )
+        return self._decode_fused(x)
 
-    def _fused_decode(self) -> bool:
-        """The fused form, unless each sample's gathered matrices together outweigh the dense
-        ones: B samples keeping k of D_FF neurons read B k / D_FF of the dense bytes, so from
-        B k >= D_FF on (a batch of 2 at density 0.5) one masked dense pass reads less. That
-        form computes the same values (tests hold the two equal)."""
-        if not self.fused or torch.is_grad_enabled():
-            return False
+    def _trained(self) -> list[nn.Parameter]:
+        params = [p for p in (self.L, self.R) if p is not None]
+        return params + ([] if self.update is None else list(self.update.parameters()))
+
+    def _gathers_for_fused(self) -> bool:
+        """Whether the fused form's gathered matrices cost less to read than the dense ones:
+        B samples keeping k of D_FF neurons each read B k / D_FF of the dense bytes, so from
+        B k >= D_FF on (a batch of 2 at density 0.5) the masked reference form, which reads
+        the dense weights once, is the faster way to the same values."""
         if not self.uses_per_sample_weights():
             return True
         batch, kept = self.selection.shape
@@ -133,9 +193,22 @@ class CapreseBlock(nn.Module):
         mask = self.method.keep_mask(self.selection, act_gate)
         return hidden if mask is None else act_gate * mask * up
 
+    def _projected(self, name: str, value: torch.Tensor, inputs: torch.Tensor,
+                   neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """value plus the projection update's term (see ProjectionUpdate), if there is one."""
+        if self.update is None:
+            return value
+        return value + self.update.project(name, inputs, neurons)
+
     def _decode_reference(self, x: torch.Tensor) -> torch.Tensor:
-        act_gate, up, hidden = self._dense_parts(x)
-        out = self.mlp.down_proj(self._compressed(act_gate, up, hidden))
+        if self.update is None:
+            act_gate, up, hidden = self._dense_parts(x)
+        else:
+            act_gate = self.mlp.act_fn(self._projected("gate", self.mlp.gate_proj(x), x))
+            up = self._projected("up", self.mlp.up_proj(x), x)
+            hidden = act_gate * up
+        compressed = self._compressed(act_gate, up, hidden)
+        out = self._projected("down", self.mlp.down_proj(compressed), compressed)
         extra = self.lowrank(x)
         return out if extra is None else out + extra
 
@@ -187,6 +260,8 @@ class CapreseBlock(nn.Module):
     def _fast_weights(self) -> FastWeights:
         """The method's decode weights with L appended to up and R to down (rows)."""
         if self.uses_per_sample_weights():  # rebuilt at every prefill
+            if self.update is not None:
+                self.update.prepare(self.selection)
             return self._append_lowrank(self.method.gather(self.mlp, self.selection))
         # Shared matrices: built once and cached while the weights, L and R are unchanged
         # (version counters track in-place optimizer updates).
@@ -227,63 +302,28 @@ class CapreseBlock(nn.Module):
             down_rows=torch.cat([fast.down_rows, right], dim=-2),
         )
 
-    def _sparse_decode(self, x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
-                       fast: FastWeights) -> torch.Tensor | None:
-        """CATS reading only the surviving rows: the CPU kernel (one token) or Triton's (one
-        token per sample, CUDA); None where neither applies (then the masked dense form)."""
-        if (not self.sparse or x.shape[1] != 1 or fast.up_bias is not None
-                or self.mlp.down_proj.bias is not None):
-            return None
-        if _triton_device(x):
-            cats_decode = gpu_cats_decode()
-            if cats_decode is not None:
-                return cats_decode(x, act_gate, tau, fast.up, fast.down_rows)
-        elif x.device.type == "cpu" and x.shape[0] == 1:
-            return sparse_decode(x, act_gate, tau[0], fast.up, fast.down_rows)
-        return None
-
     def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast is None:
             self.fast = self._fast_weights()
         fast = self.fast
-        act_gate = self.mlp.act_fn(self._linear(x, fast.gate, fast.gate_bias))
+        backend = select_backend(x.device, self.phase_state.decode.kernels)
+        neurons = self.selection if fast.up.dim() == 3 else None
+        gate = self._projected("gate", backend.linear(x, fast.gate, fast.gate_bias), x, neurons)
+        act_gate = self.mlp.act_fn(gate)
         tau = self.method.gate_threshold(self.selection)
         if tau is not None:
-            out = self._sparse_decode(x, act_gate, tau, fast)
-            if out is not None:
-                return out
+            if (self.update is None and fast.up_bias is None
+                    and self.mlp.down_proj.bias is None):
+                out = backend.cats_mlp(x, act_gate, tau, fast.up, fast.down_rows)
+                if out is not None:
+                    return out
             act_gate = act_gate * (act_gate.abs() > tau[:, None, None])
-        up = self._linear(x, fast.up, fast.up_bias)
+        up = self._projected("up", backend.linear(x, fast.up, fast.up_bias), x, neurons)
         kept = act_gate.shape[-1]
         if up.shape[-1] == kept:
             hidden = act_gate * up
         else:  # the gate multiplies the first k entries; the last r are x L
             hidden = up
             hidden[..., :kept].mul_(act_gate)
-        return self._down(hidden, fast)
-
-    def _down(self, hidden: torch.Tensor, fast: FastWeights) -> torch.Tensor:
-        """hidden @ down_rows + bias, by the one-token kernel when it applies."""
-        bias = self.mlp.down_proj.bias
-        if self.dense_kernels and hidden.shape[0] == 1:
-            rows = fast.down_rows.reshape(fast.down_rows.shape[-2:])
-            out = decode_rows_product(hidden, rows, bias)
-            if out is not None:
-                return out
-        return linear_rows(hidden, fast.down_rows.transpose(-2, -1), bias)
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-                ) -> torch.Tensor:
-        """linear_rows, or the one-token kernel (per-sample weights of a batch of one too)."""
-        if self.dense_kernels and x.shape[0] == 1:
-            if bias is not None and bias.dim() == 2:
-                bias = bias[0]
-            out = decode_linear(x, weight.reshape(weight.shape[-2:]), bias)
-            if out is not None:
-                return out
-        return linear_rows(x, weight, bias)
-
-
-def _triton_device(x: torch.Tensor) -> bool:
-    """Where Triton's CATS kernel runs (a function, so tests can route the CPU through it)."""
-    return x.device.type == "cuda"
+        out = backend.rows_product(hidden, fast.down_rows, self.mlp.down_proj.bias)
+        return self._projected("down", out, hidden, neurons)

@@ -1,47 +1,33 @@
-"""Where each supported model family keeps its gated MLPs.
+"""Which model families caprese supports, and where they keep their gated MLPs.
 
 A gated MLP computes FF(x) = down(act(gate(x)) * up(x)). Every family below names the three
-projections gate_proj / up_proj / down_proj and the activation act_fn; what differs is where
-the decoder layers live. Adding a family is one entry in FAMILIES.
+projections gate_proj / up_proj / down_proj and the activation act_fn, keeps its decoder
+layers in `model.get_decoder().layers` and each layer's MLP in `layer.mlp`. Adding a family
+that follows these names is one entry in FAMILIES (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Family:
-    layers_attr: str = "layers"  # the decoder's list of layers
-    mlp_attr: str = "mlp"  # the layer's MLP
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
-    "gemma2": Family(),
-    "gemma3_text": Family(),
-    "gemma3": Family(),  # multimodal Gemma 3: get_decoder() is its language model
-}
+FAMILIES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+    "gemma3",  # multimodal Gemma 3: get_decoder() is its language model
+})
 
 
 class UnsupportedModelError(ValueError):
     """The model is not a supported family with a gated MLP."""
 
 
-def family_of(config) -> Family:
+def check_family(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported; caprese supports gated-MLP families "
             f"{', '.join(sorted(FAMILIES))} (add one to caprese/families.py)"
         )
-    return FAMILIES[model_type]
 
 
 def text_config(config):
@@ -51,7 +37,7 @@ def text_config(config):
 
 def decoder(model: nn.Module) -> nn.Module:
     """The transformer stack without the LM head: where the phase hook sits."""
-    family_of(model.config)
+    check_family(model.config)
     return model.get_decoder()
 
 
@@ -70,15 +56,15 @@ def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return getattr(decoder(model), family_of(model.config).layers_attr)
+    return decoder(model).layers
 
 
 def mlp_of(model: nn.Module, layer_index: int) -> nn.Module:
-    return getattr(decoder_layers(model)[layer_index], family_of(model.config).mlp_attr)
+    return decoder_layers(model)[layer_index].mlp
 
 
 def set_mlp(model: nn.Module, layer_index: int, module: nn.Module) -> None:
-    setattr(decoder_layers(model)[layer_index], family_of(model.config).mlp_attr, module)
+    decoder_layers(model)[layer_index].mlp = module
 
 
 def check_gated_mlp(mlp: nn.Module, layer_index: int) -> None:

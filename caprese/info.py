@@ -1,4 +1,4 @@
-"""`caprese info`: parameter budget of a model under a method and Caprese, from its config.
+"""Parameter budget of a model under a method and Caprese, from its config.
 
 The model is built on the meta device, so a 14B configuration costs no memory and no
 download of weights. "Active parameters per decode token" counts the weights a generated
@@ -7,16 +7,15 @@ token multiplies with: every decoder layer plus the LM head (the embedding is a 
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
 from caprese.config import CapreseConfig
-from caprese.families import decoder_layers, family_of, text_config
+from caprese.families import check_family, decoder_layers, text_config
 
 
 @dataclass
@@ -49,7 +48,7 @@ def load_config(model: str) -> transformers.PretrainedConfig:
 
 
 def budget(config: transformers.PretrainedConfig, caprese: CapreseConfig) -> Budget:
-    family_of(config)
+    check_family(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     text = text_config(config)
@@ -114,26 +113,3 @@ def format_budget(b: Budget) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
-
-
-def run(args: argparse.Namespace) -> int:
-    caprese = CapreseConfig(
-        method=args.method, density=args.density, rank=None if args.rank == 0 else args.rank
-    )
-    result = budget(load_config(args.model), caprese)
-    print(json.dumps(asdict(result), indent=2) if args.json else format_budget(result))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "info", help="parameter budget of a model under a method and Caprese (no weights loaded)"
-    )
-    parser.add_argument(
-        "--model", required=True, help="config.json file, model folder, or Hugging Face model id"
-    )
-    parser.add_argument("--method", default="griffin", choices=["griffin", "cats", "none"])
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--rank", type=int, default=256, help="0 for the method alone")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run)

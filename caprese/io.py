@@ -1,12 +1,28 @@
-"""Atomic file writes and checksums: nothing a run writes is ever read back half-written."""
+"""Files a run writes: atomic writes, checksums, append-only logs, the cache folder.
+
+Nothing a run writes is ever read back half-written: whole files go to a temporary name and
+are renamed into place; logs are appended line by line and flushed at once.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+CACHE_ENV = "CAPRESE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of caprese's cache: $CAPRESE_CACHE, else the platform's user cache directory."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    import platformdirs
+
+    return platformdirs.user_cache_path("caprese")
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -33,3 +49,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def append_log(path: Path, record: dict) -> None:
+    """One JSON line per event; flushed at once so a killed run keeps its log. After a kill
+    tore the last line, the next record starts on a line of its own (readers skip the torn one)."""
+    text = json.dumps(record) + "\n"
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+    with open(path, "a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())

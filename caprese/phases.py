@@ -17,33 +17,15 @@ when it extends a non-empty cache: that is exactly what prefill and decode mean,
 from __future__ import annotations
 
 import contextlib
-import enum
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-class Phase(enum.Enum):
-    DENSE = "dense"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    SPLIT = "split"
-    CAPTURE = "capture"
-
-
-@dataclass
-class PhaseState:
-    """Shared by all blocks of one model; written only by the forward pre-hook below."""
-
-    phase: Phase = Phase.DENSE
-    valid: torch.Tensor | None = None  # (B, S) bool: real tokens of the current input
-    boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
-    forced: Phase | None = None
-    teacher_depth: int = 0
-    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped), continuation rows
+from caprese.block import CapreseBlock, DecodeOptions, Phase, PhaseState
+from caprese.kernels.cpu import route_linears
 
 
 def _past_length(cache) -> int:
@@ -105,16 +87,31 @@ class PhaseHook:
         return None
 
 
-def handle_of(model: nn.Module):
-    """What caprese.attach recorded on the model (an adapter.Handle)."""
-    handle = getattr(model, "_caprese", None)
-    if handle is None:
-        raise ValueError("this model has no caprese blocks: call caprese.attach(model, config)")
-    return handle
-
-
 def state_of(model: nn.Module) -> PhaseState:
-    return handle_of(model).state
+    """The PhaseState that the blocks of an attached model share."""
+    for module in model.modules():
+        if isinstance(module, CapreseBlock):
+            return module.phase_state
+    raise ValueError("this model has no caprese blocks: call caprese.attach(model, config)")
+
+
+def set_decode(model: nn.Module, **changes) -> DecodeOptions:
+    """Change how the model's blocks decode (DecodeOptions fields: fused, kernels); returns
+    the previous options, so that a caller can put them back."""
+    state = state_of(model)
+    previous = state.decode
+    state.decode = dataclasses.replace(previous, **changes)
+    return previous
+
+
+def use_decode_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Decode single tokens with caprese's CPU kernels everywhere: every nn.Linear (attention,
+    LM head) and, on an attached model, the blocks' fused products. enabled=False restores
+    PyTorch (and "auto" kernels in the blocks)."""
+    route_linears(model, enabled)
+    if any(isinstance(m, CapreseBlock) for m in model.modules()):
+        set_decode(model, kernels="cpu" if enabled else "auto")
+    return model
 
 
 @contextlib.contextmanager

@@ -1,19 +1,31 @@
-"""`caprese pipeline`: the main job, end to end, on one machine.
+"""The main job, end to end on one machine, as typed steps on one loaded model.
 
 prepare the model -> distill Caprese for GRIFFIN and CATS (layer-wise closed form, then
 E2E) -> evaluate full / method / layer-wise Caprese / E2E Caprese on held-out math, fidelity
-and language -> one report. Every step is a `caprese` command (recorded in its results) and
-is skipped when its output already exists, so an interrupted pipeline resumes where it was.
+and language -> one report. Each step is a function call (distillation.run_job,
+evaluate.tasks.evaluate) on the same loaded model, and is skipped when its output already
+exists, so an interrupted pipeline resumes where it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from caprese.dtypes import DTYPE_CHOICES
+import torch
+
+from caprese.config import CapreseConfig
+from caprese.distillation import DistillJob, DistillSettings, run_job
+from caprese.dtypes import resolve_dtype
+from caprese.evaluate.report import build_report
+from caprese.evaluate.tasks import EvalTask, evaluate
+from caprese.evaluate.variant import Variant, applied
+from caprese.models import load_model, weights_description
+
+METHODS = ("griffin", "cats")
+DENSITY = 0.5
+RANK = 256
 
 
 @dataclass(frozen=True)
@@ -45,78 +57,90 @@ PRESETS = {
 }
 
 
-def _run(argv: list[str], output: Path) -> None:
-    from caprese.cli import main
+def distill_jobs(preset: Preset) -> dict[str, DistillJob]:
+    """One layer-wise closed form + E2E job per method."""
+    settings = DistillSettings(stages=("layerwise", "e2e"), solver="closed_form",
+                               e2e_epochs=preset.e2e_epochs, e2e_samples=preset.e2e_samples)
+    return {method: DistillJob(CapreseConfig(method=method, density=DENSITY, rank=RANK),
+                               settings, data=("gsm8k", "math"), samples=preset.samples,
+                               held_out=0, max_length=preset.max_length)
+            for method in METHODS}
 
+
+def variants(preset: Preset, out: Path) -> dict[str, Variant]:
+    """full; per method: the method alone, layer-wise Caprese, E2E Caprese."""
+    found = {"full": Variant(preset.model)}
+    for method in METHODS:
+        adapter = out / f"adapter-{method}"
+        found[method] = Variant(preset.model, method=method, density=DENSITY)
+        found[f"{method}-layerwise"] = Variant(preset.model,
+                                               adapter=str(adapter / "stages" / "layerwise"))
+        found[f"{method}-e2e"] = Variant(preset.model, adapter=str(adapter))
+    return found
+
+
+def tasks(preset: Preset) -> list[EvalTask]:
+    return [EvalTask("gsm-symbolic-all", limit=preset.math_problems,
+                     max_new_tokens=preset.max_new_tokens, batch_size=preset.math_batch),
+            EvalTask("xsum", limit=preset.xsum_articles),
+            EvalTask("fidelity", limit=preset.fidelity_samples),
+            EvalTask("fidelity-language", limit=preset.language_samples)]
+
+
+class _Model:
+    """The base model, loaded at the first step that needs it and kept for the others."""
+
+    def __init__(self, preset: Preset, dtype: str, device: str) -> None:
+        self.preset, self.dtype, self.device = preset, dtype, device
+        self.loaded = None
+
+    def get(self):
+        if self.loaded is None:
+            self.loaded = load_model(self.preset.model, dtype=self.dtype, device=self.device)
+        return self.loaded
+
+
+def _skip(output: Path, step: str) -> bool:
     if output.exists():
-        print(f"[pipeline] {output} exists: skipping `caprese {' '.join(argv)}`", flush=True)
-        return
-    print(f"[pipeline] caprese {' '.join(argv)}", flush=True)
-    if main(argv) != 0:
-        raise RuntimeError(f"step failed: caprese {' '.join(argv)}")
+        print(f"[pipeline] {output} exists: skipping {step}", flush=True)
+        return True
+    print(f"[pipeline] {step}", flush=True)
+    return False
 
 
-def run_pipeline(preset: Preset, out: Path, methods: tuple[str, ...] = ("griffin", "cats"),
-                 device: str | None = None, dtype: str = "auto") -> Path:
+def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: str = "auto",
+                 command: str = "caprese pipeline") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    common = ["--model", preset.model, "--dtype", dtype]
-    common += ["--device", device] if device else []
-    from caprese.models import BUILTIN_MODELS, prepare
-
-    if preset.model in BUILTIN_MODELS:
-        prepare(preset.model)
-    for method in methods:
-        _run(["distill", *common, "--method", method, "--density", "0.5", "--rank", "256",
-              "--solver", "closed_form", "--stages", "layerwise,e2e", "--data", "gsm8k,math",
-              "--samples", str(preset.samples), "--max-length", str(preset.max_length),
-              "--held-out", "0", "--e2e-epochs", str(preset.e2e_epochs),
-              "--e2e-samples", str(preset.e2e_samples), "--out", str(out / f"adapter-{method}")],
-             out / f"adapter-{method}" / "summary.json")
-    variants = [("full", ["--method", "none"])]
-    for method in methods:
-        adapter = out / f"adapter-{method}"
-        variants += [(method, ["--method", method, "--density", "0.5"]),
-                     (f"{method}-layerwise", ["--adapter", str(adapter / "stages" / "layerwise"),
-                                              "--stage", "layerwise"]),
-                     (f"{method}-e2e", ["--adapter", str(adapter), "--stage", "e2e"])]
-    tasks = [("gsm-symbolic-all", preset.math_problems,
-              ["--max-new-tokens", str(preset.max_new_tokens),
-               "--batch-size", str(preset.math_batch)]),
-             ("xsum", preset.xsum_articles, []),
-             ("fidelity", preset.fidelity_samples, []),
-             ("fidelity-language", preset.language_samples, [])]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = _Model(preset, dtype, device)
+    choice = resolve_dtype(dtype, device)
+    setup = {"model": preset.model, "weights": weights_description(preset.model),
+             "dtype": choice.name, "dtype_reason": choice.reason, "device": device,
+             "command": command}
+    for method, job in distill_jobs(preset).items():
+        run_dir = out / f"adapter-{method}"
+        if not _skip(run_dir / "summary.json", f"distill {method} into {run_dir}"):
+            model, tokenizer = base.get()
+            run_job(model, tokenizer, job, run_dir,
+                    run_info={"model": preset.model, "dtype": choice.name})
     results = []
-    for name, options in variants:
-        for task, limit, extra in tasks:
-            if task.startswith("fidelity") and name == "full":
+    for name, variant in variants(preset, out).items():
+        for task in tasks(preset):
+            if task.task.startswith("fidelity") and name == "full":
                 continue  # the full model is its own teacher
-            result = out / "results" / f"{task}-{name}.json"
-            _run(["eval", *common, *options, "--task", task, "--limit", str(limit), *extra,
-                  "--out", str(result)], result)
+            result = out / "results" / f"{task.task}-{name}.json"
             results.append(str(result))
-    from caprese.evaluate.report import build_report
-
+            if _skip(result, f"evaluate {name} on {task.task}"):
+                continue
+            model, tokenizer = base.get()
+            with applied(model, variant):
+                evaluate(model, tokenizer, variant.describe(), task, result, setup)
     report = build_report(results, out / "report.md")
     print(f"[pipeline] done in {(time.perf_counter() - started) / 60:.1f} min: {report}")
     return report
 
 
-def run(args: argparse.Namespace) -> int:
-    preset = PRESETS["quick" if args.quick else "default"]
-    if args.model:
-        preset = Preset(**{**asdict(preset), "model": args.model})
-    run_pipeline(preset, Path(args.out), device=args.device, dtype=args.dtype)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("pipeline", help="the main job: distill, evaluate, report")
-    p.add_argument("--out", default="caprese-run")
-    p.add_argument("--quick", action="store_true", help="a smoke run of every step (<10 min)")
-    p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="of every step; auto: bf16 on GPUs and on CPUs with AVX512_BF16 or "
-                   "AMX, fp32 on other CPUs (where bf16 runs in software, several times slower)")
-    p.set_defaults(func=run)
+def preset_for(quick: bool, model: str | None) -> Preset:
+    preset = PRESETS["quick" if quick else "default"]
+    return replace(preset, model=model) if model else preset

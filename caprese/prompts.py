@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from caprese.samples import Record, TrainingSample
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from caprese.data import Record, TrainingSample
 
 COT_INSTRUCTION = "Please reason step by step."
 
@@ -34,7 +34,6 @@ def templated(tokenizer: PreTrainedTokenizerBase, record: Record) -> tuple[str, 
     return prompt, record.solution + (tokenizer.eos_token or "")
 
 
-
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, record: Record) -> str:
     """The evaluation prompt for a math record (generation continues from here)."""
     return templated(tokenizer, record)[0]
@@ -48,8 +47,6 @@ def teacher_forced(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]
     math: the templated question, then the reference solution as the continuation;
     language: plain text (e.g. XSum articles), its first `prompt_tokens` tokens as the prompt.
     """
-    from caprese.data import TrainingSample
-
     samples = []
     for record in records:
         if language:
@@ -61,5 +58,5 @@ def teacher_forced(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]
             tail = tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids, boundary = (head + tail)[:max_length], len(head)
         if 0 < boundary < len(ids):
-            samples.append(TrainingSample(ids, boundary, record.source, record.id))
+            samples.append(TrainingSample(tuple(ids), boundary, record.source, record.id))
     return samples

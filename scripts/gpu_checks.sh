@@ -33,28 +33,30 @@ if [[ "${1:-}" == "--prepare" ]]; then
     du -sh .whl .gpu
     exit 0
 fi
+work=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python \
-    --target /tmp/site .whl/*.whl
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export HF_HUB_CACHE=/tmp/hub
+    --target "$work/site" .whl/*.whl
+export PYTHONPATH=$PWD:$work/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export HF_HUB_CACHE=$work/hub
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \
 transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 -m tests.hub_cache --like .gpu/model --repo-id "$HUB_ID" --cache /tmp/hub \
-    --work /tmp/random-model
+python3 -m tests.hub_cache --like .gpu/model --repo-id "$HUB_ID" --cache "$work/hub" \
+    --work "$work/random-model"
 start=$(date +%s)
 status=0
 timeout "${PIPELINE_SECONDS:-240}" python3 -m caprese.cli pipeline --quick --model "$HUB_ID" \
-    --device cuda --out /tmp/run >"$OUT/gpu_pipeline.log" 2>&1 || status=$?
+    --device cuda --out "$work/run" >"$OUT/gpu_pipeline.log" 2>&1 || status=$?
 echo "pipeline exit $status after $(($(date +%s) - start)) s" | tee -a "$OUT/gpu.txt"
 tail -5 "$OUT/gpu_pipeline.log"
-cp /tmp/run/report.md "$OUT/gpu_pipeline_report.md" 2>/dev/null || true
+cp "$work/run/report.md" "$OUT/gpu_pipeline_report.md" 2>/dev/null || true
 
 [[ "${PIPELINE_ONLY:-0}" == 1 ]] && exit "$status"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
     >"$OUT/gpu_tests.log" 2>&1 || true
 tail -3 "$OUT/gpu_tests.log"
-timeout "${TABLE5_SECONDS:-240}" python3 benchmarks/gpu_table5.py --setups "${SETUPS:-2048+256}" \
-    --repeats 3 --out "$OUT/gpu_table5.json" 2>&1 | tee "$OUT/gpu_table5.log"
+timeout "${TABLE5_SECONDS:-240}" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
+    "setups=[\"${SETUPS:-2048+256}\"]" repeats=3 "out=$OUT/gpu_table5.json" 2>&1 \
+    | tee "$OUT/gpu_table5.log"

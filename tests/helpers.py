@@ -47,8 +47,7 @@ def randomize_lowrank(model, seed=0, scale=0.5):
 
 
 def set_fused(model, fused: bool) -> None:
-    for block in caprese.blocks(model).values():
-        block.fused = fused
+    caprese.set_decode(model, fused=fused)
 
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, COMMON["vocab_size"])]

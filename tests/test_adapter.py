@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import prompt_ids, tiny_model
 from helpers import attached_copy, generate_with_logits, randomize_lowrank
 
 import caprese
+from caprese.version import ADAPTER_FORMAT
 
 
 def trained(family="llama", method="griffin"):
@@ -224,3 +226,36 @@ def test_lm_head_input_gets_standard_strides_for_one_prompt():
     assert len(seen) == 3
     assert all(stride == standard_strides(shape) for shape, stride in seen)
     assert standard_strides((1, 1, 32)) == (32, 32, 1)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_an_adapter_of_format_1_still_loads_and_generates_as_it_did():
+    """tests/fixtures/adapter-format1 was saved by caprese 0.1 (no version fields); the tokens
+    are what 0.1 generated with it."""
+    info = caprese.read_adapter(FIXTURES / "adapter-format1")
+    assert (info.format, info.caprese_version, info.trained) == (1, None, {})
+    model = caprese.load(tiny_model("llama"), FIXTURES / "adapter-format1")
+    ids = prompt_ids()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False, pad_token_id=0)
+    assert out[:, 10:].tolist() == [[44, 64, 37, 69, 74, 69], [10, 80, 70, 35, 10, 80]]
+
+
+def test_saved_adapters_record_format_version_and_stage(tmp_path):
+    model = attached_copy(tiny_model("llama"), method="cats", density=0.5, rank=4)
+    caprese.save(model, tmp_path / "a", trained={"stage": "e2e"})
+    record = json.loads((tmp_path / "a" / "caprese_config.json").read_text())
+    assert record["format"] == ADAPTER_FORMAT == 2
+    assert record["caprese_version"] == caprese.__version__
+    info = caprese.read_adapter(tmp_path / "a")
+    assert info.trained == {"stage": "e2e"} and info.config.method == "cats"
+    from caprese.evaluate.variant import Variant
+
+    assert Variant("m", adapter=str(tmp_path / "a")).describe()["kind"] == "e2e"
+    record["format"] = ADAPTER_FORMAT + 1
+    (tmp_path / "a" / "caprese_config.json").write_text(json.dumps(record))
+    with pytest.raises(caprese.AdapterError, match="upgrade caprese"):
+        caprese.load(tiny_model("llama"), tmp_path / "a")

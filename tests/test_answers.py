@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from caprese.evaluate.answers import check, last_boxed, last_number
+from caprese.evaluate.checker import check
+from caprese.extract import last_boxed, last_number
 
 
 def test_last_boxed_balances_braces():

@@ -68,20 +68,22 @@ def test_bench_runs_every_variant_and_reports_consistent_bytes():
     assert "| caprese |" in format_table(result)
 
 
-def test_gpu_table5_script_runs_with_tiny_shapes(tmp_path):
+def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
+    """The Table-5 experiment through the one driver, with tiny shapes on the CPU."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_table5.py"
-    spec = importlib.util.spec_from_file_location("gpu_table5", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    results = script.main(["--tiny", "--setups", "16+4", "--repeats", "1",
-                           "--out", str(tmp_path / "t5.json")])
-    rows = {r["variant"]: r for r in results["setups"]["16+4"]["variants"]}
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    out = tmp_path / "t5.json"
+    results = driver.main([str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
+                           'setups=["16+4"]', "repeats=1", "rank=8", f"out={out}"])
+    rows = {r["variant"]: r for r in results["runs"]["bf16 16+4"]["variants"]}
     assert set(rows) == {"full", "griffin", "lora", "caprese", "cats", "caprese-cats"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
-    assert (tmp_path / "t5.json").is_file()
+    assert out.is_file() and results["experiment"]["tiny"] is True
 
 
 def test_bench_kernel_variants_compare_against_full_on_the_same_path():

@@ -16,6 +16,7 @@ import torch
 
 from caprese import data, models
 from caprese.cli import main
+from caprese.dtypes import resolve_dtype
 from caprese.prompts import COT_INSTRUCTION
 from tests.hub_cache import cache_as_hub_model
 
@@ -37,7 +38,7 @@ def test_prepare_records_provenance(smollm2):
     assert models.weights_description(folder) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct, weights dequantized from GGUF Q4_1"
     )
-    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 30
+    assert model.dtype == resolve_dtype("auto").dtype and model.config.num_hidden_layers == 30
     assert models.prepare(NAME, progress=False) == folder  # reused
 
 
@@ -95,9 +96,11 @@ def test_a_hub_id_runs_like_the_builtin_model(smollm2, tmp_path):
 
 
 def test_software_bf16_is_warned_about_once_per_process(smollm2, monkeypatch, caplog):
-    monkeypatch.setattr(models, "software_bf16", lambda dtype, device: True)
-    models._warn_software_bf16.cache_clear()
-    with caplog.at_level("WARNING", logger="caprese.models"):
+    from caprese.models import load
+
+    monkeypatch.setattr(load, "software_bf16", lambda dtype, device: True)
+    load._warn_software_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="caprese.models.load"):
         models.load_model(NAME)
         models.load_model(NAME)  # a pipeline's next step
     assert sum("no bfloat16 matrix unit" in r.getMessage() for r in caplog.records) == 1

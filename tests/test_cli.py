@@ -38,14 +38,28 @@ def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
-    """`caprese pipeline --dtype fp32` reaches each distill and eval command line."""
+    """`caprese pipeline --dtype fp32` loads the model once, in fp32 on the device, and every
+    distill and eval step runs on it and records them."""
+    import contextlib
+
     import caprese.pipeline as pipeline
 
-    commands = []
-    monkeypatch.setattr(pipeline, "_run", lambda argv, output: commands.append(argv))
-    monkeypatch.setattr("caprese.evaluate.report.build_report", lambda results, out: out)
+    loads, jobs, evaluations = [], [], []
+    monkeypatch.setattr(pipeline, "load_model", lambda model, dtype, device: loads.append(
+        (model, dtype, device)) or ("model", "tokenizer"))
+    monkeypatch.setattr(pipeline, "run_job", lambda model, tokenizer, job, out, run_info:
+                        jobs.append((model, job, run_info)))
+    monkeypatch.setattr(pipeline, "applied", lambda model, variant: contextlib.nullcontext())
+    monkeypatch.setattr(pipeline.Variant, "describe", lambda self: {"label": "x"})
+    monkeypatch.setattr(pipeline, "evaluate", lambda model, tokenizer, variant, task, out,
+                        setup: evaluations.append((model, task, setup)))
+    monkeypatch.setattr(pipeline, "build_report", lambda results, out: out)
     assert main(["pipeline", "--quick", "--model", str(tmp_path), "--dtype", "fp32",
                  "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
-    assert len(commands) == 2 + 7 * 4 - 2  # no fidelity of the full model to itself
-    for argv in commands:
-        assert argv[1:7] == ["--model", str(tmp_path), "--dtype", "fp32", "--device", "cpu"]
+    assert loads == [(str(tmp_path), "fp32", "cpu")]  # one model for every step
+    assert len(jobs) + len(evaluations) == 2 + 7 * 4 - 2  # no fidelity of the full model
+    assert all(model == "model" and info["dtype"] == "fp32" for model, _, info in jobs)
+    for model, _, setup in evaluations:
+        assert model == "model" and (setup["dtype"], setup["device"]) == ("fp32", "cpu")
+        assert setup["model"] == str(tmp_path) and setup["command"].startswith(
+            "caprese pipeline --quick")

@@ -17,7 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from caprese import data
-from caprese.data import CapreseDataError, Record
+from caprese.data import CapreseDataError, Record, registry
+from caprese.evaluate.language import XSUM_STOP
+from caprese.extract import last_boxed
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -69,17 +71,17 @@ def test_math_answers_levels_subjects():
     assert records[0].answer == "0" and records[0].level == 5 and records[0].subject == "Algebra"
     assert {r.level for r in records} == {1, 2, 3, 4, 5, None}  # two rows say "Level ?"
     math500 = data.load("math500")
-    agree = sum(data.last_boxed(r.solution) == r.answer for r in math500)
+    agree = sum(last_boxed(r.solution) == r.answer for r in math500)
     assert agree >= 0.95 * len(math500)
     assert all(1 <= r.level <= 5 and r.subject for r in math500)
 
 
 def test_last_boxed():
-    assert data.last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert data.last_boxed(r"$\boxed {x^{2}}$") == "x^{2}"
-    assert data.last_boxed(r"is $\boxed 5$") == "5"
-    assert data.last_boxed("no box") is None
-    assert data.last_boxed(r"\boxed{unbalanced") is None
+    assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert last_boxed(r"$\boxed {x^{2}}$") == "x^{2}"
+    assert last_boxed(r"is $\boxed 5$") == "5"
+    assert last_boxed("no box") is None
+    assert last_boxed(r"\boxed{unbalanced") is None
 
 
 def test_competition_answers_are_normalized():
@@ -94,7 +96,7 @@ def test_xsum_prompts_are_one_shot():
     assert record.prompt.count("###") == 2
     assert record.prompt.rstrip().endswith("Summarize the above article in 1 sentences.")
     assert record.answer == record.solution
-    assert data.XSUM_GENERATION["stop"] == ["###"]
+    assert XSUM_STOP == ("###",)
 
 
 def test_gsm_symbolic_is_split_by_template():
@@ -103,18 +105,18 @@ def test_gsm_symbolic_is_split_by_template():
     assert [r.id for r in evaluation] == [f"gsm-symbolic/{i:04d}" for i in range(50)]
     assert evaluation[0].answer == "10" and evaluation[1].answer == "140"
     assert {r.prompt for r in evaluation} < {r.prompt for r in everything}
-    assert not set(data.GSM_SYMBOLIC_EVAL_TEMPLATES) & set(data.GSM_SYMBOLIC_TRAIN_TEMPLATES)
+    assert not set(data.gsm_symbolic.EVAL_TEMPLATES) & set(data.gsm_symbolic.TRAIN_TEMPLATES)
 
 
 def test_gsm_symbolic_variants_are_new_problems_with_answers():
-    variants = data.gsm_symbolic_variants("0050", 20, seed=5)
+    variants = data.gsm_symbolic.variants("0050", 20, seed=5)
     assert len(variants) == 20 and {r.source for r in variants} == {"gsm-symbolic-train"}
     assert all(r.answer.lstrip("-").isdigit() and "####" in r.solution for r in variants)
     assert variants[0].id == "gsm-symbolic/0050/5-0"
-    assert data.gsm_symbolic_variants("0050", 20, seed=5) == variants
+    assert data.gsm_symbolic.variants("0050", 20, seed=5) == variants
     originals = {r.prompt for r in data.load("gsm-symbolic-all")}
     assert len({r.prompt for r in variants} - originals) > 10
-    assert data.gsm_symbolic_variants("0004", 2)[0].source == "gsm-symbolic"
+    assert data.gsm_symbolic.variants("0004", 2)[0].source == "gsm-symbolic"
 
 
 def test_offline_copy_problems_are_reported(monkeypatch, tmp_path):
@@ -131,24 +133,24 @@ def test_offline_copy_problems_are_reported(monkeypatch, tmp_path):
 
 def test_default_loader_reads_the_bundled_copies_and_checks_them(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_ENV, raising=False)
-    assert data.data_dir() == data.BUNDLED
-    assert data.BUNDLED.is_relative_to(Path(data.__file__).parent)  # inside the package
+    assert data.data_dir() == registry.BUNDLED
+    assert registry.BUNDLED.is_relative_to(Path(data.__file__).parent)  # inside the package
     for name, spec in data.DATASETS.items():
-        path = data.BUNDLED / spec.file
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == data._SHA256[spec.file], name
+        path = registry.BUNDLED / spec.file
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == registry.SHA256[spec.file], name
     # A changed bundled file is refused, not read.
     copy_dir = tmp_path / "bundled"
-    shutil.copytree(data.BUNDLED, copy_dir)
+    shutil.copytree(registry.BUNDLED, copy_dir)
     with open(copy_dir / "amc23" / "test.jsonl", "a") as handle:
         handle.write('{"id": 99, "problem": "extra", "answer": "1"}\n')
-    monkeypatch.setattr(data, "BUNDLED", copy_dir)
+    monkeypatch.setattr(registry, "BUNDLED", copy_dir)
     assert len(data.load("aime24")) == 30
     with pytest.raises(CapreseDataError, match="sha256"):
         data.load("amc23")
 
 
 def test_gsm_symbolic_templates_are_bundled_unchanged():
-    folder = data.GSM_SYMBOLIC_DIR
+    folder = data.gsm_symbolic.TEMPLATES
     sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines())
     assert len(sums) == 101  # 100 templates and replacements.json
     for name, digest in sums.items():
@@ -158,19 +160,19 @@ def test_gsm_symbolic_templates_are_bundled_unchanged():
 
 def test_a_missing_bundled_file_says_which_and_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_ENV, raising=False)
-    monkeypatch.setattr(data, "BUNDLED", tmp_path)
+    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
     monkeypatch.setitem(sys.modules, "datasets", None)  # no Hub either
     with pytest.raises(CapreseDataError) as error:
         data.load("xsum")
     message = str(error.value)
     assert str(tmp_path / "xsum" / "xsum_1shot.jsonl") in message
     assert "EdinburghNLP/xsum" in message and data.DATA_ENV in message
-    assert "pip install datasets" in message and data._SHA256["xsum/xsum_1shot.jsonl"] in message
+    assert "pip install datasets" in message and registry.SHA256["xsum/xsum_1shot.jsonl"] in message
 
 
 def test_a_missing_bundled_file_is_loaded_from_the_hub_when_it_answers(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_ENV, raising=False)
-    monkeypatch.setattr(data, "BUNDLED", tmp_path)
+    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
     calls = []
 
     def load_dataset(source, config, split):
@@ -293,10 +295,10 @@ def test_gsm_symbolic_train_variants_fill_the_mixture(tokenizer, monkeypatch, tm
         return [Record(f"Variant {i} of {template}?", f"#### {i}", str(i), "gsm-symbolic-train",
                        f"gsm-symbolic/{template}/{seed}-{i}") for i in range(n)]  # fmt: skip
 
-    monkeypatch.setattr(data, "gsm_symbolic_variants", variants)
+    monkeypatch.setattr(data.gsm_symbolic, "variants", variants)
     mixture = data.build_mixture(tokenizer, sources=("gsm-symbolic-train",), n=60, seed=1)
     assert len(mixture) == 60 and {s.source for s in mixture} == {"gsm-symbolic-train"}
-    assert {t for t, _, _ in generated} == set(data.GSM_SYMBOLIC_TRAIN_TEMPLATES)
+    assert {t for t, _, _ in generated} == set(data.gsm_symbolic.TRAIN_TEMPLATES)
     assert {(n, seed) for _, n, seed in generated} == {(2, 1)}  # ceil(1.25 * 60 / 50)
     generated.clear()
     assert data.build_mixture(tokenizer, sources=("gsm-symbolic-train",), n=60, seed=1) == mixture
@@ -307,7 +309,7 @@ def test_xsum_generation_starts_on_the_line_after_the_instruction(monkeypatch):
     """The 1-shot example's summary follows its instruction on a new line; the query must
     end the same way or a model continues the pattern with the separator (empty summary)."""
     from caprese.evaluate import language
-    from caprese.evaluate.generation import Completion, GenerationSettings
+    from caprese.generation import Completion, GenerationSettings
 
     seen = []
 

@@ -13,12 +13,14 @@ from distill_job import tiny_samples
 from helpers import kill_and_resume_job, randomize_lowrank
 
 import caprese
+from caprese.capture import capture
 from caprese.distillation import DistillSettings, TrainingDiverged, distill
-from caprese.distillation.batches import collate
-from caprese.distillation.capture import RegressionStats, capture
 from caprese.distillation.checkpoint import load_checkpoint
 from caprese.distillation.layerwise import collect_stats, residual_report, solve_closed_form
-from caprese.distillation.trainer import TrainSettings, lr_factor, train
+from caprese.distillation.settings import TrainSettings
+from caprese.distillation.stats import RegressionStats
+from caprese.distillation.trainer import lr_factor, train
+from caprese.samples import collate
 
 
 def test_closed_form_recovers_a_planted_low_rank_map():

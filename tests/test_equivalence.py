@@ -154,20 +154,17 @@ def test_sampling_generation_runs_and_is_seeded():
 @pytest.mark.parametrize("rank", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cats_sparse_decode_equals_masked_dense(rank, dtype):
-    from caprese.kernels import kernels
+    from caprese.kernels import cpu
 
-    assert kernels() is not None, "the CPU sparse kernels did not build"
+    assert cpu.module() is not None, "the CPU sparse kernels did not build"
     model = attached_copy(tiny_model("mistral").to(dtype), method="cats", density=0.4, rank=rank)
     if rank:
         randomize_lowrank(model, scale=0.3)
     ids = prompt_ids(1, 12)
     calls = []
-    import caprese.block
-
-    original = caprese.block.sparse_decode
+    original = cpu.cats_decode
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(caprese.block, "sparse_decode",
-                      lambda *a: calls.append(1) or original(*a))
+        patch.setattr(cpu, "cats_decode", lambda *a: calls.append(1) or original(*a))
         with torch.no_grad():
             tokens, sparse_logits = generate_with_logits(model, ids, steps=6)
     assert len(calls) == 5 * 4  # every decode step of every layer took the sparse path

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import caprese.block
-import caprese.kernels
-from caprese.kernels import decode_linear, decode_rows_product, kernels, use_decode_kernels
+from caprese.kernels import cpu
+from caprese.kernels.cpu import cpu_tag, module
+from caprese.kernels.cpu import linear as decode_linear
+from caprese.kernels.cpu import rows_product as decode_rows_product
+from caprese.phases import state_of, use_decode_kernels
 from tests.conftest import prompt_ids, tiny_model
 from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank
 
@@ -15,7 +17,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def test_the_kernels_build():
-    assert kernels() is not None, "the CPU decode kernels did not build"
+    assert module() is not None, "the CPU decode kernels did not build"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,7 +30,7 @@ def test_linear_kernel_equals_torch(dtype, shape, with_bias):
     x = torch.randn(1, 1, shape[1], generator=generator).to(dtype)
     if dtype == torch.float32:  # fp32 stays with PyTorch; the C++ kernel still takes it
         assert decode_linear(x, weight, bias) is None
-        got = kernels().linear(x.reshape(1, -1), weight) + (0 if bias is None else bias)
+        got = module().linear(x.reshape(1, -1), weight) + (0 if bias is None else bias)
         got = got.reshape(1, 1, -1)
     else:
         got = decode_linear(x, weight, bias)
@@ -65,10 +67,9 @@ def test_kernels_decline_what_they_do_not_do():
 
 def count_kernel_calls(patch) -> list[str]:
     calls: list[str] = []
-    for name in ("decode_linear", "decode_rows_product"):
-        for module in (caprese.kernels, caprese.block):
-            original = getattr(caprese.kernels, name)
-            patch.setattr(module, name, lambda *a, _n=name, _o=original: calls.append(_n) or _o(*a))
+    for name, label in (("linear", "decode_linear"), ("rows_product", "decode_rows_product")):
+        original = getattr(cpu, name)
+        patch.setattr(cpu, name, lambda *a, _n=label, _o=original: calls.append(_n) or _o(*a))
     return calls
 
 
@@ -94,7 +95,8 @@ def test_model_with_decode_kernels_generates_the_same(method):
     use_decode_kernels(fast, enabled=False)
     assert not any("forward" in m.__dict__ for m in fast.modules()
                    if isinstance(m, torch.nn.Linear))
-    assert not any(getattr(m, "dense_kernels", False) for m in fast.modules())
+    if method != "none":  # the blocks are back on the default backend choice
+        assert state_of(fast).decode.kernels == "auto"
 
 
 def test_decode_kernels_match_torch_in_bf16():
@@ -116,6 +118,6 @@ def test_the_kernel_cache_is_per_cpu_kind(tmp_path):
     avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
     avx2.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
     avx512.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
-    assert caprese.kernels.cpu_tag(str(avx2)) == caprese.kernels.cpu_tag(str(avx2))
-    assert caprese.kernels.cpu_tag(str(avx2)) != caprese.kernels.cpu_tag(str(avx512))
-    assert caprese.kernels.cpu_tag(str(tmp_path / "missing"))  # no /proc: still a tag
+    assert cpu_tag(str(avx2)) == cpu_tag(str(avx2))
+    assert cpu_tag(str(avx2)) != cpu_tag(str(avx512))
+    assert cpu_tag(str(tmp_path / "missing"))  # no /proc: still a tag

@@ -14,7 +14,7 @@ DEVICE = "cuda" if GPU else "cpu"
 
 import pytest  # noqa: E402
 
-from caprese.kernels_triton import cats_decode  # noqa: E402
+from caprese.kernels.triton import cats_decode  # noqa: E402
 
 
 def masked_dense(x, act_gate, tau, up_rows, down_rows):
@@ -71,8 +71,8 @@ def test_triton_cats_decode_refuses_bad_layouts():
 @pytest.mark.parametrize("rank", [None, 8])
 def test_block_routes_batched_cats_decode_through_triton(rank):
     """The block's GPU route, taken on the CPU: a batch of two, each with its own tau."""
-    import caprese.block
-    import caprese.kernels_triton
+    import caprese
+    import caprese.kernels.triton
     from tests.conftest import prompt_ids, tiny_model
     from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank, set_fused
 
@@ -82,10 +82,10 @@ def test_block_routes_batched_cats_decode_through_triton(rank):
         randomize_lowrank(model, scale=0.3)
     ids = prompt_ids(2, 12).to(DEVICE)
     calls = []
-    original = caprese.kernels_triton.cats_decode
+    original = caprese.kernels.triton.cats_decode
+    caprese.set_decode(model, kernels="triton")  # the GPU's route, on whatever device this is
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(caprese.block, "_triton_device", lambda x: True)
-        patch.setattr(caprese.kernels_triton, "cats_decode",
+        patch.setattr(caprese.kernels.triton, "cats_decode",
                       lambda *a: calls.append(1) or original(*a))
         tokens, logits = generate_with_logits(model, ids, steps=5)
     assert len(calls) == 4 * 4  # every decode step of every layer

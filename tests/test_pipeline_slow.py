@@ -29,8 +29,9 @@ def test_pipeline_distills_evaluates_and_reports(tmp_path, capsys):
     assert (tmp_path / "report_layer_errors.png").is_file()
     result = json.loads((tmp_path / "results" / "gsm-symbolic-all-cats-e2e.json").read_text())
     assert result["summary"]["problems"] == 2
-    assert result["setup"]["command"].startswith(
-        "caprese eval --model smollm2-135m-instruct --dtype fp32")
+    assert (result["setup"]["model"], result["setup"]["dtype"]) == ("smollm2-135m-instruct",
+                                                                    "fp32")
+    assert (result["variant"]["kind"], result["variant"]["method"]) == ("e2e", "cats")
     records = (tmp_path / "results" / "gsm-symbolic-all-cats-e2e.jsonl").read_text().splitlines()
     assert len(records) == 2 and "prompt" in json.loads(records[0])
 

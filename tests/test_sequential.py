@@ -13,12 +13,12 @@ from helpers import kill_and_resume_job
 
 import caprese
 from caprese.distillation import DistillSettings, distill
-from caprese.distillation.batches import collate
-from caprese.distillation.capture import RegressionStats
 from caprese.distillation.layerwise import solve_closed_form
 from caprese.distillation.sequential import run_layer
+from caprese.distillation.stats import RegressionStats
 from caprese.evaluate.fidelity import fidelity
 from caprese.families import decoder
+from caprese.samples import collate
 
 
 def test_layer_by_layer_runs_reproduce_the_models_hidden_states(family):

@@ -9,9 +9,9 @@ import torch
 
 import caprese
 import caprese.distillation.teacher_text as teacher_text
-from caprese.data import TrainingSample
-from caprese.distillation import refuse_unresumed_run
+from caprese.distillation.run import refuse_unresumed_run
 from caprese.distillation.teacher_text import teacher_continuations
+from caprese.samples import TrainingSample
 from tests.conftest import tiny_model
 from tests.helpers import randomize_lowrank, word_tokenizer
 

@@ -1,4 +1,4 @@
-"""`caprese bench`: decode latency of full / method / Caprese / LoRA, side by side.
+"""Decode latency of full / method / Caprese / LoRA, side by side.
 
 Variants share one set of weights: each repeat attaches a variant, decodes, detaches, and
 the variants alternate (A B C A B C ...) so that machine noise hits all of them alike. The
@@ -8,14 +8,11 @@ those bytes imply at the memory bandwidth this machine measures for a matrix-vec
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import platform
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,11 +21,9 @@ from caprese.adapter import attach, detach, load_weights, read_config
 from caprese.bench.decode import greedy_decode
 from caprese.bench.lora import attach_lora, matched_rank
 from caprese.config import CapreseConfig
-from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.families import text_config
 from caprese.info import budget
-from caprese.io import atomic_write_text
-from caprese.kernels import use_decode_kernels
+from caprese.phases import use_decode_kernels
 
 VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats")
 
@@ -93,14 +88,15 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
 
 
 def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
-                      repeats: int = 15) -> float:
-    """Bytes per second of a large matrix-vector product: what a decode step can reach."""
+                      repeats: int = 15, warmup: int = 2) -> float:
+    """Bytes per second of a large matrix-vector product: what a decode step can reach (the
+    median of `repeats` products after `warmup` untimed ones)."""
     columns = 4096
     rows = megabytes * 2**20 // (columns * torch.empty((), dtype=dtype).element_size())
     matrix = torch.randn(rows, columns, device=device).to(dtype)
     vector = torch.randn(columns, device=device).to(dtype)
     times = []
-    for _ in range(repeats + 2):
+    for _ in range(warmup + repeats):
         if device != "cpu":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -108,7 +104,7 @@ def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return matrix.numel() * matrix.element_size() / statistics.median(times[2:])
+    return matrix.numel() * matrix.element_size() / statistics.median(times[warmup:])
 
 
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
@@ -182,46 +178,3 @@ def format_table(result: dict) -> str:
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
             f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% |")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    from caprese.models import load_model
-
-    variants = args.variants.split(",")
-    for name in variants:
-        parse_variant(name)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
-                       args.batch, args.density, args.rank, args.adapter)
-    result["setup"]["model"] = args.model
-    result["setup"]["dtype_reason"] = resolve_dtype(args.dtype, args.device).reason
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="decode latency: full / method / Caprese / LoRA",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", help="Caprese adapter to time (default: an untrained path)")
-    p.add_argument("--variants", default="full,griffin,caprese,lora,cats",
-                   help=f"comma list of {', '.join(VARIANTS)}; append {KERNELS} to decode "
-                   "single tokens with caprese's CPU kernels (e.g. full:k,griffin:k)")
-    p.add_argument("--density", type=float, default=0.5)
-    p.add_argument("--rank", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--gen-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 where the device computes it in hardware, else fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", help="write the results JSON here")
-    p.set_defaults(func=run)
-

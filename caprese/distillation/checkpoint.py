@@ -9,7 +9,6 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -82,18 +81,3 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
             state.setdefault(int(index), {})[name] = value
     saved["state"] = state
     optimizer.load_state_dict(saved)
-
-
-def append_log(path: Path, record: dict) -> None:
-    """One JSON line per event; flushed at once so a killed run keeps its log. After a kill
-    tore the last line, the next record starts on a line of its own (readers skip the torn one)."""
-    text = json.dumps(record) + "\n"
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                text = "\n" + text
-    with open(path, "a") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from caprese.distillation.settings import OBJECTIVES
 from caprese.distillation.trainer import LossFn
 from caprese.families import LOGIT_ROWS, decoder, logits
 from caprese.phases import split, teacher
-
-OBJECTIVES = ("mse", "kl")
 
 
 def _kl_backward(model, hidden: torch.Tensor, target: torch.Tensor, scale: float) -> float:

@@ -21,14 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks
-from caprese.distillation.batches import Sample, batches
-from caprese.distillation.capture import RegressionStats, capture
-from caprese.distillation.checkpoint import (
-    append_log,
-    load_checkpoint,
-    save_checkpoint,
-)
-from caprese.distillation.trainer import LossFn, TrainSettings, train
+from caprese.capture import capture
+from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
+from caprese.distillation.settings import DistillSettings
+from caprese.distillation.stats import RegressionStats
+from caprese.distillation.trainer import LossFn, train
+from caprese.io import append_log
+from caprese.samples import Sample, batches
 
 log = logging.getLogger(__name__)
 
@@ -150,31 +149,27 @@ def run_layerwise(
     model: torch.nn.Module,
     samples: Sequence[Sample],
     held_out: Sequence[Sample],
-    solver: str,
+    settings: DistillSettings,
     run_dir: Path,
-    batch_size: int,
-    ridge: float,
-    sgd: TrainSettings,
-    checkpoint_every: int,
     pad_id: int = 0,
 ) -> tuple[list[dict], dict]:
     """Statistics pass, then closed form and/or SGD; returns the residual report and timings."""
+    solver, batch_size, every = settings.solver, settings.capture_batch, settings.checkpoint_every
     timings = {}
     started = time.perf_counter()
-    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train",
-                                checkpoint_every, pad_id)
+    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train", every, pad_id)
     timings["stats_s"] = time.perf_counter() - started
     if solver in ("closed_form", "closed_form+sgd"):
         started = time.perf_counter()
-        apply_closed_form(model, train_stats, ridge)
+        apply_closed_form(model, train_stats, settings.ridge)
         timings["solve_s"] = time.perf_counter() - started
     if solver in ("sgd", "closed_form+sgd"):
         started = time.perf_counter()
-        train(model, samples, sgd_loss(model), sgd, run_dir, pad_id)
+        train(model, samples, sgd_loss(model), settings.train_settings("sgd"), run_dir, pad_id)
         timings["sgd_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out",
-                                checkpoint_every, pad_id) if held_out else {})
+    held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out", every,
+                                pad_id) if held_out else {})
     timings["held_out_stats_s"] = time.perf_counter() - started
     report = residual_report(model, train_stats, held_stats)
     for row in report:

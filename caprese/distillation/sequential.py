@@ -32,12 +32,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks, fill_lowrank, lowrank_tensors
-from caprese.distillation.batches import Batch, Sample, collate
-from caprese.distillation.capture import RegressionStats
-from caprese.distillation.checkpoint import append_log, load_checkpoint, save_checkpoint
+from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
 from caprese.distillation.layerwise import solve_closed_form
+from caprese.distillation.settings import DistillSettings
+from caprese.distillation.stats import RegressionStats
 from caprese.families import decoder, decoder_layers
+from caprese.io import append_log
 from caprese.phases import split, teacher
+from caprese.samples import Batch, Sample, collate
 
 CHECKPOINT = "sequential"
 
@@ -134,13 +136,13 @@ def run_sequential(
     model: torch.nn.Module,
     samples: Sequence[Sample],
     held_out: Sequence[Sample],
+    settings: DistillSettings,
     run_dir: Path,
-    batch_size: int,
-    ridge: float,
     pad_id: int = 0,
 ) -> tuple[list[dict], dict]:
     """Fit every Caprese layer in order (distill() has run check_supported); returns the
     per-layer report and timings."""
+    batch_size, ridge = settings.capture_batch, settings.ridge
     layer_blocks = blocks(model)
     device = next(model.parameters()).device
     checkpoints = run_dir / "checkpoints"

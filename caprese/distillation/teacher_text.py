@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from caprese.data import TrainingSample
-from caprese.distillation.checkpoint import append_log
-from caprese.evaluate.generation import GenerationSettings, generate
+from caprese.generation import GenerationSettings, generate
+from caprese.io import append_log
 from caprese.phases import teacher
+from caprese.samples import TrainingSample
 
 CACHE_FILE = "teacher_text.jsonl"
 

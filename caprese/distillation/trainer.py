@@ -12,21 +12,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks
-from caprese.distillation.batches import Batch, Sample, collate, epoch_order
 from caprese.distillation.checkpoint import (
-    append_log,
     load_checkpoint,
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
 )
+from caprese.distillation.settings import TrainSettings
+from caprese.io import append_log
+from caprese.samples import Batch, Sample, collate, epoch_order
 
 # loss_fn(batch, scale) backpropagates scale * (sum of per-token losses) and returns that
 # sum (a float) and the number of continuation tokens.
@@ -35,19 +35,6 @@ LossFn = Callable[[Batch, float], tuple[float, int]]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainSettings:
-    name: str  # checkpoint and log name: "sgd" or "e2e"
-    lr: float
-    epochs: int
-    batch_size: int
-    micro_batch: int
-    warmup: float = 0.02
-    checkpoint_every: int = 50
-    seed: int = 0
-    min_warmup_steps: int = 5
 
 
 def lr_factor(step: int, total: int, warmup: float, min_warmup_steps: int = 5) -> float:

@@ -8,20 +8,31 @@ Caprese variant recovers: (Caprese - method) / (full - method).
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import statistics
 from pathlib import Path
 
-CAPRESE_KINDS = ("layerwise", "e2e", "caprese")
+from caprese.evaluate.variant import KINDS
+
+CAPRESE_KINDS = KINDS[2:]  # layerwise, e2e, caprese (an adapter of unrecorded stage)
 
 
 def verdicts(result: dict, path: str | Path) -> dict[str, bool] | None:
-    """Per-problem first-sample verdicts from the records file beside a result JSON."""
-    records = Path(path).with_name(result.get("records_file") or "")
-    if not result.get("records_file") or not records.is_file():
+    """Per-problem first-sample verdicts from the records file beside a result JSON (or its
+    gzip-compressed copy, FILE.gz, as results kept in a repository are)."""
+    if not result.get("records_file"):
         return None
-    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    records = Path(path).with_name(result["records_file"])
+    packed = records.with_name(records.name + ".gz")
+    if records.is_file():
+        text = records.read_text()
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
+        return None
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return {str(row["id"]): bool(row["correct"][0]) for row in rows}
 
 

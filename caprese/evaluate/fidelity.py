@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from caprese.adapter import blocks
-from caprese.distillation.batches import Sample, collate
-from caprese.distillation.capture import capture
+from caprese.capture import capture
 from caprese.families import LOGIT_ROWS, decoder, logits
 from caprese.phases import split, teacher
+from caprese.samples import Sample, collate
 
 
 @torch.no_grad()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from caprese.evaluate.generation import GenerationSettings, generate
+from caprese.generation import GenerationSettings, generate
+
+XSUM_STOP = ("###",)  # the 1-shot file's example separator ends a summary
+XSUM_MAX_NEW_TOKENS = 64
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -18,10 +18,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from caprese.distillation.batches import Batch
-from caprese.evaluate.generation import GenerationSettings, generate
 from caprese.families import decoder, logits
+from caprese.generation import GenerationSettings, generate
 from caprese.phases import split
+from caprese.samples import right_padded
 
 
 class CapreseLM(TemplateLM):
@@ -73,7 +73,7 @@ class CapreseLM(TemplateLM):
                 whole = (list(context) + list(continuation))[-(self.max_length + 1):]
                 scored = min(len(continuation), len(whole) - 1)
                 rows.append((whole[:-1], whole[len(whole) - scored:]))
-            batch = _right_padded([inputs for inputs, _ in rows],
+            batch = right_padded([inputs for inputs, _ in rows],
                                   [len(inputs) - len(target) + 1 for inputs, target in rows], pad)
             batch = batch.to(self._device)
             with split(self.model, batch.boundary):
@@ -125,14 +125,3 @@ class CapreseLM(TemplateLM):
                 outputs[i] = samples[0].text
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
-
-
-def _right_padded(sequences: list[list[int]], boundary: list[int], pad: int) -> Batch:
-    """A Batch without Sample's checks: a one-token continuation leaves no decode position."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(sequences):
-        ids[row, :len(sequence)] = torch.tensor(sequence)
-        mask[row, :len(sequence)] = 1
-    return Batch(ids, mask, torch.tensor(boundary))

@@ -11,8 +11,8 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 
-from caprese.evaluate.answers import check
-from caprese.evaluate.generation import GenerationSettings, generate
+from caprese.evaluate.checker import check
+from caprese.generation import GenerationSettings, generate
 
 GSM_STYLE = ("gsm8k", "gsm-symbolic", "gsm8k-test")
 

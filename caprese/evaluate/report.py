@@ -7,15 +7,13 @@ response length by difficulty level, per-layer MLP error before/after Caprese.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
 
-from caprese.evaluate.compare import recovery_rows, recovery_table, retention_table
+from caprese.evaluate.compare import CAPRESE_KINDS, recovery_rows, recovery_table, retention_table
+from caprese.evaluate.variant import KINDS
 from caprese.io import atomic_write_text
-
-VARIANT_ORDER = ("full", "method", "layerwise", "e2e", "caprese")
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
@@ -34,7 +32,7 @@ def load_results(paths: list[str | Path]) -> list[dict]:
 def _variant_key(result: dict) -> tuple:
     variant = result["variant"]
     kind = variant.get("kind", "method")
-    rank = VARIANT_ORDER.index(kind) if kind in VARIANT_ORDER else len(VARIANT_ORDER)
+    rank = KINDS.index(kind) if kind in KINDS else len(KINDS)
     return (variant.get("method", ""), rank, variant["label"])
 
 
@@ -153,7 +151,7 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
         xs = [row["layer"] for row in layers]
         ax.plot(xs, [row["caprese_rel_error"] for row in layers], marker="o", color=f"C{i}",
                 label=f"{r['variant']['label']}")
-        if r["variant"].get("kind") in ("method", "layerwise", "e2e", "caprese"):
+        if r["variant"].get("kind") in ("method", *CAPRESE_KINDS):
             ax.plot(xs, [row["method_rel_error"] for row in layers], linestyle="--",
                     color=f"C{i}", alpha=0.5, label=f"{r['variant']['label']}: method alone")
     ax.set_xlabel("layer")
@@ -195,17 +193,3 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
     atomic_write_text(out, "\n".join(sections) + "\n")
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"recovery": recovery}, indent=2))
     return out
-
-
-def run(args: argparse.Namespace) -> int:
-    print(f"report written to {build_report(args.results, args.out, args.intro, args.title)}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("report", help="markdown report + plots from eval result JSON")
-    p.add_argument("results", nargs="+", help="result JSON files written by caprese eval")
-    p.add_argument("--out", default="report.md")
-    p.add_argument("--title", default="Caprese evaluation report")
-    p.add_argument("--intro", help="markdown file placed under the title (setup, notes)")
-    p.set_defaults(func=run)

@@ -16,11 +16,13 @@ from caprese.methods.cats import Cats
 from caprese.methods.dense import Dense
 from caprese.methods.griffin import Griffin
 
-__all__ = ["FastWeights", "Method", "Griffin", "Cats", "Dense", "build_method"]
+__all__ = ["METHODS", "FastWeights", "Method", "Griffin", "Cats", "Dense", "build_method"]
+
+
+METHODS: dict[str, type[Method]] = {"griffin": Griffin, "cats": Cats, "none": Dense}
 
 
 def build_method(name: str, density: float) -> Method:
-    methods = {"griffin": Griffin, "cats": Cats, "none": Dense}
-    if name not in methods:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
-    return methods[name](density)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](density)

@@ -24,16 +24,6 @@ class FastWeights:
     down_rows: torch.Tensor
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight^T + bias for shared (2-D) or per-sample (3-D) weights."""
-    if weight.dim() == 2:
-        return nn.functional.linear(x, weight, bias)
-    y = torch.bmm(x, weight.transpose(1, 2))
-    if bias is None:
-        return y
-    return y + (bias if bias.dim() == 1 else bias[:, None, :])
-
-
 class Method:
     """A compressed MLP: what to keep is decided once per sample, from the prompt."""
 

@@ -1,0 +1,38 @@
+"""Capture: one teacher pass per batch gives every layer's regression data at once.
+
+Layer-wise distillation fits, for each layer i separately,
+    Y_i = FF_i(x) - FFhat_i(x)  ~  x L_i R_i      on continuation tokens,
+with x the layer's input in the ORIGINAL model (no error propagation between layers). A
+CAPTURE forward is dense, so every block sees original inputs; each block computes its
+sample's selection from the prompt positions and reports x and the activations its method
+drops. Y_i = dropped @ W2^T (the down bias cancels in the difference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from caprese.block import Phase
+from caprese.families import decoder
+from caprese.phases import split
+from caprese.samples import Batch
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> None:
+    """Run `batch` through the original model; call on_layer(i, X_i, Y_i) for every block."""
+
+    def observer(block, x, dropped):
+        on_layer(block.layer_index, x, dropped @ block.mlp.down_proj.weight.t())
+
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with split(model, batch.boundary, Phase.CAPTURE, observer):
+        # The decoder stack alone: the LM head is not needed and is costly for big vocabularies.
+        decoder(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )

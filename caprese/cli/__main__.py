@@ -1,0 +1,5 @@
+import sys
+
+from caprese.cli import main
+
+sys.exit(main())

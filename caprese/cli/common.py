@@ -1,0 +1,42 @@
+"""Options several subcommands share, and loading the model they name."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import torch
+
+from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
+from caprese.models import load_model, weights_description
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device, --threads."""
+    p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the device computes it in hardware, else fp32")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+
+
+def load_for(args: argparse.Namespace):
+    """(model, tokenizer, setup) for --model/--dtype/--device/--threads; `setup` is what a
+    result file records about how the model was loaded and the command that ran."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    choice = resolve_dtype(args.dtype, args.device)
+    setup = {"model": args.model, "weights": weights_description(args.model),
+             "dtype": choice.name, "dtype_reason": choice.reason, "device": args.device,
+             "command": command_line(args)}
+    return model, tokenizer, setup
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that is running, as a user would type it (main() records its argv)."""
+    return "caprese " + shlex.join(args.argv)

@@ -1,0 +1,132 @@
+"""`caprese eval`, `caprese lm-eval` and `caprese report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from caprese.cli.common import add_model_options, load_for
+from caprese.distillation.settings import STAGES
+from caprese.evaluate.report import build_report
+from caprese.evaluate.tasks import TASKS, EvalTask, evaluate
+from caprese.evaluate.variant import VARIANT_METHODS, Variant, applied
+from caprese.io import atomic_write_text
+
+
+def add_variant_options(p: argparse.ArgumentParser) -> None:
+    """Which model variant to load: shared by `caprese eval` and `caprese lm-eval`."""
+    add_model_options(p)
+    p.add_argument("--adapter", help="Caprese adapter directory (omit: the method alone)")
+    p.add_argument("--method", default="none", choices=VARIANT_METHODS,
+                   help="without --adapter: none = the full model")
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--label", help="name of this variant in reports")
+    p.add_argument("--stage", choices=STAGES,
+                   help="the adapter's distillation stage (adapters record it since caprese "
+                   "0.2; this overrides)")
+
+
+def variant_from(args: argparse.Namespace) -> Variant:
+    return Variant(args.model, method=args.method, density=args.density, adapter=args.adapter,
+                   stage=args.stage, label=args.label)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    variant = variant_from(args)
+    task = EvalTask(args.task, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    max_length=args.max_length, batch_size=args.batch_size,
+                    temperature=args.temperature, top_p=args.top_p, samples=args.samples,
+                    seed=args.seed)
+    described = variant.describe()  # a bad adapter is refused before the model loads
+    model, tokenizer, setup = load_for(args)
+    with applied(model, variant):
+        result = evaluate(model, tokenizer, described, task, args.out, setup)
+    print(json.dumps({"task": task.task, "variant": described["label"],
+                      **{k: v for k, v in result["summary"].items() if k != "layers"}},
+                     indent=2))
+    return 0
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise RuntimeError("caprese lm-eval needs lm-evaluation-harness: pip install lm-eval"
+                           ) from error
+    from caprese.evaluate.lm_eval_bridge import CapreseLM
+
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {args.include_path} is not a folder of task YAML")
+    variant = variant_from(args)
+    described = variant.describe()
+    model, tokenizer, setup = load_for(args)
+    lm = CapreseLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                   max_gen_toks=args.max_new_tokens)
+    started = time.perf_counter()
+    with applied(model, variant):
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
+            limit=args.limit, task_manager=TaskManager(include_path=args.include_path),
+            random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed)
+    record = {
+        "task": f"lm-eval:{args.tasks}", "variant": described,
+        "summary": output["results"], "settings": {"num_fewshot": args.num_fewshot,
+                                                   "max_length": args.max_length,
+                                                   "max_new_tokens": args.max_new_tokens},
+        "setup": {**setup, "threads": torch.get_num_threads(), "limit": args.limit,
+                  "seconds": time.perf_counter() - started, "lm_eval": lm_eval.__version__}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=2, default=str))
+    print(json.dumps(output["results"], indent=2, default=str))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    print(f"report written to {build_report(args.results, args.out, args.intro, args.title)}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate full / method / Caprese on a task",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_variant_options(p)
+    p.add_argument("--task", required=True, help=f"{', '.join(TASKS)}, or a .jsonl file")
+    p.add_argument("--limit", type=int, help="first N problems only")
+    p.add_argument("--out", required=True, help="results JSON (a .jsonl of records beside it)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=1024, help="fidelity: tokens per sample")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser(
+        "lm-eval", help="run lm-evaluation-harness tasks with Caprese phases intact",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_variant_options(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="folder of extra task YAML files (local tasks)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=int, help="first N documents per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048, help="tokens of context per request")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks' default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="results JSON")
+    p.set_defaults(func=run_lm_eval)
+
+    p = subparsers.add_parser("report", help="markdown report + plots from eval result JSON")
+    p.add_argument("results", nargs="+", help="result JSON files written by caprese eval")
+    p.add_argument("--out", default="report.md")
+    p.add_argument("--title", default="Caprese evaluation report")
+    p.add_argument("--intro", help="markdown file placed under the title (setup, notes)")
+    p.set_defaults(func=run_report)

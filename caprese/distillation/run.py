@@ -1,0 +1,146 @@
+"""Distill the Caprese path: layer-wise (closed form, SGD or sequential), then end-to-end.
+
+A run directory holds everything a run writes:
+    caprese_config.json, adapter.safetensors    the final adapter (caprese.load accepts it)
+    stages/layerwise/, stages/e2e/               the adapter after each stage
+    checkpoints/                                 resumable state (removed once a stage is done)
+    run.json                                     the settings, checked on --resume
+    run_log.jsonl                                one line per step / layer report
+    summary.json                                 time per stage, peak memory, losses
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from caprese.adapter import blocks, config_of, load_weights, save
+from caprese.distillation.checkpoint import remove_checkpoint
+from caprese.distillation.e2e import e2e_loss
+from caprese.distillation.layerwise import run_layerwise
+from caprese.distillation.sequential import CHECKPOINT as SEQUENTIAL_CHECKPOINT
+from caprese.distillation.sequential import check_supported, run_sequential
+from caprese.distillation.settings import DistillSettings
+from caprese.distillation.trainer import train
+from caprese.io import atomic_write_text
+from caprese.samples import Sample
+
+CHECKPOINTS = ("stats-train", "stats-held-out", "sgd", "e2e", SEQUENTIAL_CHECKPOINT)
+
+
+def refuse_unresumed_run(out: Path, resume: bool) -> None:
+    """An existing run is continued only when asked (checked before any costly work)."""
+    if (out / "run.json").is_file() and not resume:
+        raise ValueError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+
+
+def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
+    run_file = out / "run.json"
+    refuse_unresumed_run(out, resume)
+    if run_file.is_file():
+        saved = json.loads(run_file.read_text())
+        if saved != record:
+            changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+            raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def check_solver(model: torch.nn.Module, settings: DistillSettings) -> None:
+    """Refuse a model the layer-wise solver cannot fit, before anything is computed."""
+    if settings.solver == "sequential" and "layerwise" in settings.stages:
+        check_supported(model)
+
+
+def distill(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    out: str | Path,
+    settings: DistillSettings,
+    held_out: Sequence[Sample] = (),
+    resume: bool = False,
+    pad_id: int = 0,
+    run_info: dict | None = None,
+) -> dict:
+    """Distill L and R of a caprese-attached model; write the run directory; return summary."""
+    out = Path(out)
+    if not samples:
+        raise ValueError("no training samples")
+    check_solver(model, settings)
+    record = {
+        "caprese": json.loads(config_of(model).to_json()),
+        "settings": dataclasses.asdict(settings),
+        "samples": len(samples),
+        "held_out": len(held_out),
+        **(run_info or {}),
+    }
+    record["settings"]["stages"] = list(settings.stages)
+    _check_run_dir(out, record, resume)
+    summary: dict = {"stages": {}}
+    for stage in settings.stages:
+        stage_dir = out / "stages" / stage
+        if (stage_dir / "caprese_config.json").is_file():  # finished before an interruption
+            load_weights(model, stage_dir)
+            summary["stages"][stage] = json.loads((stage_dir / "stage.json").read_text())
+            continue
+        started = time.perf_counter()
+        result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
+        result["seconds"] = time.perf_counter() - started
+        save(model, stage_dir, trained={"stage": stage})
+        atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
+        for name in CHECKPOINTS:
+            remove_checkpoint(out / "checkpoints", name)
+        summary["stages"][stage] = result
+    save(model, out, trained={"stage": settings.stages[-1]})
+    summary["peak_memory_gib"] = _peak_memory_gib()
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
+    if stage == "layerwise":
+        solve = run_sequential if settings.solver == "sequential" else run_layerwise
+        report, timings = solve(model, samples, held_out, settings, out, pad_id)
+        return {"solver": settings.solver, "timings": timings, "layers": report}
+    if settings.gradient_checkpointing:
+        _set_activation_checkpointing(model, True)
+    try:
+        subset = samples[: settings.e2e_samples] if settings.e2e_samples else samples
+        losses = train(model, subset, e2e_loss(model, settings.e2e_objective),
+                       settings.train_settings("e2e"), out, pad_id)
+    finally:
+        if settings.gradient_checkpointing:
+            _set_activation_checkpointing(model, False)
+    return {"losses": losses, "blocks": len(blocks(model))}
+
+
+def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """transformers renamed gradient_checkpointing_* to activation_checkpointing_* in 5.x;
+    it only recomputes in training mode (the models here have no dropout to switch on)."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+    else:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.eval()

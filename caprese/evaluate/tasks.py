@@ -1,0 +1,105 @@
+"""One evaluation step: a task on a loaded model variant -> a result JSON (+ per-problem JSONL).
+
+`caprese eval` and the main job both build an EvalTask and call `evaluate`: math accuracy by
+generation, XSum ROUGE, or fidelity to the original model (one teacher-forced forward).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from caprese import data, prompts
+from caprese.evaluate.fidelity import fidelity
+from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
+from caprese.evaluate.math import evaluate_math
+from caprese.generation import GenerationSettings
+from caprese.io import atomic_write_text
+
+MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm8k", "math500", "aime24", "amc23")
+TASKS = (*MATH_TASKS, "xsum", "fidelity", "fidelity-language")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A task name (or a local .jsonl file of MATH-format problems) and how to run it."""
+
+    task: str
+    limit: int | None = None  # the first N problems only
+    max_new_tokens: int = 512
+    max_length: int = 1024  # fidelity: tokens per sample
+    batch_size: int = 8
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    samples: int = 1  # completions per problem (pass@k)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS and not self.task.endswith(".jsonl"):
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)} "
+                             "or a local .jsonl file")
+
+    def records(self) -> list[data.Record]:
+        if self.task.endswith(".jsonl"):
+            records = data.load("math", self.task)
+        elif self.task == "fidelity":
+            records = data.load("math500")
+        elif self.task == "fidelity-language":
+            records = data.load("xsum")
+        else:
+            records = data.load(self.task)
+        return records[: self.limit] if self.limit else records
+
+    def generation(self) -> GenerationSettings:
+        settings = GenerationSettings(
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+            temperature=self.temperature, top_p=self.top_p, samples=self.samples,
+            seed=self.seed)
+        if self.task == "xsum":
+            settings = replace(settings, stop=XSUM_STOP,
+                               max_new_tokens=min(self.max_new_tokens, XSUM_MAX_NEW_TOKENS))
+        return settings
+
+
+def run_task(model, tokenizer, task: EvalTask) -> dict:
+    """{"summary", "records", "settings"} of `task` on the loaded model as it is."""
+    records = task.records()
+    if task.task.startswith("fidelity"):
+        samples = prompts.teacher_forced(tokenizer, records,
+                                         language=task.task != "fidelity",
+                                         max_length=task.max_length)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return {"summary": fidelity(model, samples, batch_size=task.batch_size, pad_id=pad),
+                "records": [], "settings": None}
+    settings = task.generation()
+    if task.task == "xsum":
+        result = evaluate_xsum(model, tokenizer, records, settings)
+    else:
+        result = evaluate_math(model, tokenizer, records, prompts.chat_prompt, settings,
+                               task.task)
+    return {**result, "settings": asdict(settings)}
+
+
+def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
+             setup: dict) -> dict:
+    """Run `task`, write result JSON `out` and its per-problem JSONL beside it; returns the
+    result. `variant` is Variant.describe()'s record; `setup` says how the model was loaded
+    (model, weights, dtype, device, command), the time and thread count are added here."""
+    out = Path(out)
+    started = time.perf_counter()
+    result = run_task(model, tokenizer, task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    per_problem = out.with_suffix(".jsonl") if result["records"] else None
+    if per_problem:
+        atomic_write_text(per_problem, "".join(json.dumps(r) + "\n" for r in result["records"]))
+    record = {
+        "task": task.task, "variant": variant, "summary": result["summary"],
+        "settings": result["settings"], "records_file": per_problem and per_problem.name,
+        "setup": {**setup, "threads": torch.get_num_threads(), "limit": task.limit,
+                  "seconds": time.perf_counter() - started}}
+    atomic_write_text(out, json.dumps(record, indent=2))
+    return record

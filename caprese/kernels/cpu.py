@@ -1,0 +1,146 @@
+"""CPU decode kernels: a dense matrix-vector product and CATS' real sparse MLP.
+
+Decoding one token multiplies every weight matrix by one vector, so its speed is the speed
+of reading the weights. The kernels (cpu_kernels.cpp) are compiled once per kind of CPU with
+torch's C++ extension loader (AVX-512, else AVX2 + FMA, else plain loops) and cached; set
+CAPRESE_NO_KERNELS=1 to skip them (callers fall back to PyTorch, which computes the same
+values up to rounding). Without SIMD code CATS' kernel read 4.6x slower than PyTorch on an
+AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCHMARKS.md):
+
+- `linear`: y = x W^T for a few rows of x, four weight rows at a time so the memory system
+  streams several rows at once; on an AVX-512 BF16 CPU a bf16 decode step of the 1.5B model
+  is 9% faster with it (docs/BENCHMARKS.md). fp32 products stay with PyTorch, which is faster
+  there. `rows_product`: y = x M for M stored as rows (the transposed down projection with R
+  appended), threads splitting the rows.
+- `cats_decode`: for one token CATS keeps about `density` of the D_FF gate entries; it reads
+  only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop. PyTorch
+  has no fused gather + matrix-vector product (index_select copies the rows first, which
+  costs more than it saves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
+DISABLE_ENV = "CAPRESE_NO_KERNELS"
+
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV) == "1"
+
+
+def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """A short hash of this CPU's instruction-set flags.
+
+    The module is compiled with -march=native, and torch caches it by name: a home directory
+    shared by an AVX-512 and an AVX2 machine would hand the second one code it cannot run
+    (SIGILL). The name carries this tag, so each kind of CPU builds its own."""
+    try:
+        with open(cpuinfo) as lines:
+            flags = next(line for line in lines if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def module():
+    """The compiled module, or None (disabled, or no compiler on this machine)."""
+    global _module, _failed
+    if disabled() or _failed:
+        return None
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                source_tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+                log.info("building caprese's CPU decode kernels (once; cached afterwards)")
+                _module = load(
+                    name=f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as error:  # no compiler, no headers: the dense form still works
+                log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
+                _failed = True
+    return _module
+
+
+def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
+                up_rows: torch.Tensor, down_rows: torch.Tensor) -> torch.Tensor | None:
+    """One token through a CATS MLP (+ fused low-rank rows past D_FF), or None if unavailable.
+
+    up_rows (D_FF + r, D) and down_rows (D_FF + r, D) are contiguous; rows past D_FF are the
+    low-rank path (L^T and R), always kept, multiplied by 1 instead of the gate.
+    """
+    compiled = module()
+    if compiled is None:
+        return None
+    act = act_gate.reshape(-1).float().contiguous()
+    out = compiled.cats_decode(act, float(tau), up_rows, down_rows, x.reshape(-1).float())
+    return out.to(x.dtype).reshape(x.shape)
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One token, bf16 contiguous weights, on the CPU, no autograd (the kernels compute values,
+    not gradients). fp32 stays with PyTorch: its fp32 product already runs at 83% of the
+    bandwidth floor and the kernel measured slower (docs/BENCHMARKS.md)."""
+    return (x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Add the bias in fp32, round once to x's dtype, restore x's leading shape."""
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+           ) -> torch.Tensor | None:
+    """x W^T + b for one token (weight (out, in)), or None where the kernel does not apply."""
+    compiled = module() if _applies(x, weight) else None
+    if compiled is None:
+        return None
+    return _finish(compiled.linear(x.reshape(1, -1).float(), weight), bias, x)
+
+
+def rows_product(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor | None:
+    """x @ rows + b for one token (rows (K, D)), or None where the kernel does not apply."""
+    compiled = module() if _applies(x, rows) else None
+    if compiled is None:
+        return None
+    return _finish(compiled.rows_product(x.reshape(-1).float().contiguous(), rows), bias, x)
+
+
+def _kernel_forward(layer: torch.nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, layer.weight, layer.bias)
+        return torch.nn.functional.linear(x, layer.weight, layer.bias) if out is None else out
+    return forward
+
+
+def route_linears(model: torch.nn.Module, enabled: bool = True) -> None:
+    """Every nn.Linear of `model` computes single tokens by `linear` (other inputs keep
+    PyTorch's path); enabled=False restores PyTorch everywhere."""
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            if enabled:
+                layer.forward = _kernel_forward(layer)
+            elif "forward" in layer.__dict__:
+                del layer.forward

@@ -1,0 +1,209 @@
+// caprese's CPU decode kernels (built by caprese/kernels/cpu.py with torch's C++ extension
+// loader, -march=native, once per kind of CPU). Tensors in, tensors out:
+//   linear(x, W)              x (rows, in) float32 times W^T, W (out, in) float32 or bf16
+//   rows_product(x, rows)     x (K,) float32 times rows (K, D): the down projection stored as rows
+//   cats_decode(act, tau, up, down, x)
+//                             one token through a CATS MLP reading only the kept rows
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <cmath>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+static inline float to_float(float v) { return v; }
+static inline float to_float(at::BFloat16 v) {
+  uint32_t bits = uint32_t(reinterpret_cast<const uint16_t&>(v)) << 16;
+  float out; std::memcpy(&out, &bits, 4); return out;
+}
+// One SIMD vector of floats: 16 lanes with AVX-512, 8 with AVX2 + FMA (bf16 widens to
+// float by a 16-bit shift), none otherwise (the scalar loops below do all the work).
+#if defined(__AVX512F__)
+#define CAPRESE_SIMD 16
+typedef __m512 vec;
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vset(float v) { return _mm512_set1_ps(v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CAPRESE_SIMD 8
+typedef __m256 vec;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vload(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vset(float v) { return _mm256_set1_ps(v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline float vsum(vec v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+#endif
+
+template <typename T>
+static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) {
+  int64_t d = begin;
+#if defined(CAPRESE_SIMD)
+  const vec wv = vset(w);
+  for (; d + CAPRESE_SIMD <= end; d += CAPRESE_SIMD)
+    vstore(out + d, vfma(wv, vload(row + d), vload(out + d)));
+#endif
+  for (; d < end; ++d) out[d] += w * to_float(row[d]);
+}
+
+// out (rows, O) = x (rows, I) W^T, W (O, I) row-major; four weight rows per pass share the
+// loads of x, up to four rows of x per pass share the loads of W.
+// index (optional): output o reads weight row index[o] (CATS' kept rows).
+template <typename T>
+static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, int64_t o0,
+                         int64_t out_features, float* out, const int64_t* index = nullptr) {
+  const int64_t nr = std::min<int64_t>(4, out_features - o0);
+  const T* row[4];
+  for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const int64_t mb = std::min<int64_t>(4, rows - m0);
+    float sums[4][4] = {};
+    int64_t d = 0;
+#if defined(CAPRESE_SIMD)
+    vec acc[4][4];
+    for (int r = 0; r < 4; ++r) for (int m = 0; m < 4; ++m) acc[r][m] = vzero();
+    for (; d + CAPRESE_SIMD <= in; d += CAPRESE_SIMD) {
+      vec xv[4];
+      for (int m = 0; m < mb; ++m) xv[m] = vload(x + (m0 + m) * in + d);
+      for (int r = 0; r < nr; ++r) {
+        const vec wv = vload(row[r] + d);
+        for (int m = 0; m < mb; ++m) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < nr; ++r)
+      for (int m = 0; m < mb; ++m) sums[r][m] = vsum(acc[r][m]);
+#endif
+    for (int r = 0; r < nr; ++r)
+      for (int m = 0; m < mb; ++m) {
+        float s = sums[r][m];
+        for (int64_t t = d; t < in; ++t) s += to_float(row[r][t]) * x[(m0 + m) * in + t];
+        out[(m0 + m) * out_features + o0 + r] = s;
+      }
+  }
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous (out, in) matrix");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "weights must be float32 or bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
+              x.size(1) == w.size(1), "x must be a contiguous float32 (rows, in) matrix");
+  const int64_t rows = x.size(0), in = w.size(1), out_features = w.size(0);
+  auto out = torch::empty({rows, out_features}, x.options());
+  at::parallel_for(0, (out_features + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      if (w.scalar_type() == at::kFloat)
+        linear_block(w.data_ptr<float>(), x.data_ptr<float>(), rows, in, block * 4,
+                     out_features, out.data_ptr<float>());
+      else
+        linear_block(w.data_ptr<at::BFloat16>(), x.data_ptr<float>(), rows, in, block * 4,
+                     out_features, out.data_ptr<float>());
+    }
+  });
+  return out;
+}
+
+// Threads split the rows, each reads its rows whole (front to back) into a private
+// accumulator; the accumulators are added up at the end.
+template <typename T>
+static void weighted_rows(const float* weight, const T* rows, int64_t count, int64_t dim,
+                          const int64_t* index, float* out) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   count / 256 + 1));
+  std::vector<float> partial(threads * dim, 0.f);
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      float* acc = partial.data() + t * dim;
+      for (int64_t j = t * count / threads; j < (t + 1) * count / threads; ++j)
+        axpy(weight[j], rows + (index ? index[j] : j) * dim, acc, 0, dim);
+    }
+  });
+  for (int64_t d = 0; d < dim; ++d) {
+    float total = 0.f;
+    for (int64_t t = 0; t < threads; ++t) total += partial[t * dim + d];
+    out[d] = total;
+  }
+}
+
+torch::Tensor rows_product(torch::Tensor x, torch::Tensor rows) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous matrix");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kBFloat16,
+              "rows must be float32 or bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == rows.size(0),
+              "x must be a contiguous float32 vector with one entry per row");
+  auto out = torch::empty({rows.size(1)}, x.options());
+  if (rows.scalar_type() == at::kFloat)
+    weighted_rows(x.data_ptr<float>(), rows.data_ptr<float>(), rows.size(0), rows.size(1),
+                  nullptr, out.data_ptr<float>());
+  else
+    weighted_rows(x.data_ptr<float>(), rows.data_ptr<at::BFloat16>(), rows.size(0),
+                  rows.size(1), nullptr, out.data_ptr<float>());
+  return out;
+}
+
+// One token through a CATS MLP: act (d_ff gate activations, float), rows of up / down
+// (n_rows x dim, n_rows >= d_ff; rows past d_ff are always kept with weight 1).
+template <typename T>
+static void cats_mlp(const float* act, float tau, const T* up, const T* down, int64_t n_rows,
+                     int64_t d_ff, const float* x, int64_t dim, float* out) {
+  std::vector<int64_t> kept;
+  std::vector<float> gate;
+  kept.reserve(n_rows);
+  gate.reserve(n_rows);
+  for (int64_t j = 0; j < d_ff; ++j)
+    if (std::abs(act[j]) > tau) { kept.push_back(j); gate.push_back(act[j]); }
+  for (int64_t j = d_ff; j < n_rows; ++j) { kept.push_back(j); gate.push_back(1.f); }
+  const int64_t count = kept.size();
+  std::vector<float> hidden(count);
+  at::parallel_for(0, (count + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      linear_block(up, x, 1, dim, block * 4, count, hidden.data(), kept.data());
+  });
+  for (int64_t j = 0; j < count; ++j) hidden[j] *= gate[j];
+  weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
+}
+
+torch::Tensor cats_decode(torch::Tensor act, double tau, torch::Tensor up, torch::Tensor down,
+                          torch::Tensor x) {
+  TORCH_CHECK(up.dim() == 2 && up.is_contiguous() && down.is_contiguous() &&
+              up.sizes() == down.sizes() && up.scalar_type() == down.scalar_type(),
+              "up and down rows must be contiguous (rows x dim) tensors of one shape");
+  TORCH_CHECK(up.scalar_type() == at::kFloat || up.scalar_type() == at::kBFloat16,
+              "weights must be float32 or bfloat16");
+  TORCH_CHECK(act.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+              act.is_contiguous() && x.is_contiguous(), "act and x must be contiguous float32");
+  TORCH_CHECK(x.numel() == up.size(1) && act.numel() <= up.size(0), "shape mismatch");
+  auto out = torch::empty({up.size(1)}, x.options());
+  if (up.scalar_type() == at::kFloat)
+    cats_mlp(act.data_ptr<float>(), float(tau), up.data_ptr<float>(), down.data_ptr<float>(),
+             up.size(0), act.numel(), x.data_ptr<float>(), up.size(1), out.data_ptr<float>());
+  else
+    cats_mlp(act.data_ptr<float>(), float(tau), up.data_ptr<at::BFloat16>(),
+             down.data_ptr<at::BFloat16>(), up.size(0), act.numel(), x.data_ptr<float>(),
+             up.size(1), out.data_ptr<float>());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cats_decode", &cats_decode);
+  m.def("linear", &linear);
+  m.def("rows_product", &rows_product);
+}

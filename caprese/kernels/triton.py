@@ -1,0 +1,80 @@
+"""CATS' real sparse decode on GPUs (Triton): read only the rows whose gate survives.
+
+One decode token per sample: CATS keeps the gate entries with |act(x Wg)| > tau (tau per
+sample). Two kernels:
+- `_up_kernel`: for each block of rows j, the dot products W1[j] . x for the kept rows only
+  (the loads of the other rows are masked off, so their bytes are never read), times the
+  gate; rows past D_FF (the low-rank L^T appended by Caprese) are always kept, gate 1;
+- `_down_kernel`: for each block of output columns, the sum over kept rows of
+  hidden[j] * W2^T[j], again with the other rows' loads masked off.
+Rows are read in blocks of at least 64 elements, so a skipped row skips whole memory
+transactions. Triton comes with CUDA builds of PyTorch; the tests run these kernels on the
+CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _up_kernel(x_ptr, act_ptr, tau_ptr, up_ptr, hidden_ptr, rows, d_ff, dim,
+               BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    sample = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    in_rows = j < rows
+    act = tl.load(act_ptr + sample * d_ff + j, mask=j < d_ff, other=1.0).to(tl.float32)
+    tau = tl.load(tau_ptr + sample).to(tl.float32)
+    keep = in_rows & ((tl.abs(act) > tau) | (j >= d_ff))
+    acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for start in range(0, dim, BLOCK_D):
+        d = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + sample * dim + d, mask=d < dim, other=0.0).to(tl.float32)
+        w = tl.load(up_ptr + j[:, None] * dim + d[None, :],
+                    mask=keep[:, None] & (d[None, :] < dim), other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    gate = tl.where(j < d_ff, act, 1.0)
+    tl.store(hidden_ptr + sample * rows + j, tl.where(keep, acc * gate, 0.0), mask=in_rows)
+
+
+@triton.jit
+def _down_kernel(hidden_ptr, down_ptr, out_ptr, rows, dim,
+                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    sample = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, rows, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        h = tl.load(hidden_ptr + sample * rows + j, mask=j < rows, other=0.0)
+        keep = h != 0.0
+        w = tl.load(down_ptr + j[:, None] * dim + d[None, :],
+                    mask=keep[:, None] & (d[None, :] < dim), other=0.0).to(tl.float32)
+        acc += tl.sum(h[:, None] * w, axis=0)
+    tl.store(out_ptr + sample * dim + d, acc, mask=d < dim)
+
+
+def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
+                up_rows: torch.Tensor, down_rows: torch.Tensor,
+                block_j: int = 32, block_d: int = 64) -> torch.Tensor:
+    """One token per sample through a CATS MLP (+ the low-rank rows past D_FF).
+
+    x (B, 1, D); act_gate (B, 1, D_FF), the gate activations; tau (B,); up_rows and
+    down_rows (D_FF + r, D), contiguous. Returns (B, 1, D) in x's dtype.
+    """
+    batch, dim = x.shape[0], x.shape[-1]
+    rows, d_ff = up_rows.shape[0], act_gate.shape[-1]
+    if not (up_rows.is_contiguous() and down_rows.is_contiguous()
+            and up_rows.shape == down_rows.shape and up_rows.shape[1] == dim):
+        raise ValueError("up_rows and down_rows must be contiguous (D_FF + r, D) matrices")
+    x = x.reshape(batch, dim).contiguous()
+    act = act_gate.reshape(batch, d_ff).contiguous()
+    tau = tau.reshape(batch).float().contiguous()
+    hidden = torch.empty(batch, rows, device=x.device, dtype=torch.float32)
+    out = torch.empty(batch, dim, device=x.device, dtype=torch.float32)
+    _up_kernel[(batch, triton.cdiv(rows, block_j))](
+        x, act, tau, up_rows, hidden, rows, d_ff, dim, BLOCK_J=block_j, BLOCK_D=block_d)
+    _down_kernel[(batch, triton.cdiv(dim, block_d))](
+        hidden, down_rows, out, rows, dim, BLOCK_J=block_j, BLOCK_D=block_d)
+    return out.to(x.dtype).reshape(batch, 1, dim)

@@ -1,0 +1,71 @@
+"""Load any causal LM by built-in name, local folder or Hub id, in the dtype asked for."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from caprese.dtypes import announce, resolve_dtype, software_bf16
+from caprese.models.builtin import BUILTIN_MODELS, CapreseModelError, prepare
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model, tokenizer) for a built-in name, a local HF folder or a Hub id.
+
+    dtype: "auto" (bf16 where the device computes it in hardware, else fp32; see
+    caprese.dtypes), "bf16", "fp32", "fp16" or a torch dtype. device: "cpu", "cuda", ...;
+    None takes CUDA when available. The model is put in eval mode; its weights load straight
+    onto the device (device_map), so a GPU run never holds a second copy in host RAM.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_dtype(dtype, device)
+    announce(choice)
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        source: str | Path = prepare(name)
+    elif Path(name).expanduser().is_dir():
+        source = Path(name).expanduser()
+    else:
+        source = name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=choice.dtype, device_map=torch.device(device)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        where = (
+            "a local folder without a loadable model"
+            if isinstance(source, Path)
+            else f"not a built-in model ({', '.join(BUILTIN_MODELS)}) nor a local folder, "
+            "and the Hugging Face Hub could not provide it"
+        )
+        raise CapreseModelError(f"could not load {name!r}: {where} ({error})") from error
+    if software_bf16(model.dtype, device):
+        _warn_software_bf16()
+    return model.eval(), tokenizer
+
+
+@functools.cache
+def _warn_software_bf16() -> None:
+    """Once per process: a pipeline loads the model for each of its steps."""
+    log.warning(
+        "this CPU has no bfloat16 matrix unit (AVX512_BF16 or AMX): bf16 matrix products "
+        "run in software, several times slower than fp32 for prefill, distillation and "
+        "scoring (7.5x on an AVX2 EPYC; decode, bound by memory, is not slower). Use "
+        "--dtype auto or fp32 (dtype='auto') where twice the memory fits."
+    )
