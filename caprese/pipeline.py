@@ -45,10 +45,17 @@ class Preset:
 
 PRESETS = {
     # Sized for under 45 minutes on 2 CPU cores (7 variants x 4 tasks + 2 distillations);
-    # wall time in the README, measured with `time caprese pipeline`.
+    # wall times in the README, measured with `time bash scripts/main.sh`.
+    # Where bf16 runs in hardware (GPUs, CPUs with AVX512_BF16 or AMX):
     "default": Preset("qwen2.5-coder-0.5b-instruct", samples=256, max_length=384,
                       e2e_samples=64, e2e_epochs=1, math_problems=40, max_new_tokens=256,
                       xsum_articles=24, fidelity_samples=24, language_samples=8),
+    # On other CPUs the model runs in fp32: twice the bytes per decode step and no bf16 unit
+    # for prefill and training, so the same sizes took ~85 min (estimated from per-step
+    # costs) on a 2-core AVX-512 Xeon; these fit 45 minutes with room for slower AVX2 cores.
+    "default-fp32": Preset("qwen2.5-coder-0.5b-instruct", samples=64, max_length=256,
+                           e2e_samples=16, e2e_epochs=1, math_problems=20, max_new_tokens=192,
+                           xsum_articles=4, fidelity_samples=4, language_samples=2),
     # A smoke run of every step, under 10 minutes: the numbers mean nothing (128 new tokens
     # truncate most GSM8K solutions, 48 samples overfit the closed form).
     "quick": Preset("qwen2.5-coder-0.5b-instruct", samples=48, max_length=256,
@@ -141,6 +148,16 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
     return report
 
 
-def preset_for(quick: bool, model: str | None) -> Preset:
-    preset = PRESETS["quick" if quick else "default"]
+def preset_name(quick: bool, dtype: str, device: str | None) -> str:
+    """quick, default, or default-fp32 where the model runs in fp32 on a CPU."""
+    if quick:
+        return "quick"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    slow = torch.device(device).type == "cpu" and resolve_dtype(dtype, device).name == "fp32"
+    return "default-fp32" if slow else "default"
+
+
+def preset_for(quick: bool, model: str | None, dtype: str = "auto",
+               device: str | None = None) -> Preset:
+    preset = PRESETS[preset_name(quick, dtype, device)]
     return replace(preset, model=model) if model else preset

@@ -63,3 +63,17 @@ def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
         assert model == "model" and (setup["dtype"], setup["device"]) == ("fp32", "cpu")
         assert setup["model"] == str(tmp_path) and setup["command"].startswith(
             "caprese pipeline --quick")
+
+
+def test_the_default_preset_follows_the_dtype(monkeypatch):
+    """CPUs without a bf16 unit run fp32 (twice the bytes, no bf16 unit): a smaller preset."""
+    from caprese import dtypes
+    from caprese.pipeline import PRESETS, preset_for
+
+    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: False)
+    assert preset_for(False, None, "auto", "cpu") == PRESETS["default-fp32"]
+    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: True)
+    assert preset_for(False, None, "auto", "cpu") == PRESETS["default"]
+    assert preset_for(False, None, "fp32", "cpu") == PRESETS["default-fp32"]
+    assert preset_for(True, "my-model", "auto", "cpu") == PRESETS["quick"].__class__(
+        **{**PRESETS["quick"].__dict__, "model": "my-model"})

@@ -7,19 +7,23 @@ from pathlib import Path
 
 from caprese.cli.common import command_line
 from caprese.dtypes import DTYPE_CHOICES
-from caprese.pipeline import preset_for, run_pipeline
+from caprese.pipeline import preset_for, preset_name, run_pipeline
 
 
 def run(args: argparse.Namespace) -> int:
-    run_pipeline(preset_for(args.quick, args.model), Path(args.out), device=args.device,
-                 dtype=args.dtype, command=command_line(args))
+    name = preset_name(args.quick, args.dtype, args.device)
+    print(f"[pipeline] preset {name}", flush=True)
+    run_pipeline(preset_for(args.quick, args.model, args.dtype, args.device), Path(args.out),
+                 device=args.device, dtype=args.dtype, command=command_line(args))
     return 0
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="the main job: distill, evaluate, report")
     p.add_argument("--out", default="caprese-run")
-    p.add_argument("--quick", action="store_true", help="a smoke run of every step (<10 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of every step; without it the sizes depend on the dtype: "
+                   "'default' where bf16 runs in hardware, smaller 'default-fp32' elsewhere")
     p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
