@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -181,6 +181,7 @@ def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = 
     if config.rank is None:
         raise ValueError("this model has the method alone (rank=None): there is nothing to save")
     directory = Path(directory)
+    _refuse_foreign_files(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = lowrank_tensors(model)
     weights = directory / WEIGHTS_FILE
@@ -193,6 +194,29 @@ def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = 
     return directory
 
 
+def _refuse_foreign_files(directory: Path) -> None:
+    """save() replaces an adapter, never files of the same names that caprese did not write."""
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"{directory} is a file, not a folder: choose another adapter folder")
+    weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    if weights.exists():
+        try:
+            with safe_open(weights, "pt") as handle:
+                ours = (handle.metadata() or {}).get("format") == "caprese"
+        except (SafetensorError, OSError):
+            ours = False
+        if not ours:
+            raise AdapterError(f"{weights} exists and was not written by caprese: choose another "
+                               "folder (caprese never overwrites files it did not write)")
+    if config.exists():
+        try:
+            read_adapter(directory)
+        except AdapterError as error:
+            raise AdapterError(f"{config} exists and is not a caprese adapter config: choose "
+                               "another folder (caprese never overwrites files it did not "
+                               "write)") from error
+
+
 def lowrank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """L and R of every block under the adapter file's names, on the CPU."""
     return {f"layers.{index}.{name}": getattr(block, name).detach().to("cpu").contiguous()
@@ -200,16 +224,19 @@ def lowrank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(directory: str | os.PathLike) -> AdapterInfo:
-    """The adapter's config and record; format 1 (before caprese 0.2) had no version fields."""
+    """The adapter's config and record; format 1 (before caprese 0.2) had no version fields.
+    Anything that is not a valid record is an AdapterError that names the file."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{path} not found: is {directory} a caprese adapter directory?")
     try:
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("the file must hold a JSON object")
         fields = {key: record.pop(key) for key in RECORD_KEYS if key in record}
-        checksum = fields["weights_sha256"]
+        _check_record(fields)
         config = CapreseConfig.from_json(json.dumps(record))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
         raise AdapterError(f"{path} is not a valid caprese config: {error}") from error
     written = fields.get("format", 1)
     if written > ADAPTER_FORMAT:
@@ -218,8 +245,22 @@ def read_adapter(directory: str | os.PathLike) -> AdapterInfo:
             f"{fields.get('caprese_version')}; this caprese {__version__} reads formats up to "
             f"{ADAPTER_FORMAT}: upgrade caprese"
         )
-    return AdapterInfo(config, checksum, written, fields.get("caprese_version"),
+    return AdapterInfo(config, fields["weights_sha256"], written, fields.get("caprese_version"),
                        fields.get("trained") or {})
+
+
+def _check_record(fields: dict) -> None:
+    checksum = fields.get("weights_sha256")
+    if not (isinstance(checksum, str) and len(checksum) == 64
+            and all(c in "0123456789abcdef" for c in checksum)):
+        raise ValueError(f"weights_sha256 must be a sha256 hex digest, got {checksum!r}")
+    written = fields.get("format", 1)
+    if isinstance(written, bool) or not isinstance(written, int) or written < 1:
+        raise ValueError(f"format must be a positive integer, got {written!r}")
+    if not isinstance(fields.get("caprese_version", ""), (str, type(None))):
+        raise ValueError(f"caprese_version must be text, got {fields['caprese_version']!r}")
+    if not isinstance(fields.get("trained", {}), (dict, type(None))):
+        raise ValueError(f"trained must be a JSON object, got {fields['trained']!r}")
 
 
 def read_config(directory: str | os.PathLike) -> tuple[CapreseConfig, str]:
@@ -242,13 +283,20 @@ def _check_fingerprint(expected: dict, model: nn.Module) -> None:
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the saved config to `model` and fill in the saved L and R."""
+    """Attach the saved config to `model` and fill in the saved L and R. A refused adapter
+    raises AdapterError and leaves the model as it was."""
     config, _ = read_config(directory)
+    if config.rank is None:
+        raise AdapterError(f"{directory} has no low-rank path (rank null): nothing to load; "
+                           "attach the method alone with caprese.attach instead")
     _check_fingerprint(config.fingerprint, model)
-    attach(model, config)
+    try:
+        attach(model, config)
+    except ValueError as error:  # layers or rank that do not fit this model
+        raise AdapterError(f"{directory} does not fit this model: {error}") from error
     try:
         load_weights(model, directory)
-    except AdapterError:
+    except BaseException:
         detach(model)
         raise
     return model
@@ -285,7 +333,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 @torch.no_grad()
 def fill_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy lowrank_tensors-named L and R into every block; `source` names them in errors."""
-    expected = set()
+    expected, checked = set(), {}
     for index, block in blocks(model).items():
         for name in ("L", "R"):
             key = f"layers.{index}.{name}"
@@ -293,12 +341,22 @@ def fill_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
             param = getattr(block, name)
             if key not in tensors:
                 raise AdapterError(f"{source} has no tensor {key}")
-            if tensors[key].shape != param.shape:
+            tensor = tensors[key]
+            if tensor.shape != param.shape:
                 raise AdapterError(
-                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
+                    f"{source}: {key} has shape {tuple(tensor.shape)}, the model needs "
                     f"{tuple(param.shape)}"
                 )
-            param.copy_(tensors[key])
+            if not tensor.is_floating_point():
+                raise AdapterError(f"{source}: {key} holds {tensor.dtype} values; L and R are "
+                                   "floating point: the file was not written by caprese.save")
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{source}: {key} holds NaN or infinite values; the adapter "
+                                   "is broken (distill it again, or load an earlier stage)")
+            checked[key] = tensor
     extra = sorted(set(tensors) - expected)
     if extra:
         raise AdapterError(f"{source} has tensors for layers the config does not list: {extra}")
+    for index, block in blocks(model).items():  # every tensor checked before any is copied
+        for name in ("L", "R"):
+            getattr(block, name).copy_(checked[f"layers.{index}.{name}"])

@@ -39,19 +39,33 @@ class CapreseConfig:
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        """Strict types: a config is read from a JSON file anyone can edit."""
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
+                or not 0.0 < self.density <= 1.0):
+            raise ValueError(f"density must be in (0, 1] (a number), got {self.density!r}")
         self.density = float(self.density)
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                      or self.rank <= 0):
             raise ValueError(
                 f"rank must be a positive integer (or None for the method alone), got {self.rank!r}"
             )
-        if self.init not in L_INITS:
+        if not isinstance(self.init, str) or self.init not in L_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(L_INITS)}")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
+        if not isinstance(self.fingerprint, dict):
+            raise ValueError(f"fingerprint must be a JSON object, got {self.fingerprint!r}")
         if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
+            if not isinstance(self.layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers must be a list of layer indices >= 0 (or None for the "
+                                 f"method's default), got {self.layers!r}")
+            if not self.layers:
+                raise ValueError("layers must name at least one layer (None: the method's default)")
+            self.layers = sorted(set(self.layers))
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The layer indices this config modifies on a model with `num_layers` layers."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_TOKEN = re.compile(r"[^\s$]+")
 
 
 def last_boxed(text: str) -> str | None:
@@ -19,8 +20,9 @@ def last_boxed(text: str) -> str | None:
         return None
     command = "\\boxed" if text.startswith("\\boxed", start) else "\\fbox"
     rest = text[start + len(command):].lstrip()
-    if not rest.startswith("{"):
-        return rest.split("$")[0].split()[0] if rest.strip() else None
+    if not rest.startswith("{"):  # "\boxed 5" or "\boxed $5$": the next token
+        token = _TOKEN.match(rest.lstrip("$ \t\n"))
+        return token.group() if token else None
     depth = 0
     for position, char in enumerate(rest):
         depth += {"{": 1, "}": -1}.get(char, 0)

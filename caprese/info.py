@@ -38,13 +38,24 @@ class Budget:
 
 def load_config(model: str) -> transformers.PretrainedConfig:
     """A config from a config.json file, a model folder, or a Hub id (no weights)."""
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_file():
-        data = json.loads(path.read_text())
-        if "model_type" not in data:
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a JSON config: {error}") from error
+        if not isinstance(data, dict) or "model_type" not in data:
             raise ValueError(f"{path} has no model_type: is it a transformers config.json?")
         return transformers.AutoConfig.for_model(**data)
-    return transformers.AutoConfig.from_pretrained(model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: is it a model folder?")
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.endswith(".json")):
+        raise FileNotFoundError(f"{model}: no such file or folder")
+    try:
+        return transformers.AutoConfig.from_pretrained(model)
+    except OSError as error:
+        raise FileNotFoundError(f"could not load a config for {model!r}: not a local file or "
+                                f"folder, and the Hugging Face Hub could not provide it") from error
 
 
 def budget(config: transformers.PretrainedConfig, caprese: CapreseConfig) -> Budget:

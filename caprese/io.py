@@ -25,12 +25,24 @@ def cache_dir() -> Path:
     return platformdirs.user_cache_path("caprese")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a written file gets the permissions
+# any new file would (a shared adapter must be readable by the people it is shared with).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """write(tmp_path) then rename over path: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -64,3 +76,26 @@ def append_log(path: Path, record: dict) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def json_object_with(path: Path, keys: tuple[str, ...]) -> bool:
+    """Whether `path` holds a JSON object with all of `keys` (how a command recognises the
+    result files it wrote itself)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and all(key in record for key in keys)
+
+
+def refuse_foreign(path: Path, ours: bool, what: str) -> None:
+    """Refuse to overwrite `path` unless it does not exist or `ours` (written by caprese)."""
+    if path.exists() and (path.is_dir() or not ours):
+        raise ValueError(f"{path} exists and is not {what}: choose another output path "
+                         "(caprese never overwrites files it did not write)")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files a killed atomic_write of `path` left beside it."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)

@@ -167,11 +167,17 @@ def guarded_generate(model: nn.Module, *args, **kwargs):
     attach binds it to the model with types.MethodType, which copy.deepcopy rebinds to the
     copy (a closure over the original bound method would keep generating with the original).
     """
-    config = kwargs.get("generation_config")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
     if use_cache is False:
         raise ValueError(
             "caprese generation needs the KV cache (use_cache=True): the prompt runs "
             "dense once and only generated tokens run compressed"
+        )
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    if beams > 1:
+        raise ValueError(
+            f"beam search (num_beams={beams}) reorders the batch between steps, which each "
+            "sample's selection cannot follow: use greedy decoding or sampling"
         )
     return type(model).generate(model, *args, **kwargs)

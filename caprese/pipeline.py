@@ -129,7 +129,7 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
         run_dir = out / f"adapter-{method}"
         if not _skip(run_dir / "summary.json", f"distill {method} into {run_dir}"):
             model, tokenizer = base.get()
-            run_job(model, tokenizer, job, run_dir,
+            run_job(model, tokenizer, job, run_dir, resume=True,  # its own folder: continued
                     run_info={"model": preset.model, "dtype": choice.name})
     results = []
     for name, variant in variants(preset, out).items():

@@ -18,6 +18,12 @@ import torch
 EPOCH_SEED_STRIDE = 1_000_003
 
 
+def at_least(name: str, value, low: int, hint: str = "") -> None:
+    """Refuse a count that is not an integer >= low (bools included: they are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r} {hint}".rstrip())
+
+
 @dataclass(frozen=True)
 class Record:
     """One problem: the question as posed, a worked reference solution and the final answer."""

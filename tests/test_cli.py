@@ -47,8 +47,8 @@ def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
     loads, jobs, evaluations = [], [], []
     monkeypatch.setattr(pipeline, "load_model", lambda model, dtype, device: loads.append(
         (model, dtype, device)) or ("model", "tokenizer"))
-    monkeypatch.setattr(pipeline, "run_job", lambda model, tokenizer, job, out, run_info:
-                        jobs.append((model, job, run_info)))
+    monkeypatch.setattr(pipeline, "run_job", lambda model, tokenizer, job, out, resume,
+                        run_info: jobs.append((model, job, run_info)))
     monkeypatch.setattr(pipeline, "applied", lambda model, variant: contextlib.nullcontext())
     monkeypatch.setattr(pipeline.Variant, "describe", lambda self: {"label": "x"})
     monkeypatch.setattr(pipeline, "evaluate", lambda model, tokenizer, variant, task, out,

@@ -9,7 +9,7 @@ import torch
 
 import caprese
 import caprese.distillation.teacher_text as teacher_text
-from caprese.distillation.run import refuse_unresumed_run
+from caprese.distillation.run import claim_run_dir
 from caprese.distillation.teacher_text import teacher_continuations
 from caprese.samples import TrainingSample
 from tests.conftest import tiny_model
@@ -99,8 +99,8 @@ def test_a_changed_prompt_or_budget_is_not_served_from_the_cache(models, tmp_pat
 
 
 def test_an_existing_run_is_refused_before_any_generation(tmp_path):
-    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "run.json").write_text('{"caprese": {}, "settings": {}}')
     with pytest.raises(ValueError, match="--resume"):
-        refuse_unresumed_run(tmp_path, resume=False)
-    refuse_unresumed_run(tmp_path, resume=True)
-    refuse_unresumed_run(tmp_path / "new", resume=False)
+        claim_run_dir(tmp_path, resume=False)
+    claim_run_dir(tmp_path, resume=True)
+    claim_run_dir(tmp_path / "new", resume=False)

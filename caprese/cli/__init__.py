@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded in result files: the exact command that produced them
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # said in one line, no traceback
         print(f"caprese {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"caprese {args.command}: interrupted", file=sys.stderr)
+        return 130

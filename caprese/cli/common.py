@@ -21,7 +21,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 where the device computes it in hardware, else fp32")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--threads", type=count(0), default=0, help="CPU threads (0: torch default)")
 
 
 def load_for(args: argparse.Namespace):
@@ -40,3 +40,38 @@ def load_for(args: argparse.Namespace):
 def command_line(args: argparse.Namespace) -> str:
     """The command that is running, as a user would type it (main() records its argv)."""
     return "caprese " + shlex.join(args.argv)
+
+
+def count(low: int):
+    """An argparse type: an integer >= low, refused with the flag's name otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (densities, top-p)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (learning rates, ridges)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value

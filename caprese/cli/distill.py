@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from caprese.cli.common import add_model_options, load_for
+from caprese.cli.common import add_model_options, count, fraction, load_for, positive
 from caprese.config import CapreseConfig
 from caprese.distillation import SOLVERS, STAGES, DistillJob, DistillSettings, run_job
 from caprese.distillation.job import CONTINUATIONS, stage_summary
@@ -57,8 +57,8 @@ def add_cli(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     p.add_argument("--method", default="griffin", choices=list(METHODS))
-    p.add_argument("--density", type=float, default=0.5)
-    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--density", type=fraction, default=0.5)
+    p.add_argument("--rank", type=count(1), default=256)
     p.add_argument("--layers", help="e.g. 0-13 or 0,2,4 (default: the method's own)")
     p.add_argument(
         "--solver", default=defaults.solver, choices=list(SOLVERS),
@@ -68,43 +68,43 @@ def add_cli(subparsers) -> None:
         "closer to the original model, slower, hidden states on disk; not for Gemma 2/3)")
     p.add_argument("--stages", default="layerwise,e2e", help=f"comma list of {STAGES}")
     p.add_argument("--data", default="gsm8k,math", help="comma list of training sources")
-    p.add_argument("--samples", type=int, default=20_000, help="training samples")
-    p.add_argument("--held-out", type=int, default=200,
+    p.add_argument("--samples", type=count(1), default=20_000, help="training samples")
+    p.add_argument("--held-out", type=count(0), default=200,
                    help="samples kept out of training for the residual report")
-    p.add_argument("--max-length", type=int, default=1024,
+    p.add_argument("--max-length", type=count(2), default=1024,
                    help="truncate sequences to this many tokens")
     p.add_argument("--continuations", default="reference", choices=CONTINUATIONS,
                    help="train on the data set's solutions, or on the original model's own "
                    "greedy outputs for the same prompts (generated once, cached in --out)")
-    p.add_argument("--generation-batch", type=int, default=8,
+    p.add_argument("--generation-batch", type=count(1), default=8,
                    help="prompts per batch for teacher text")
     p.add_argument("--out", required=True, help="run and adapter directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init-from", metavar="ADAPTER_DIR",
                    help="start L and R from this adapter (e.g. RUN/stages/layerwise with "
                    "--stages e2e)")
-    p.add_argument("--batch-size", type=int, default=defaults.capture_batch,
+    p.add_argument("--batch-size", type=count(1), default=defaults.capture_batch,
                    help="sequences per teacher pass when collecting statistics")
-    p.add_argument("--micro-batch", type=int, default=defaults.micro_batch,
+    p.add_argument("--micro-batch", type=count(1), default=defaults.micro_batch,
                    help="sequences per forward in SGD / E2E (gradient accumulation)")
-    p.add_argument("--ridge", type=float, default=defaults.ridge)
-    p.add_argument("--sgd-lr", type=float, default=defaults.sgd_lr)
-    p.add_argument("--sgd-batch", type=int, default=defaults.sgd_batch,
+    p.add_argument("--ridge", type=positive, default=defaults.ridge)
+    p.add_argument("--sgd-lr", type=positive, default=defaults.sgd_lr)
+    p.add_argument("--sgd-batch", type=count(1), default=defaults.sgd_batch,
                    help="sequences per SGD step")
-    p.add_argument("--sgd-epochs", type=int, default=defaults.sgd_epochs)
-    p.add_argument("--e2e-lr", type=float, default=defaults.e2e_lr)
-    p.add_argument("--e2e-batch", type=int, default=defaults.e2e_batch,
+    p.add_argument("--sgd-epochs", type=count(1), default=defaults.sgd_epochs)
+    p.add_argument("--e2e-lr", type=positive, default=defaults.e2e_lr)
+    p.add_argument("--e2e-batch", type=count(1), default=defaults.e2e_batch,
                    help="sequences per E2E step")
-    p.add_argument("--e2e-epochs", type=int, default=defaults.e2e_epochs)
+    p.add_argument("--e2e-epochs", type=count(1), default=defaults.e2e_epochs)
     p.add_argument("--e2e-objective", default=defaults.e2e_objective, choices=OBJECTIVES,
                    help="mse: last hidden states (the paper); kl: KL(teacher || student) of "
                    "the logits")
-    p.add_argument("--e2e-samples", type=int, help="E2E on the first N samples (default: all)")
+    p.add_argument("--e2e-samples", type=count(1), help="E2E on the first N samples (default: all)")
     p.add_argument("--warmup", type=float, default=defaults.warmup,
                    help="warm-up fraction of SGD / E2E steps")
-    p.add_argument("--min-warmup-steps", type=int, default=defaults.min_warmup_steps,
+    p.add_argument("--min-warmup-steps", type=count(0), default=defaults.min_warmup_steps,
                    help="warm up at least this many steps (short runs)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--checkpoint-every", type=count(1), default=defaults.checkpoint_every)
+    p.add_argument("--seed", type=count(0), default=defaults.seed)
     p.set_defaults(func=run)

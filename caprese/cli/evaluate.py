@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from caprese.cli.common import add_model_options, load_for
+from caprese.cli.common import add_model_options, count, fraction, load_for
 from caprese.distillation.settings import STAGES
 from caprese.evaluate.report import build_report
-from caprese.evaluate.tasks import TASKS, EvalTask, evaluate
+from caprese.evaluate.tasks import TASKS, EvalTask, check_output, evaluate
 from caprese.evaluate.variant import VARIANT_METHODS, Variant, applied
-from caprese.io import atomic_write_text
+from caprese.io import atomic_write_text, json_object_with, refuse_foreign
 
 
 def add_variant_options(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="Caprese adapter directory (omit: the method alone)")
     p.add_argument("--method", default="none", choices=VARIANT_METHODS,
                    help="without --adapter: none = the full model")
-    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--density", type=fraction, default=0.5)
     p.add_argument("--label", help="name of this variant in reports")
     p.add_argument("--stage", choices=STAGES,
                    help="the adapter's distillation stage (adapters record it since caprese "
@@ -41,7 +41,9 @@ def run_eval(args: argparse.Namespace) -> int:
                     max_length=args.max_length, batch_size=args.batch_size,
                     temperature=args.temperature, top_p=args.top_p, samples=args.samples,
                     seed=args.seed)
-    described = variant.describe()  # a bad adapter is refused before the model loads
+    described = variant.describe()  # a bad adapter or output is refused before the model loads
+    check_output(Path(args.out))
+    task.records()
     model, tokenizer, setup = load_for(args)
     with applied(model, variant):
         result = evaluate(model, tokenizer, described, task, args.out, setup)
@@ -64,14 +66,23 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--include-path {args.include_path} is not a folder of task YAML")
     variant = variant_from(args)
     described = variant.describe()
+    out = Path(args.out)
+    refuse_foreign(out, json_object_with(out, ("task", "variant", "summary")),
+                   "a caprese lm-eval result")
+    task_manager = TaskManager(include_path=args.include_path)
+    names = args.tasks.split(",")
+    unknown = sorted(set(names) - set(task_manager.match_tasks(names)))
+    if unknown:
+        raise ValueError(f"lm-eval knows no task {', '.join(unknown)}; list them with "
+                         "`lm-eval ls tasks` (local tasks: --include-path DIR)")
     model, tokenizer, setup = load_for(args)
     lm = CapreseLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                    max_gen_toks=args.max_new_tokens)
     started = time.perf_counter()
     with applied(model, variant):
         output = lm_eval.simple_evaluate(
-            model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-            limit=args.limit, task_manager=TaskManager(include_path=args.include_path),
+            model=lm, tasks=names, num_fewshot=args.num_fewshot,
+            limit=args.limit, task_manager=task_manager,
             random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
             fewshot_random_seed=args.seed)
     record = {
@@ -81,7 +92,6 @@ def run_lm_eval(args: argparse.Namespace) -> int:
                                                    "max_new_tokens": args.max_new_tokens},
         "setup": {**setup, "threads": torch.get_num_threads(), "limit": args.limit,
                   "seconds": time.perf_counter() - started, "lm_eval": lm_eval.__version__}}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=2, default=str))
     print(json.dumps(output["results"], indent=2, default=str))
@@ -98,15 +108,15 @@ def add_cli(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_variant_options(p)
     p.add_argument("--task", required=True, help=f"{', '.join(TASKS)}, or a .jsonl file")
-    p.add_argument("--limit", type=int, help="first N problems only")
+    p.add_argument("--limit", type=count(1), help="first N problems only (default: all)")
     p.add_argument("--out", required=True, help="results JSON (a .jsonl of records beside it)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--max-length", type=int, default=1024, help="fidelity: tokens per sample")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=count(1), default=512)
+    p.add_argument("--max-length", type=count(2), default=1024, help="fidelity: tokens per sample")
+    p.add_argument("--batch-size", type=count(1), default=8)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--samples", type=count(1), default=1, help="completions per problem (pass@k)")
+    p.add_argument("--seed", type=count(0), default=0)
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
@@ -115,12 +125,13 @@ def add_cli(subparsers) -> None:
     add_variant_options(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="folder of extra task YAML files (local tasks)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=int, help="first N documents per task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=2048, help="tokens of context per request")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks' default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-fewshot", type=count(0))
+    p.add_argument("--limit", type=count(1), help="first N documents per task")
+    p.add_argument("--batch-size", type=count(1), default=8)
+    p.add_argument("--max-length", type=count(2), default=2048,
+                   help="tokens of context per request")
+    p.add_argument("--max-new-tokens", type=count(1), default=256, help="generation tasks' default")
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--out", required=True, help="results JSON")
     p.set_defaults(func=run_lm_eval)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from caprese.cli.common import count, fraction
 from caprese.config import CapreseConfig
 from caprese.info import budget, format_budget, load_config
 from caprese.methods import METHODS
@@ -51,7 +52,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--model", required=True,
                         help="config.json file, model folder, or Hugging Face model id")
     parser.add_argument("--method", default="griffin", choices=list(METHODS))
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--rank", type=int, default=256, help="0 for the method alone")
+    parser.add_argument("--density", type=fraction, default=0.5)
+    parser.add_argument("--rank", type=count(0), default=256, help="0 for the method alone")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run_info)

@@ -23,15 +23,55 @@ class CapreseDataError(ValueError):
     """A data set could not be found or used as asked; the message says what to do."""
 
 
-def read_jsonl(path: Path, sha256: str | None = None) -> list[dict]:
-    """The JSON objects of a JSONL file; with `sha256`, only if the file has that checksum."""
-    data = path.read_bytes()
+def numbered_rows(path: Path, sha256: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (UTF-8, a BOM allowed);
+    with `sha256`, only if the file has that checksum. Errors name the file and the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CapreseDataError(f"cannot read {path}: {error.strerror or error}") from error
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise CapreseDataError(
             f"{path} is not the expected copy (sha256 differs from {sha256}); restore it "
             f"(git checkout, or reinstall caprese) or point {DATA_ENV} at an unmodified copy"
         )
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CapreseDataError(
+            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): save it as UTF-8"
+        ) from error
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CapreseDataError(f"{path}, line {number}: not valid JSON ({error.msg} at "
+                                   f"column {error.colno})") from error
+        if not isinstance(row, dict):
+            raise CapreseDataError(f"{path}, line {number}: expected a JSON object {{...}} per "
+                                   f"line, found a {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
+def read_jsonl(path: Path, sha256: str | None = None) -> list[dict]:
+    """The JSON objects of a JSONL file (see numbered_rows)."""
+    return [row for _, row in numbered_rows(path, sha256)]
+
+
+def _text(row: dict, *names: str) -> str:
+    """The first of `names` the row has, as text; a clear error when it has none."""
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise CapreseDataError(f"no {' or '.join(repr(n) for n in names)} field with text"
+                           f" (fields: {', '.join(sorted(row)) or 'none'})")
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -65,27 +105,33 @@ def gsm_record(question: str, solution: str, source: str, id: str) -> Record:
 
 
 def gsm8k(row: dict, name: str, index: int) -> Record:
-    return gsm_record(row["question"], row["answer"], name, f"{name}/{index}")
+    return gsm_record(_text(row, "question"), _text(row, "answer"), name, f"{name}/{index}")
 
 
 def math(row: dict, name: str, index: int) -> Record:
-    answer = row.get("answer") or last_boxed(row["solution"])
+    problem = _text(row, "problem")
+    solution = row.get("solution") if isinstance(row.get("solution"), str) else ""
+    answer = _text(row, "answer") if row.get("answer") not in (None, "") else last_boxed(solution)
     if answer is None:
-        raise CapreseDataError(f"no \\boxed answer in {name} row {index}")
+        raise CapreseDataError("no 'answer' field and no \\boxed{} answer in 'solution'")
     id = str(row.get("unique_id", f"{name}/{index}"))
     subject, level = row.get("subject") or row.get("type"), _level(row.get("level"))
-    return Record(row["problem"], row["solution"], str(answer), name, id, level, subject)
+    return Record(problem, solution, answer, name, id, level,
+                  subject if isinstance(subject, str) else None)
 
 
 def competition(row: dict, name: str, index: int) -> Record:
     """AIME/AMC rows; AMC has no worked solution and calls the problem 'question' on the Hub."""
-    problem, solution = row.get("problem") or row["question"], row.get("solution") or ""
+    problem, solution = _text(row, "problem", "question"), row.get("solution") or ""
     id = f"{name}/{row.get('id', index)}"
-    return Record(problem, solution, _number(row["answer"]), name, id)
+    if isinstance(row.get("answer"), (dict, list, bool)) or row.get("answer") in (None, ""):
+        raise CapreseDataError(f"no 'answer' field with a value (fields: {', '.join(sorted(row))})")
+    return Record(problem, str(solution), _number(row["answer"]), name, id)
 
 
 def xsum(row: dict, name: str, index: int) -> Record:
-    return Record(row["article"], row["summary_gt"], row["summary_gt"], name, f"{name}/{index}")
+    summary = _text(row, "summary_gt")
+    return Record(_text(row, "article"), summary, summary, name, f"{name}/{index}")
 
 
 def xsum_one_shot(rows: Iterable[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caprese.data import gsm_symbolic, records
-from caprese.data.records import DATA_ENV, CapreseDataError, read_jsonl
+from caprese.data.records import DATA_ENV, CapreseDataError, numbered_rows
 from caprese.samples import Record
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
@@ -74,28 +74,44 @@ def _hub_rows(source: str, config: str | None, split: str) -> Iterable[dict]:
             f"{source!r} is not a local file; loading it from the Hugging Face Hub needs "
             "`pip install datasets`"
         ) from error
-    return datasets.load_dataset(source, config, split=split)
+    try:
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as error:  # offline, unknown id, no such split: one clear line
+        raise CapreseDataError(
+            f"{source!r} is not a local file, and the Hugging Face Hub could not provide it "
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from error
 
 
-def _default_rows(name: str, spec: DataSet) -> Iterable[dict]:
+def _default_rows(name: str, spec: DataSet) -> list[tuple[int, dict]]:
     """The local copy (checked), else the Hub; a clear error when neither is at hand."""
     path = data_dir() / spec.file
     if path.is_file():
-        return read_jsonl(path, SHA256[spec.file])
+        return numbered_rows(path, SHA256[spec.file])
     hub_id, hub_config, hub_split = spec.hub
     where = (f"{DATA_ENV} names {data_dir()}" if os.environ.get(DATA_ENV)
              else "this installation does not carry it (a wheel leaves out data sets whose "
              "licence does not allow redistribution; a clone of the repository has them all)")
     try:
         rows = _hub_rows(hub_id, hub_config, hub_split)
-    except Exception as error:  # offline, no `datasets`, or the Hub refused: say what to do
+    except CapreseDataError as error:  # offline, no `datasets`, or the Hub refused
         raise CapreseDataError(
             f"data set {name!r}: {path} is missing ({where}), and loading {hub_id} from the "
-            f"Hugging Face Hub failed ({type(error).__name__}: {str(error)[:200]}). Either "
+            f"Hugging Face Hub failed ({error}). Either "
             f"give this machine network access and `pip install datasets`, or put the file "
             f"{spec.file} (sha256 {SHA256[spec.file]}) in a folder and set {DATA_ENV} to it"
         ) from error
-    return records.xsum_one_shot(rows) if name == "xsum" else rows
+    return _hub_numbered(records.xsum_one_shot(rows) if name == "xsum" else rows)
+
+
+def _hub_numbered(rows: Iterable[dict]) -> list[tuple[int, dict]]:
+    return list(enumerate(rows, 1))
+
+
+def _looks_like_a_path(source: str | Path) -> bool:
+    text = str(source)
+    return (isinstance(source, Path) or text.endswith((".jsonl", ".json"))
+            or text.startswith((".", "~", "/")) or text.count("/") > 1)
 
 
 def load(
@@ -123,15 +139,26 @@ def load(
     is_test = split == "test" or (source is not None and "test" in Path(source).name)
     label = f"{name}-test" if is_test and not spec.evaluation else name
     if source is None:
-        rows: Iterable[dict] = _default_rows(name, spec)
+        rows = _default_rows(name, spec)
+        where = f"{name} ({data_dir() / spec.file})"
     elif Path(source).expanduser().is_file():
-        rows = read_jsonl(Path(source).expanduser())
+        rows = numbered_rows(Path(source).expanduser())
+        where = str(source)
+    elif _looks_like_a_path(source):
+        raise CapreseDataError(f"{source}: no such file (a task or data file must be a JSONL "
+                               "file of one JSON object per line)")
     else:
         hub_id, hub_config, hub_split = spec.hub
         default = str(source) == hub_id
         rows = _hub_rows(
             str(source), config or (hub_config if default else None), split or hub_split
         )
-        if name == "xsum":
-            rows = records.xsum_one_shot(rows)
-    return [spec.parse(row, label, i) for i, row in enumerate(rows)]
+        rows = _hub_numbered(records.xsum_one_shot(rows) if name == "xsum" else rows)
+        where = str(source)
+    parsed = []
+    for index, (line, row) in enumerate(rows):
+        try:
+            parsed.append(spec.parse(row, label, index))
+        except CapreseDataError as error:
+            raise CapreseDataError(f"{where}, line {line}: {error}") from error
+    return parsed

@@ -12,6 +12,7 @@ A run directory holds everything a run writes:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import resource
 import time
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from caprese.adapter import blocks, config_of, load_weights, save
 from caprese.distillation.checkpoint import remove_checkpoint
@@ -32,26 +34,76 @@ from caprese.io import atomic_write_text
 from caprese.samples import Sample
 
 CHECKPOINTS = ("stats-train", "stats-held-out", "sgd", "e2e", SEQUENTIAL_CHECKPOINT)
+RUN_FILE = "run.json"
 
 
-def refuse_unresumed_run(out: Path, resume: bool) -> None:
-    """An existing run is continued only when asked (checked before any costly work)."""
-    if (out / "run.json").is_file() and not resume:
-        raise ValueError(
-            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-        )
+def _is_run_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and {"caprese", "settings"} <= set(record)
 
 
-def _check_run_dir(out: Path, record: dict, resume: bool) -> None:
-    run_file = out / "run.json"
-    refuse_unresumed_run(out, resume)
+def claim_run_dir(out: Path, resume: bool) -> None:
+    """A run writes only into a new or empty folder, or into one that holds a run of its own
+    (continued only with resume): it never overwrites or deletes files it did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: --out must name a folder for the run")
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        if not _is_run_record(run_file):
+            raise ValueError(f"{run_file} was not written by caprese distill: choose another "
+                             "--out (caprese never overwrites files it did not write)")
+        if not resume:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or "
+                             "choose another --out")
+        return
+    if out.is_dir():
+        found = sorted(p.name for p in out.iterdir() if not _temporary(p))
+        if found:
+            raise ValueError(f"{out} holds files that no caprese run wrote "
+                             f"({', '.join(found[:5])}): choose a new or empty folder (caprese "
+                             "never overwrites files it did not write)")
+
+
+def _temporary(path: Path) -> bool:
+    """caprese.io.atomic_write's temporary files: .NAME.RANDOM.tmp (a kill can leave one)."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def start_run(out: Path, record: dict, resume: bool) -> None:
+    """Claim `out` and write (or, resuming, check) its run.json; a resumed run first clears
+    the temporary files a kill may have left behind."""
+    claim_run_dir(out, resume)
+    run_file = out / RUN_FILE
     if run_file.is_file():
         saved = json.loads(run_file.read_text())
         if saved != record:
             changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
             raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
+        for stale in [*out.rglob(".*.tmp"), *out.rglob("*.partial")]:
+            stale.unlink(missing_ok=True)
+        return
     out.mkdir(parents=True, exist_ok=True)
+    for stale in filter(_temporary, out.iterdir()):  # a run killed before its run.json
+        stale.unlink()
     atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
+
+
+def run_record(model: torch.nn.Module, settings: DistillSettings, samples: int, held_out: int,
+               run_info: dict | None) -> dict:
+    """What run.json holds: a resumed run must have exactly these settings."""
+    record = {"caprese": json.loads(config_of(model).to_json()),
+              "settings": dataclasses.asdict(settings), "samples": samples,
+              "held_out": held_out, **(run_info or {})}
+    record["settings"]["stages"] = list(settings.stages)
+    return record
+
+
+def _disk_full(error: BaseException) -> bool:
+    """safetensors reports a full disk as its own error type, so also match the text."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
 
 
 def _peak_memory_gib() -> float:
@@ -81,15 +133,19 @@ def distill(
     if not samples:
         raise ValueError("no training samples")
     check_solver(model, settings)
-    record = {
-        "caprese": json.loads(config_of(model).to_json()),
-        "settings": dataclasses.asdict(settings),
-        "samples": len(samples),
-        "held_out": len(held_out),
-        **(run_info or {}),
-    }
-    record["settings"]["stages"] = list(settings.stages)
-    _check_run_dir(out, record, resume)
+    start_run(out, run_record(model, settings, len(samples), len(held_out), run_info), resume)
+    try:
+        return _run_stages(model, samples, out, settings, held_out, pad_id)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        if not _disk_full(error):
+            raise
+        raise RuntimeError(f"the disk holding {out} is full: free space, then run the same "
+                           "command with --resume (the run continues from its last "
+                           "checkpoint)") from error
+
+
+def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
+                pad_id: int) -> dict:
     summary: dict = {"stages": {}}
     for stage in settings.stages:
         stage_dir = out / "stages" / stage

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from caprese.samples import at_least
+
 STAGES = ("layerwise", "e2e")
 OBJECTIVES = ("mse", "kl")  # E2E: the paper's last-hidden-state MSE, or KL of the logits
 SOLVERS = ("closed_form", "sgd", "closed_form+sgd", "sequential")
@@ -54,9 +56,17 @@ class DistillSettings:
             raise ValueError(f"stages must be drawn from {', '.join(STAGES)}, got {self.stages}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
-        for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        for name in ("capture_batch", "sgd_batch", "e2e_batch", "micro_batch", "checkpoint_every",
+                     "sgd_epochs", "e2e_epochs"):
+            at_least(name, getattr(self, name), 1)
+        at_least("seed", self.seed, 0)
+        if self.e2e_samples is not None:
+            at_least("e2e_samples", self.e2e_samples, 1, "(None: all)")
+        for name in ("ridge", "sgd_lr", "e2e_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value == float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.e2e_objective not in OBJECTIVES:
             raise ValueError(
                 f"e2e_objective must be one of {OBJECTIVES}, got {self.e2e_objective!r}"

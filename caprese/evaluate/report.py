@@ -13,7 +13,9 @@ from pathlib import Path
 
 from caprese.evaluate.compare import CAPRESE_KINDS, recovery_rows, recovery_table, retention_table
 from caprese.evaluate.variant import KINDS
-from caprese.io import atomic_write_text
+from caprese.io import atomic_write_text, json_object_with, refuse_foreign
+
+MARKER = "<!-- written by caprese report -->"  # how a rerun knows the file is its own
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
@@ -163,9 +165,14 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
                  title: str = "Caprese evaluation report") -> Path:
     """intro: a markdown file whose text goes between the title and the tables (setup, notes)."""
     out = Path(out)
+    stem = out.with_suffix("")
+    refuse_foreign(out, out.is_file() and out.read_text(errors="ignore").rstrip()
+                   .endswith(MARKER), "a caprese report")
+    refuse_foreign(stem.with_suffix(".json"), json_object_with(stem.with_suffix(".json"),
+                                                               ("recovery",)),
+                   "a caprese report's JSON")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(paths)
-    stem = out.with_suffix("")
     sections = [f"# {title}", ""]
     if intro:
         sections += [Path(intro).read_text().strip(), ""]
@@ -190,6 +197,6 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
         setup = r.get("setup", {})
         sections.append(f"- `{path}`: {r['variant']['label']} on {r['task']}; "
                         f"command: `{setup.get('command', '?')}`; {setup.get('weights', '')}")
-    atomic_write_text(out, "\n".join(sections) + "\n")
+    atomic_write_text(out, "\n".join([*sections, "", MARKER]) + "\n")
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"recovery": recovery}, indent=2))
     return out

@@ -18,10 +18,12 @@ from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
 from caprese.evaluate.math import evaluate_math
 from caprese.generation import GenerationSettings
-from caprese.io import atomic_write_text
+from caprese.io import atomic_write_text, json_object_with, refuse_foreign, remove_stale_temporaries
+from caprese.samples import at_least
 
 MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm8k", "math500", "aime24", "amc23")
 TASKS = (*MATH_TASKS, "xsum", "fidelity", "fidelity-language")
+RESULT_KEYS = ("task", "variant", "summary")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ class EvalTask:
         if self.task not in TASKS and not self.task.endswith(".jsonl"):
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)} "
                              "or a local .jsonl file")
+        if self.limit is not None:
+            at_least("limit", self.limit, 1, "(omit it to take every problem)")
+        for name, low in (("max_new_tokens", 1), ("max_length", 2), ("batch_size", 1),
+                          ("samples", 1), ("seed", 0)):
+            at_least(name, getattr(self, name), low)
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < 100):
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got "
+                             f"{self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
     def records(self) -> list[data.Record]:
         if self.task.endswith(".jsonl"):
@@ -52,6 +64,8 @@ class EvalTask:
             records = data.load("xsum")
         else:
             records = data.load(self.task)
+        if not records:
+            raise ValueError(f"{self.task} holds no problems")
         return records[: self.limit] if self.limit else records
 
     def generation(self) -> GenerationSettings:
@@ -84,12 +98,35 @@ def run_task(model, tokenizer, task: EvalTask) -> dict:
     return {**result, "settings": asdict(settings)}
 
 
+def _records_file(path: Path) -> bool:
+    """A per-problem records file evaluate() wrote (its result may have been cut off by a
+    kill before it was written): JSON objects with an "id", one per line."""
+    try:
+        lines = path.read_text().splitlines()
+        return bool(lines) and all("id" in json.loads(line) for line in lines)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def check_output(out: Path) -> None:
+    """A result file and its records file beside it may replace only an earlier result's."""
+    ours = json_object_with(out, RESULT_KEYS)
+    refuse_foreign(out, ours, "a caprese result")
+    records = out.with_suffix(".jsonl")
+    named = ours and json.loads(out.read_text()).get("records_file") == records.name
+    refuse_foreign(records, named or _records_file(records),
+                   f"the records file of the result {out.name}")
+    for path in (out, records):
+        remove_stale_temporaries(path)
+
+
 def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
              setup: dict) -> dict:
     """Run `task`, write result JSON `out` and its per-problem JSONL beside it; returns the
     result. `variant` is Variant.describe()'s record; `setup` says how the model was loaded
     (model, weights, dtype, device, command), the time and thread count are added here."""
     out = Path(out)
+    check_output(out)
     started = time.perf_counter()
     result = run_task(model, tokenizer, task)
     out.parent.mkdir(parents=True, exist_ok=True)
