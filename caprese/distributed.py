@@ -11,6 +11,7 @@ float64, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -37,6 +38,11 @@ def init(device: str | None = None) -> str | None:
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        if not is_main():  # progress and chatter from rank 0 alone
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+            logging.getLogger("caprese").setLevel(logging.ERROR)
     return _local_cuda() if cuda else "cpu"
 
 

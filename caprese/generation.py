@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from caprese import distributed
+
+# Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
+# numbers whichever rank (or process count) generates it.
+BATCH_SEED_STRIDE = 1_000_003
+
 
 @dataclass
 class GenerationSettings:
@@ -31,9 +37,12 @@ class Completion:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
              settings: GenerationSettings, desc: str = "generate",
-             progress: bool = True) -> list[list[Completion]]:
+             progress: bool = True, shard: bool = True) -> list[list[Completion]]:
     """settings.samples completions for each prompt (text, or token ids used as they are), in
-    the prompts' order."""
+    the prompts' order. Prompts are batched by length; under torchrun (unless shard=False:
+    this rank alone, on all the prompts) each rank generates whole batches (batch i on rank
+    i % N) and every rank gets all the results, so greedy outputs equal a single process's.
+    Sampling draws from a seed per batch."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
@@ -41,29 +50,44 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
                else list(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    chunks = [order[start:start + settings.batch_size]
+              for start in range(0, len(order), settings.batch_size)]
+    done: list[tuple[int, list[Completion]]] = []
+    bar = tqdm(total=len(chunks), desc=desc, unit="batch",
+               disable=not progress or not distributed.is_main())
+    for index, chunk in enumerate(chunks):
+        if shard and not distributed.mine(index):
+            continue
+        torch.manual_seed(settings.seed * BATCH_SEED_STRIDE + index)
+        outputs = _generate_batch(model, [encoded[i] for i in chunk], settings, pad_id, device)
+        for row, sequence in enumerate(outputs):
+            done.append((chunk[row // settings.samples],
+                         _completion(sequence, tokenizer, eos, pad_id, settings)))
+        bar.update(distributed.world_size() if shard else 1)
+    bar.close()
     results: list[list[Completion]] = [[] for _ in prompts]
-    torch.manual_seed(settings.seed)
-    for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, unit="batch",
-                      disable=not progress):
-        chunk = order[start:start + settings.batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        sampling = settings.temperature > 0
-        out = model.generate(
-            ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-            temperature=settings.temperature if sampling else None,
-            top_p=settings.top_p if sampling else None, top_k=None,
-            num_return_sequences=settings.samples, pad_token_id=pad_id)
-        generated = out[:, width:].cpu()
-        for row, sequence in enumerate(generated):
-            results[chunk[row // settings.samples]].append(_completion(
-                sequence.tolist(), tokenizer, eos, pad_id, settings))
+    for prompt, completion in distributed.gather(done) if shard else done:  # stable sort
+        results[prompt].append(completion)
     return results
+
+
+def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings, pad_id: int,
+                    device) -> list[list[int]]:
+    """The generated tokens of one left-padded batch, settings.samples rows per prompt."""
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(batch):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    sampling = settings.temperature > 0
+    out = model.generate(
+        ids.to(device), attention_mask=mask.to(device),
+        max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None, top_k=None,
+        num_return_sequences=settings.samples, pad_token_id=pad_id)
+    return out[:, width:].cpu().tolist()
 
 
 def _completion(tokens: list[int], tokenizer, eos, pad_id, settings) -> Completion:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from caprese import distributed
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, run_job
 from caprese.dtypes import resolve_dtype
@@ -108,18 +109,19 @@ class _Model:
 
 
 def _skip(output: Path, step: str) -> bool:
-    if output.exists():
-        print(f"[pipeline] {output} exists: skipping {step}", flush=True)
-        return True
-    print(f"[pipeline] {step}", flush=True)
-    return False
+    """Whether a step's output exists (every rank sees the same: steps end in a barrier)."""
+    done = output.exists()
+    if distributed.is_main():
+        print(f"[pipeline] {output} exists: skipping {step}" if done else f"[pipeline] {step}",
+              flush=True)
+    return done
 
 
 def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: str = "auto",
                  command: str = "caprese pipeline") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.init(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = _Model(preset, dtype, device)
     choice = resolve_dtype(dtype, device)
     setup = {"model": preset.model, "weights": weights_description(preset.model),
@@ -143,8 +145,11 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
             model, tokenizer = base.get()
             with applied(model, variant):
                 evaluate(model, tokenizer, variant.describe(), task, result, setup)
-    report = build_report(results, out / "report.md")
-    print(f"[pipeline] done in {(time.perf_counter() - started) / 60:.1f} min: {report}")
+    report = out / "report.md"
+    if distributed.is_main():
+        build_report(results, report)
+        print(f"[pipeline] done in {(time.perf_counter() - started) / 60:.1f} min: {report}")
+    distributed.barrier()
     return report
 
 

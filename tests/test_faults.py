@@ -29,7 +29,7 @@ JOB = Path(__file__).resolve().parent / "fault_job.py"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("faults") / "model"
-    tiny_model("qwen2").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
 
@@ -93,7 +93,7 @@ def test_a_killed_eval_leaves_whole_files_and_reruns_to_the_same_result(tmp_path
 def test_a_killed_distill_leaves_whole_files_and_resumes_to_the_same_adapter(tmp_path,
                                                                             tiny_dir, seed):
     argv = ["distill", "--model", str(tiny_dir), "--method", "cats", "--rank", "4",
-            "--data", "gsm8k", "--samples", "16", "--held-out", "4", "--max-length", "48",
+            "--data", "gsm8k", "--samples", "16", "--held-out", "4", "--max-length", "160",
             "--e2e-batch", "8", "--e2e-epochs", "2", "--checkpoint-every", "1"]
     code, commits = run([*argv, "--out", str(tmp_path / "straight")], tmp_path)
     assert code == 0 and commits >= 4

@@ -293,12 +293,12 @@ def test_top_level_load_model_loads_a_tiny_local_model(tmp_path, monkeypatch):
     from tests.conftest import tiny_model
     from tests.helpers import word_tokenizer
 
-    tiny_model("qwen2").save_pretrained(tmp_path / "tiny")
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
     word_tokenizer().save_pretrained(tmp_path / "tiny")
     monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: False)
     model, tokenizer = caprese.load_model(tmp_path / "tiny")
     assert model.dtype == torch.float32 and not model.training
-    assert model.config.model_type == "qwen2" and tokenizer.convert_tokens_to_ids("t5") == 5
+    assert model.config.model_type == "llama" and tokenizer("t5 t6")["input_ids"] == [5, 6]
     model, _ = caprese.load_model(str(tmp_path / "tiny"), dtype="bf16", device="cpu")
     assert model.dtype == torch.bfloat16
     with pytest.raises(CapreseModelError, match="could not load"):

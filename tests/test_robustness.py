@@ -27,7 +27,7 @@ from caprese.extract import last_boxed
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 model and word tokenizer saved as a model folder (what --model takes)."""
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("qwen2").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
 

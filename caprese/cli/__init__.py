@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from caprese import distributed
 from caprese.cli import bench, distill, evaluate, models, pipeline
 
 
@@ -33,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as error:  # said in one line, no traceback
-        print(f"caprese {args.command}: error: {error}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+        print(f"caprese {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"caprese {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()

@@ -7,6 +7,7 @@ import shlex
 
 import torch
 
+from caprese import distributed
 from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.models import load_model, weights_description
 
@@ -29,6 +30,7 @@ def load_for(args: argparse.Namespace):
     result file records about how the model was loaded and the command that ran."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = distributed.init(args.device)  # under torchrun: this rank's device
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     choice = resolve_dtype(args.dtype, args.device)
     setup = {"model": args.model, "weights": weights_description(args.model),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from caprese import distributed
 from caprese.cli.common import add_model_options, count, fraction, load_for, positive
 from caprese.config import CapreseConfig
 from caprese.distillation import SOLVERS, STAGES, DistillJob, DistillSettings, run_job
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, setup = load_for(args)
     summary = run_job(model, tokenizer, job, args.out, resume=args.resume,
                       run_info={"model": args.model, "dtype": setup["dtype"]})
-    print(stage_summary(summary))
-    print(f"adapter written to {args.out}")
+    if distributed.is_main():
+        print(stage_summary(summary))
+        print(f"adapter written to {args.out}")
     return 0
 
 

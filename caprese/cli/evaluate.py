@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from caprese import distributed
 from caprese.cli.common import add_model_options, count, fraction, load_for
 from caprese.distillation.settings import STAGES
 from caprese.evaluate.report import build_report
@@ -47,9 +48,10 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer, setup = load_for(args)
     with applied(model, variant):
         result = evaluate(model, tokenizer, described, task, args.out, setup)
-    print(json.dumps({"task": task.task, "variant": described["label"],
-                      **{k: v for k, v in result["summary"].items() if k != "layers"}},
-                     indent=2))
+    if distributed.is_main():
+        print(json.dumps({"task": task.task, "variant": described["label"],
+                          **{k: v for k, v in result["summary"].items() if k != "layers"}},
+                         indent=2))
     return 0
 
 

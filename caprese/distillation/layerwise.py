@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from caprese import distributed
 from caprese.adapter import blocks
 from caprese.capture import capture
 from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
@@ -27,7 +28,7 @@ from caprese.distillation.settings import DistillSettings
 from caprese.distillation.stats import RegressionStats
 from caprese.distillation.trainer import LossFn, train
 from caprese.io import append_log
-from caprese.samples import Sample, batches
+from caprese.samples import Sample, collate
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ def collect_stats(
     checkpoint_every: int = 50,
     pad_id: int = 0,
 ) -> dict[int, RegressionStats]:
-    """Per-layer statistics over `samples`, in one resumable teacher pass."""
+    """Per-layer statistics over `samples`, in one resumable teacher pass. Under torchrun
+    each rank takes whole batches (batch i on rank i % N) and the sums are all-reduced in
+    float64 at each checkpoint and at the end: the result differs from one process's only
+    in the order of float64 additions."""
     layers = blocks(model)
     hidden = next(iter(layers.values())).mlp.up_proj.weight.shape[1]
     checkpoints = run_dir / "checkpoints"
@@ -50,22 +54,28 @@ def collect_stats(
     found = load_checkpoint(checkpoints, name)
     if found is not None:
         tensors, meta = found
-        stats = {i: RegressionStats.from_tensors(tensors, f"layers.{i}") for i in layers}
+        if distributed.is_main():  # the checkpoint holds every rank's sums: count them once
+            stats = {i: RegressionStats.from_tensors(tensors, f"layers.{i}") for i in layers}
         start = int(meta["batches"])
     total = (len(samples) + batch_size - 1) // batch_size
-    order = list(range(len(samples)))
-    progress = tqdm(total=total, initial=start, desc=name, unit="batch")
-    for index, batch in batches(samples, order, batch_size, pad_id, start=start):
-        capture(model, batch, lambda i, x, y: stats[i].add(x, y))
+    progress = tqdm(total=total, initial=start, desc=name, unit="batch",
+                    disable=not distributed.is_main())
+    reduced = stats
+    for index in range(start, total):
+        if distributed.mine(index):
+            batch = collate(samples[index * batch_size:(index + 1) * batch_size], pad_id)
+            capture(model, batch, lambda i, x, y: stats[i].add(x, y))
         progress.update()
         done = index + 1
         if done % checkpoint_every == 0 or done == total:
-            tensors = {}
-            for i, layer_stats in stats.items():
-                tensors.update(layer_stats.tensors(f"layers.{i}"))
-            save_checkpoint(checkpoints, name, tensors, {"batches": done})
+            reduced = {i: layer_stats.all_reduced() for i, layer_stats in stats.items()}
+            if distributed.is_main():
+                tensors = {}
+                for i, layer_stats in reduced.items():
+                    tensors.update(layer_stats.tensors(f"layers.{i}"))
+                save_checkpoint(checkpoints, name, tensors, {"batches": done})
     progress.close()
-    return stats
+    return reduced
 
 
 def solve_closed_form(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from caprese import distributed
 from caprese.adapter import blocks, config_of, load_weights, save
 from caprese.distillation.checkpoint import remove_checkpoint
 from caprese.distillation.e2e import e2e_loss
@@ -74,21 +75,31 @@ def _temporary(path: Path) -> bool:
 
 def start_run(out: Path, record: dict, resume: bool) -> None:
     """Claim `out` and write (or, resuming, check) its run.json; a resumed run first clears
-    the temporary files a kill may have left behind."""
+    the temporary files a kill may have left behind. Under torchrun every rank checks and
+    rank 0 writes."""
     claim_run_dir(out, resume)
     run_file = out / RUN_FILE
-    if run_file.is_file():
+    resumed = run_file.is_file()
+    if resumed:
         saved = json.loads(run_file.read_text())
+        if saved.get("processes", 1) != record.get("processes", 1):
+            raise ValueError(f"cannot resume {out} with {record.get('processes', 1)} "
+                             f"process(es): it was started with {saved.get('processes', 1)}; "
+                             "resume it with the same torchrun --nproc-per-node")
         if saved != record:
             changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
             raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
-        for stale in [*out.rglob(".*.tmp"), *out.rglob("*.partial")]:
-            stale.unlink(missing_ok=True)
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in filter(_temporary, out.iterdir()):  # a run killed before its run.json
-        stale.unlink()
-    atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes in it
+    if distributed.is_main():
+        if resumed:
+            for stale in [*out.rglob(".*.tmp"), *out.rglob("*.partial")]:
+                stale.unlink(missing_ok=True)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in filter(_temporary, out.iterdir()):  # killed before its run.json
+                stale.unlink()
+            atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
+    distributed.barrier()
 
 
 def run_record(model: torch.nn.Module, settings: DistillSettings, samples: int, held_out: int,
@@ -98,6 +109,8 @@ def run_record(model: torch.nn.Module, settings: DistillSettings, samples: int, 
               "settings": dataclasses.asdict(settings), "samples": samples,
               "held_out": held_out, **(run_info or {})}
     record["settings"]["stages"] = list(settings.stages)
+    if distributed.world_size() > 1:  # statistics shards and checkpoints depend on it
+        record["processes"] = distributed.world_size()
     return record
 
 
@@ -135,7 +148,9 @@ def distill(
     check_solver(model, settings)
     start_run(out, run_record(model, settings, len(samples), len(held_out), run_info), resume)
     try:
-        return _run_stages(model, samples, out, settings, held_out, pad_id)
+        summary = _run_stages(model, samples, out, settings, held_out, pad_id)
+        distributed.barrier()  # rank 0's files are written before any rank reads them
+        return summary
     except (OSError, SafetensorError, RuntimeError) as error:
         if not _disk_full(error):
             raise
@@ -156,14 +171,17 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
         started = time.perf_counter()
         result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
         result["seconds"] = time.perf_counter() - started
-        save(model, stage_dir, trained={"stage": stage})
-        atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
-        for name in CHECKPOINTS:
-            remove_checkpoint(out / "checkpoints", name)
+        distributed.barrier()  # no rank is still reading this stage's checkpoints
+        if distributed.is_main():
+            save(model, stage_dir, trained={"stage": stage})
+            atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
+            for name in CHECKPOINTS:
+                remove_checkpoint(out / "checkpoints", name)
         summary["stages"][stage] = result
-    save(model, out, trained={"stage": settings.stages[-1]})
     summary["peak_memory_gib"] = _peak_memory_gib()
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if distributed.is_main():
+        save(model, out, trained={"stage": settings.stages[-1]})
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from caprese import distributed
 from caprese.adapter import blocks, fill_lowrank, lowrank_tensors
 from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
 from caprese.distillation.layerwise import solve_closed_form
@@ -148,9 +149,11 @@ def run_sequential(
     checkpoints = run_dir / "checkpoints"
     streams = _Streams(checkpoints / "streams")
     named = {"train": samples, "held_out": held_out}
+    # Under torchrun each rank carries its own batches' streams (batch i on rank i % N).
     work = [(f"{part}-{start // batch_size:05d}", part,
              collate(chosen[start:start + batch_size], pad_id).to(device))
             for part, chosen in named.items() for start in range(0, len(chosen), batch_size)]
+    work = [item for index, item in enumerate(work) if distributed.mine(index)]
     timings = {"train_s": 0.0, "held_out_s": 0.0, "solve_s": 0.0}
     rows: list[dict] = []
     found = load_checkpoint(checkpoints, CHECKPOINT)
@@ -164,8 +167,10 @@ def run_sequential(
                 streams.write(first, name, "student", hidden)
                 timings[f"{part}_s"] += time.perf_counter() - started
         os.sync()
-        save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
-                        {"next_layer": first, "rows": rows, "timings": timings})
+        distributed.barrier()  # every rank's streams are on disk before the checkpoint
+        if distributed.is_main():
+            save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
+                            {"next_layer": first, "rows": rows, "timings": timings})
     else:
         tensors, meta = found
         rows, timings = meta["rows"], meta["timings"]
@@ -174,7 +179,8 @@ def run_sequential(
     streams.keep_only(first)
     last = max(layer_blocks)
     width = next(iter(layer_blocks.values())).L.shape[0]
-    progress = tqdm(total=(last + 1 - first) * len(work), desc="sequential", unit="batch")
+    progress = tqdm(total=(last + 1 - first) * len(work), desc="sequential", unit="batch",
+                    disable=not distributed.is_main())
     for index in range(first, last + 1):
         block = layer_blocks.get(index)
         stats = {part: RegressionStats.zeros(width) for part in named}
@@ -189,19 +195,25 @@ def run_sequential(
             progress.update()
         if block is not None:
             started = time.perf_counter()
+            stats = {part: part_stats.all_reduced() for part, part_stats in stats.items()}
             left, right = solve_closed_form(stats["train"], block.L.shape[1], ridge)
             with torch.no_grad():
                 block.L.copy_(left)
                 block.R.copy_(right)
             timings["solve_s"] += time.perf_counter() - started
             rows.append(_report_row(index, stats, left @ right))
-            append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **rows[-1]})
+            if distributed.is_main():
+                append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **rows[-1]})
         os.sync()  # the streams of layer index + 1 are on disk before the checkpoint says so
-        save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
-                        {"next_layer": index + 1, "rows": rows, "timings": timings})
+        distributed.barrier()
+        if distributed.is_main():
+            save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
+                            {"next_layer": index + 1, "rows": rows, "timings": timings})
         streams.keep_only(index + 1)
     progress.close()
-    shutil.rmtree(streams.root, ignore_errors=True)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(streams.root, ignore_errors=True)
     return rows, timings
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from caprese import distributed
+
 
 @dataclass
 class RegressionStats:
@@ -50,6 +52,16 @@ class RegressionStats:
         w = product.double().to(self.xx.device)
         residual = self.yy - 2 * (w * self.xy).sum() + (w * (self.xx @ w)).sum()
         return float(residual.clamp_min(0).div(self.yy).sqrt())
+
+    def all_reduced(self) -> RegressionStats:
+        """The sums over every rank of a torchrun group (itself in one process)."""
+        if distributed.world_size() == 1:
+            return self
+        tokens = torch.tensor(self.tokens, dtype=torch.float64)
+        parts = [self.xx.clone(), self.xy.clone(), self.yy.clone(), tokens]
+        for part in parts:
+            distributed.all_reduce_sum_(part)
+        return RegressionStats(parts[0], parts[1], parts[2], int(parts[3]))
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {

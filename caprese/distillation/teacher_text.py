@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from caprese import distributed
 from caprese.generation import GenerationSettings, generate
 from caprese.io import append_log
 from caprese.phases import teacher
@@ -64,23 +65,34 @@ def teacher_continuations(
     # Batches of similar prompt lengths waste little on padding.
     missing = sorted((s for s in samples if _key(s, max_length) not in done),
                      key=lambda s: s.boundary)
+    chunks = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
     progress = tqdm(total=len(samples), initial=len(samples) - len(missing),
-                    desc="teacher text", unit="sample")
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        prompts = [s.input_ids[: s.boundary] for s in chunk]
-        budget = max_length - min(len(p) for p in prompts)
-        settings = GenerationSettings(max_new_tokens=budget, batch_size=len(chunk))
-        with teacher(model):
-            outputs = generate(model, tokenizer, prompts, settings, progress=False)
-        lines = [{"key": _key(s, max_length), "ids": list(out[0].ids)}
-                 for s, out in zip(chunk, outputs, strict=True)]
-        for line in lines:
-            append_log(cache, line)
-        done.update((line["key"], line["ids"]) for line in lines)
-        progress.update(len(chunk))
+                    desc="teacher text", unit="sample", disable=not distributed.is_main())
+    for round_ in distributed.rounds(len(chunks)):  # under torchrun: a batch per rank a round
+        index = round_ * distributed.world_size() + distributed.rank()
+        lines = _generate_lines(model, tokenizer, chunks[index], max_length) \
+            if index < len(chunks) else []
+        for _, batch_lines in distributed.gather([(index, lines)]):
+            for line in batch_lines:
+                if distributed.is_main():
+                    append_log(cache, line)
+                done[line["key"]] = line["ids"]
+            progress.update(len(batch_lines))
     progress.close()
     return [_with_continuation(s, done[_key(s, max_length)], max_length) for s in samples]
+
+
+def _generate_lines(model, tokenizer, chunk: Sequence[TrainingSample], max_length: int
+                    ) -> list[dict]:
+    """The cache lines of one batch: the dense model's greedy continuation of each prompt,
+    up to max_length tokens in all for the shortest prompt of the batch."""
+    prompts = [s.input_ids[: s.boundary] for s in chunk]
+    budget = max_length - min(len(p) for p in prompts)
+    settings = GenerationSettings(max_new_tokens=budget, batch_size=len(chunk))
+    with teacher(model):
+        outputs = generate(model, tokenizer, prompts, settings, progress=False, shard=False)
+    return [{"key": _key(s, max_length), "ids": list(out[0].ids)}
+            for s, out in zip(chunk, outputs, strict=True)]
 
 
 def _with_continuation(sample: TrainingSample, ids: list[int], max_length: int) -> TrainingSample:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from caprese import distributed
 from caprese.adapter import blocks
 from caprese.distillation.checkpoint import (
     load_checkpoint,
@@ -74,7 +75,8 @@ def train(
     total = steps_per_epoch * settings.epochs
     step = _resume(run_dir, settings.name, params, optimizer)
     losses: list[float] = []
-    progress = tqdm(total=total, initial=step, desc=settings.name, unit="step")
+    progress = tqdm(total=total, initial=step, desc=settings.name, unit="step",
+                    disable=not distributed.is_main())
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         order = epoch_order(len(samples), settings.seed, epoch)
@@ -84,12 +86,7 @@ def train(
         ]
         tokens = sum(len(s.input_ids) - s.boundary for s in chunk)
         started = time.perf_counter()
-        loss_sum = 0.0
-        for start in range(0, len(chunk), settings.micro_batch):
-            batch = collate(chunk[start : start + settings.micro_batch], pad_id)
-            part, _ = loss_fn(batch, 1.0 / tokens)
-            loss_sum += part
-        loss = loss_sum / tokens
+        loss = _accumulate(chunk, loss_fn, settings.micro_batch, tokens, pad_id, params)
         grads = [p.grad for p in params.values() if p.grad is not None]
         if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
             raise TrainingDiverged(
@@ -104,27 +101,39 @@ def train(
         step += 1
         seconds = time.perf_counter() - started
         losses.append(loss)
-        append_log(
-            run_dir / "run_log.jsonl",
-            {
-                "stage": settings.name,
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "lr": lr,
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds,
-                "time": time.time(),
-            },
-        )
+        if distributed.is_main():
+            append_log(run_dir / "run_log.jsonl", {
+                "stage": settings.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                "tokens": tokens, "tokens_per_s": tokens / seconds, "time": time.time()})
         progress.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / seconds:.0f}")
         progress.update()
-        if step % settings.checkpoint_every == 0 or step == total:
+        if (step % settings.checkpoint_every == 0 or step == total) and distributed.is_main():
             _checkpoint(run_dir, settings.name, params, optimizer, step)
         if on_step is not None:
             on_step(step)
     progress.close()
     return losses
+
+
+def _accumulate(chunk: Sequence[Sample], loss_fn: LossFn, micro_batch: int, tokens: int,
+                pad_id: int, params: dict[str, torch.nn.Parameter]) -> float:
+    """One optimizer step's gradient and mean loss over `chunk`, micro-batch by micro-batch.
+
+    Under torchrun micro-batch j runs on rank j % N and the gradients and losses are summed
+    over ranks: the global batch stays `chunk` whatever N, each micro-batch the same as one
+    process's (only the order of the float32 sums differs)."""
+    loss_sum = 0.0
+    for index, start in enumerate(range(0, len(chunk), micro_batch)):
+        if distributed.mine(index):
+            part, _ = loss_fn(collate(chunk[start : start + micro_batch], pad_id), 1.0 / tokens)
+            loss_sum += part
+    if distributed.world_size() > 1:
+        for param in params.values():
+            if param.grad is None:  # no micro-batch on this rank
+                param.grad = torch.zeros_like(param)
+            distributed.all_reduce_sum_(param.grad)
+        loss_sum = float(distributed.all_reduce_sum_(torch.tensor(loss_sum, dtype=torch.float64)))
+    return loss_sum / tokens
 
 
 def _checkpoint(run_dir, name, params, optimizer, step) -> None:

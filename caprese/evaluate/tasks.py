@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from caprese import data, prompts
+from caprese import data, distributed, prompts
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
 from caprese.evaluate.math import evaluate_math
@@ -129,14 +129,19 @@ def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
     check_output(out)
     started = time.perf_counter()
     result = run_task(model, tokenizer, task)
-    out.parent.mkdir(parents=True, exist_ok=True)
     per_problem = out.with_suffix(".jsonl") if result["records"] else None
-    if per_problem:
-        atomic_write_text(per_problem, "".join(json.dumps(r) + "\n" for r in result["records"]))
     record = {
         "task": task.task, "variant": variant, "summary": result["summary"],
         "settings": result["settings"], "records_file": per_problem and per_problem.name,
         "setup": {**setup, "threads": torch.get_num_threads(), "limit": task.limit,
                   "seconds": time.perf_counter() - started}}
-    atomic_write_text(out, json.dumps(record, indent=2))
+    if distributed.world_size() > 1:
+        record["setup"]["processes"] = distributed.world_size()
+    if distributed.is_main():  # under torchrun every rank holds the whole result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if per_problem:
+            atomic_write_text(per_problem,
+                              "".join(json.dumps(r) + "\n" for r in result["records"]))
+        atomic_write_text(out, json.dumps(record, indent=2))
+    distributed.barrier()
     return record
