@@ -57,8 +57,8 @@ PRESETS = {
     "default-fp32": Preset("qwen2.5-coder-0.5b-instruct", samples=64, max_length=256,
                            e2e_samples=16, e2e_epochs=1, math_problems=20, max_new_tokens=192,
                            xsum_articles=4, fidelity_samples=4, language_samples=2),
-    # A smoke run of every step, under 10 minutes: the numbers mean nothing (128 new tokens
-    # truncate most GSM8K solutions, 48 samples overfit the closed form).
+    # A smoke run of every step (7 min on a bf16 CPU, 23 in fp32; README): the numbers mean
+    # nothing (128 new tokens truncate most GSM8K solutions, 48 samples overfit the fit).
     "quick": Preset("qwen2.5-coder-0.5b-instruct", samples=48, max_length=256,
                     e2e_samples=16, e2e_epochs=1, math_problems=6, max_new_tokens=128,
                     xsum_articles=4, fidelity_samples=4, language_samples=2, math_batch=6),
