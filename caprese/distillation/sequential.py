@@ -176,7 +176,7 @@ def run_sequential(
         rows, timings = meta["rows"], meta["timings"]
         fill_lowrank(model, tensors, checkpoints)  # layers not yet fitted are refitted anyway
         first = int(meta["next_layer"])
-    streams.keep_only(first)
+    _keep_only(streams, first)
     last = max(layer_blocks)
     width = next(iter(layer_blocks.values())).L.shape[0]
     progress = tqdm(total=(last + 1 - first) * len(work), desc="sequential", unit="batch",
@@ -209,12 +209,20 @@ def run_sequential(
         if distributed.is_main():
             save_checkpoint(checkpoints, CHECKPOINT, lowrank_tensors(model),
                             {"next_layer": index + 1, "rows": rows, "timings": timings})
-        streams.keep_only(index + 1)
+        _keep_only(streams, index + 1)
     progress.close()
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(streams.root, ignore_errors=True)
     return rows, timings
+
+
+def _keep_only(streams: _Streams, layer: int) -> None:
+    """Drop every other layer's streams: one process deletes, and no process writes the next
+    layer's files before it is done (a rank that ran ahead would lose them)."""
+    if distributed.is_main():
+        streams.keep_only(layer)
+    distributed.barrier()
 
 
 def check_supported(model: torch.nn.Module) -> None:
