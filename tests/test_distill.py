@@ -307,13 +307,14 @@ def test_fidelity_is_perfect_at_density_one_and_improves_with_distillation(tmp_p
 
 def test_fidelity_in_chunks_of_positions_equals_one_chunk(monkeypatch):
     """Logits are taken a few positions at a time (memory); the totals must not change."""
-    from caprese.evaluate import fidelity as module
+    from caprese import divergence
+    from caprese.evaluate.fidelity import fidelity
 
     held_out = tiny_samples(6, seed=3)
     model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
-    whole = module.fidelity(model, held_out, progress=False, layer_errors=False)
-    monkeypatch.setattr(module, "LOGIT_ROWS", 5)
-    chunked = module.fidelity(model, held_out, progress=False, layer_errors=False)
+    whole = fidelity(model, held_out, progress=False, layer_errors=False)
+    monkeypatch.setattr(divergence, "LOGIT_ROWS", 5)
+    chunked = fidelity(model, held_out, progress=False, layer_errors=False)
     assert whole["tokens"] > 5 * 4
     assert chunked["tokens"] == whole["tokens"] and chunked["top1"] == whole["top1"]
     for key in ("kl", "ppl_teacher", "ppl_student"):

@@ -99,7 +99,8 @@ def test_eval_and_teacher_text_records_equal_one_process(tmp_path, tiny_dir):
         lines = (tmp_path / f"teacher-{name}" / "teacher_text.jsonl").read_text().splitlines()
         return {json.loads(line)["key"]: json.loads(line)["ids"] for line in lines}
 
-    assert cache("two") == cache("one") and len(cache("one")) == 28
+    # the math samples only (18 + 3 of 24 + 4): the general-text quarter is real text already
+    assert cache("two") == cache("one") and len(cache("one")) == 21
 
 
 def test_a_lost_rank_stops_the_group_and_the_run_resumes_to_the_same_adapter(tmp_path,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_pipeline_distills_evaluates_and_reports(tmp_path, capsys):
-    preset = Preset("smollm2-135m-instruct", samples=8, max_length=128, e2e_samples=4,
+    preset = Preset("smollm2-135m-instruct", samples=8, held_out=4, max_length=128, e2e_samples=4,
                     e2e_epochs=1, math_problems=2, max_new_tokens=16, xsum_articles=2,
                     fidelity_samples=2, language_samples=1, math_batch=2)
     # fp32: bf16 backward and prefill run in software on CPUs without AVX512_BF16 (20 min
@@ -27,13 +27,19 @@ def test_pipeline_distills_evaluates_and_reports(tmp_path, capsys):
         assert label in text
     assert (tmp_path / "report_accuracy.png").is_file()
     assert (tmp_path / "report_layer_errors.png").is_file()
-    result = json.loads((tmp_path / "results" / "gsm-symbolic-all-cats-e2e.json").read_text())
+    result = json.loads((tmp_path / "results" / "gsm-symbolic-test-cats-e2e.json").read_text())
     assert result["summary"]["problems"] == 2
     assert (result["setup"]["model"], result["setup"]["dtype"]) == ("smollm2-135m-instruct",
                                                                     "fp32")
     assert (result["variant"]["kind"], result["variant"]["method"]) == ("e2e", "cats")
-    records = (tmp_path / "results" / "gsm-symbolic-all-cats-e2e.jsonl").read_text().splitlines()
+    records = (tmp_path / "results" / "gsm-symbolic-test-cats-e2e.jsonl").read_text().splitlines()
     assert len(records) == 2 and "prompt" in json.loads(records[0])
+    # the default recipe: the model's own text (one cache for both methods) + general text
+    assert len((tmp_path / "teacher_text.jsonl").read_text().splitlines()) == 6 + 3
+    summary = json.loads((tmp_path / "adapter-cats" / "summary.json").read_text())
+    assert {"math", "general"} <= set(summary["adapter_check"])
+    run = json.loads((tmp_path / "adapter-griffin" / "run.json").read_text())
+    assert (run["continuations"], run["general_share"]) == ("teacher", 0.25)
 
     capsys.readouterr()
     run_pipeline(preset, tmp_path, dtype="fp32")  # everything exists: every step is skipped

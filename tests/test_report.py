@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
+import statistics
 
 import pytest
 
 from caprese.cli import main
-from caprese.evaluate.compare import paired_difference
+from caprese.evaluate.compare import paired_bootstrap, problem_group
 from caprese.evaluate.math import summarize
 from caprese.evaluate.report import build_report
 
@@ -44,16 +46,37 @@ def fixture_results(folder):
             xsum_result(folder, "caprese", CAPRESE, 24.4)]
 
 
-def test_paired_difference_matches_a_hand_computation():
-    a = {f"p{i}": i < 8 for i in range(10)}
-    b = {f"p{i}": i < 4 for i in range(10)}
-    diff, low, high, n = paired_difference(a, b)
-    # four +1 and six 0: sd = sqrt(2.4 / 9), half width = 1.96 sd / sqrt(10)
-    half = 1.96 * (2.4 / 9) ** 0.5 / 10 ** 0.5
-    assert (diff, n) == (pytest.approx(0.4), 10)
-    assert (low, high) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
+def test_paired_bootstrap_agrees_with_the_normal_interval_for_independent_problems():
+    rng = random.Random(1)
+    a = {f"p{i}": rng.random() < 0.7 for i in range(400)}
+    b = {f"p{i}": rng.random() < 0.5 for i in range(400)}
+    diff, low, high, n = paired_bootstrap(a, b, draws=4000)
+    diffs = [int(a[k]) - int(b[k]) for k in a]
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    assert n == 400 and diff == pytest.approx(statistics.fmean(diffs))
+    assert low == pytest.approx(diff - half, abs=0.01)
+    assert high == pytest.approx(diff + half, abs=0.01)
+    assert paired_bootstrap(a, b, draws=4000) == (diff, low, high, n)  # seeded
+
+
+def test_paired_bootstrap_resamples_whole_templates():
+    """Four variants of a template that always agree carry one template's worth of evidence:
+    the interval must be as wide as for the originals alone, not half as wide."""
+    rng = random.Random(2)
+    per_template = {t: (rng.random() < 0.7, rng.random() < 0.5) for t in range(50)}
+    ids = {f"gsm-symbolic/{t:04d}" + suffix: t for t in range(50)
+           for suffix in ("", "/0-0", "/0-1", "/0-2")}
+    a = {i: per_template[t][0] for i, t in ids.items()}
+    b = {i: per_template[t][1] for i, t in ids.items()}
+    originals = {i: v for i, v in a.items() if i.count("/") == 1}
+    _, low, high, n = paired_bootstrap(a, b)
+    _, low_1, high_1, _ = paired_bootstrap(originals, {i: b[i] for i in originals})
+    assert n == 200
+    assert high - low == pytest.approx(high_1 - low_1, rel=0.15)
+    assert problem_group("gsm-symbolic/0007/0-2") == problem_group("gsm-symbolic/0007")
+    assert problem_group("math500/3") == "math500/3"
     with pytest.raises(ValueError, match="two shared problems"):
-        paired_difference({"x": True}, {"y": False})
+        paired_bootstrap({"x": True}, {"y": False})
 
 
 def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
@@ -71,6 +94,8 @@ def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
     assert len(recovery) == 1
     assert recovery[0]["recovered"] == pytest.approx(0.75)
     assert recovery[0]["drop_significant"] is True
+    assert recovery[0]["versus_method"] == pytest.approx(0.3)
+    assert recovery[0]["significantly_below_method"] is False
     assert "| 75% |" in text
     assert "| Caprese(GRIFFIN) | 50 | 29.40 | 14.40 | 24.40 | -0.60 |" in text
     assert (tmp_path / "report_accuracy.png").stat().st_size > 1000
@@ -95,12 +120,23 @@ def test_xsum_runs_compare_only_with_the_full_run_on_the_same_articles(tmp_path)
         in lone
 
 
+def test_a_caprese_row_significantly_below_its_method_is_flagged(tmp_path):
+    paths = [math_result(tmp_path, "full", FULL, set(range(10))),
+             math_result(tmp_path, "griffin", GRIFFIN, set(range(9))),
+             math_result(tmp_path, "caprese", CAPRESE, set())]
+    text = build_report(paths, tmp_path / "report.md").read_text()
+    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
+    assert recovery[0]["significantly_below_method"] is True
+    assert recovery[0]["versus_method_ci95"][1] < 0
+    assert "significantly below the method**" in text
+
+
 def test_recovery_without_records_has_no_interval(tmp_path):
     paths = fixture_results(tmp_path)[:3]
     (tmp_path / "griffin.jsonl").unlink()
     build_report(paths, tmp_path / "report.md")
     recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
-    assert recovery[0]["drop_ci95"] is None
+    assert recovery[0]["drop_ci95"] is None and recovery[0]["versus_method_ci95"] is None
     assert "n/a (no per-problem records)" in (tmp_path / "report.md").read_text()
 
 

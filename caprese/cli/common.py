@@ -68,6 +68,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """An argparse type: a number in [0, 1) (the share of a mixture)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def positive(text: str) -> float:
     """An argparse type: a finite number > 0 (learning rates, ridges)."""
     try:

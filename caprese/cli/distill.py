@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from caprese import distributed
-from caprese.cli.common import add_model_options, count, fraction, load_for, positive
+from caprese.cli.common import add_model_options, count, fraction, load_for, positive, share
 from caprese.config import CapreseConfig
 from caprese.distillation import SOLVERS, STAGES, DistillJob, DistillSettings, run_job
-from caprese.distillation.job import CONTINUATIONS, stage_summary
+from caprese.distillation.job import CONTINUATIONS, GENERAL_SHARE, harm_lines, stage_summary
 from caprese.distillation.settings import OBJECTIVES
 from caprese.methods import METHODS
 
@@ -38,7 +39,8 @@ def job_from(args: argparse.Namespace) -> DistillJob:
                            layers=parse_layers(args.layers))
     return DistillJob(config, settings, data=tuple(args.data.split(",")), samples=args.samples,
                       held_out=args.held_out, max_length=args.max_length,
-                      continuations=args.continuations, generation_batch=args.generation_batch,
+                      continuations=args.continuations, general_share=args.general_share,
+                      generation_batch=args.generation_batch,
                       init_from=args.init_from)
 
 
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
                       run_info={"model": args.model, "dtype": setup["dtype"]})
     if distributed.is_main():
         print(stage_summary(summary))
+        for line in harm_lines(summary, args.method.upper()):
+            print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
         print(f"adapter written to {args.out}")
     return 0
 
@@ -72,12 +76,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--data", default="gsm8k,math", help="comma list of training sources")
     p.add_argument("--samples", type=count(1), default=20_000, help="training samples")
     p.add_argument("--held-out", type=count(0), default=200,
-                   help="samples kept out of training for the residual report")
+                   help="samples kept out of training: each layer's path is cut back to what "
+                   "helps on them, and the adapter is checked against the method alone")
     p.add_argument("--max-length", type=count(2), default=1024,
                    help="truncate sequences to this many tokens")
-    p.add_argument("--continuations", default="reference", choices=CONTINUATIONS,
-                   help="train on the data set's solutions, or on the original model's own "
-                   "greedy outputs for the same prompts (generated once, cached in --out)")
+    p.add_argument("--continuations", default="teacher", choices=CONTINUATIONS,
+                   help="train on the original model's own greedy outputs for the prompts "
+                   "(generated once, cached in --out; what decoding visits), or on the data "
+                   "set's reference solutions")
+    p.add_argument("--general-share", type=share, default=GENERAL_SHARE,
+                   help="share of the samples (train and held-out) that are general text: "
+                   "XSum articles 500-999 as plain text, so the path does not learn a "
+                   "math-only correction")
     p.add_argument("--generation-batch", type=count(1), default=8,
                    help="prompts per batch for teacher text")
     p.add_argument("--out", required=True, help="run and adapter directory")

@@ -4,6 +4,7 @@
     gsm_symbolic.py  GSM-Symbolic templates (bundled) and their generated variants
     registry.py      every data set by name: bundled file, sha256, Hub id; load()
     mixture.py       the seeded training mixture, refusing evaluation problems
+    general.py       general text (XSum articles 500-999) for the mixture; 0-499 reserved
     bundled/         the data files (README.md: origin, licence, sha256)
 """
 

@@ -51,7 +51,7 @@ DATASETS: dict[str, DataSet] = {
     "xsum": DataSet("xsum/xsum_1shot.jsonl", ("EdinburghNLP/xsum", None, "test"), records.xsum,
                     True),
 }
-GSM_SYMBOLIC_SETS = ("gsm-symbolic", "gsm-symbolic-all")
+GSM_SYMBOLIC_SETS = ("gsm-symbolic", "gsm-symbolic-all", "gsm-symbolic-test")
 # Test splits of the training sets (from the Hub or a file named *test*) get a "-test" label.
 EVALUATION_SETS = frozenset(
     [n if s.evaluation else f"{n}-test" for n, s in DATASETS.items()] + list(GSM_SYMBOLIC_SETS)
@@ -126,8 +126,11 @@ def load(
     source None reads the bundled copy; a path reads that JSONL file; anything else is a Hub
     id (e.g. load("gsm8k", "openai/gsm8k", split="test") gives source label "gsm8k-test";
     load("math", "EleutherAI/hendrycks_math", config="algebra") one MATH subject).
-    "gsm-symbolic" gives the originals of the evaluation templates, "gsm-symbolic-all" all 100.
+    "gsm-symbolic" gives the originals of the evaluation templates, "gsm-symbolic-all" all 100,
+    "gsm-symbolic-test" the 200-problem test set (evaluation originals and their variants).
     """
+    if name == "gsm-symbolic-test":
+        return gsm_symbolic.test_set()
     if name in GSM_SYMBOLIC_SETS:
         return gsm_symbolic.originals(all_templates=name == "gsm-symbolic-all")
     if name not in DATASETS:

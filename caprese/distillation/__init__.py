@@ -8,8 +8,11 @@
     trainer.py       the Adam loop (warm-up, linear decay, checkpoints, resume)
     checkpoint.py    checkpoints that are never half-read
     teacher_text.py  the original model's own continuations as training text
+    harm.py          do no harm: cut each layer's path to what helps on held-out text;
+                     the adapter against the method alone
     run.py           distill(): the stages into a resumable run folder
-    job.py           DistillJob / run_job: attach, data, teacher text, distill, detach
+    job.py           DistillJob / run_job: attach, data (the default recipe: the model's
+                     own text plus general text), teacher text, distill, detach
 """
 
 from caprese.distillation.job import DistillJob, run_job

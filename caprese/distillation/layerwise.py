@@ -24,6 +24,7 @@ from caprese import distributed
 from caprese.adapter import blocks
 from caprese.capture import capture
 from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
+from caprese.distillation.harm import keep_helpful
 from caprese.distillation.settings import DistillSettings
 from caprese.distillation.stats import RegressionStats
 from caprese.distillation.trainer import LossFn, train
@@ -163,7 +164,9 @@ def run_layerwise(
     run_dir: Path,
     pad_id: int = 0,
 ) -> tuple[list[dict], dict]:
-    """Statistics pass, then closed form and/or SGD; returns the residual report and timings."""
+    """Statistics pass, then closed form and/or SGD, then each layer's path cut back to what
+    helps on the held-out samples (harm.keep_helpful); returns the residual report (after
+    the cut) and timings."""
     solver, batch_size, every = settings.solver, settings.capture_batch, settings.checkpoint_every
     timings = {}
     started = time.perf_counter()
@@ -181,7 +184,10 @@ def run_layerwise(
     held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out", every,
                                 pad_id) if held_out else {})
     timings["held_out_stats_s"] = time.perf_counter() - started
+    kept = keep_helpful(model, held_stats, ordered=solver == "closed_form") if held_stats else []
     report = residual_report(model, train_stats, held_stats)
-    for row in report:
+    for row, kept_row in zip(report, kept or [{}] * len(report), strict=True):
+        row.update({k: kept_row[k] for k in ("rank", "kept_rank", "held_out_full_rank")
+                    if k in kept_row})
         append_log(run_dir / "run_log.jsonl", {"stage": "layerwise", **row})
     return report, timings

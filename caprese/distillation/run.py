@@ -26,6 +26,7 @@ from caprese import distributed
 from caprese.adapter import blocks, config_of, load_weights, save
 from caprese.distillation.checkpoint import remove_checkpoint
 from caprese.distillation.e2e import e2e_loss
+from caprese.distillation.harm import adapter_check, drop_harmful, kept_summary
 from caprese.distillation.layerwise import run_layerwise
 from caprese.distillation.sequential import CHECKPOINT as SEQUENTIAL_CHECKPOINT
 from caprese.distillation.sequential import check_supported, run_sequential
@@ -179,6 +180,7 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
                 remove_checkpoint(out / "checkpoints", name)
         summary["stages"][stage] = result
     summary["peak_memory_gib"] = _peak_memory_gib()
+    summary.update(_do_no_harm(summary["stages"], settings.stages))
     if distributed.is_main():
         save(model, out, trained={"stage": settings.stages[-1]})
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -186,10 +188,37 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
 
 
 def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
+    result = _fit_stage(model, stage, samples, held_out, settings, out, pad_id)
+    if held_out:
+        result["adapter_check"] = adapter_check(model, held_out, settings.capture_batch, pad_id)
+    return result
+
+
+def _do_no_harm(stages: dict, order: Sequence[str]) -> dict:
+    """What the layer-wise cut kept and how the final adapter compares with the method."""
+    found: dict = {}
+    kept = stages.get("layerwise", {}).get("kept")
+    if kept is not None:
+        found["kept"] = kept
+    final = stages[order[-1]].get("adapter_check")
+    if final is not None:
+        found["adapter_check"] = final
+        found["worse_than_method"] = final["worse_than_method"]
+    return found
+
+
+def _fit_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
     if stage == "layerwise":
-        solve = run_sequential if settings.solver == "sequential" else run_layerwise
-        report, timings = solve(model, samples, held_out, settings, out, pad_id)
-        return {"solver": settings.solver, "timings": timings, "layers": report}
+        if settings.solver == "sequential":
+            report, timings = run_sequential(model, samples, held_out, settings, out, pad_id)
+            kept = drop_harmful(model, report) if held_out else []
+        else:
+            report, timings = run_layerwise(model, samples, held_out, settings, out, pad_id)
+            kept = [row for row in report if "kept_rank" in row]
+        result = {"solver": settings.solver, "timings": timings, "layers": report}
+        if kept:
+            result["kept"] = kept_summary(kept)
+        return result
     if settings.gradient_checkpointing:
         _set_activation_checkpointing(model, True)
     try:

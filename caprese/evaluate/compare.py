@@ -1,17 +1,23 @@
 """Variant against variant on the same problems: accuracy drop, recovery, language retention.
 
 The paper's claim is relative: Caprese wins back most of what the efficient method loses.
-So the report states, per method and math task, the method's drop from the full model with
-a paired 95% interval (same problems, per-problem verdicts), and the share of it that each
-Caprese variant recovers: (Caprese - method) / (full - method).
+So the report states, per method and math task, the method's drop from the full model and
+each Caprese variant's difference from its method, with paired 95% intervals (same problems,
+per-problem verdicts), and the share of the drop each Caprese variant recovers:
+(Caprese - method) / (full - method).
+
+Intervals come from a paired bootstrap that resamples whole groups of problems: variants of
+one GSM-Symbolic template share their structure, so their verdicts are not independent and
+resampling them one by one would give intervals too narrow. Problems of other sets form a
+group each.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import math
-import statistics
+import random
+from collections import defaultdict
 from pathlib import Path
 
 from caprese.evaluate.variant import KINDS
@@ -36,15 +42,35 @@ def verdicts(result: dict, path: str | Path) -> dict[str, bool] | None:
     return {str(row["id"]): bool(row["correct"][0]) for row in rows}
 
 
-def paired_difference(a: dict[str, bool], b: dict[str, bool]) -> tuple[float, float, float, int]:
-    """mean(a - b) over shared problems with a normal 95% interval: (diff, low, high, n)."""
+BOOTSTRAP_DRAWS = 10_000
+
+
+def problem_group(problem_id: str) -> str:
+    """The resampling unit of a problem: its GSM-Symbolic template ("gsm-symbolic/0007" for
+    the original and every variant "gsm-symbolic/0007/0-2"), else the problem itself."""
+    parts = problem_id.split("/")
+    return "/".join(parts[:2]) if parts[0] == "gsm-symbolic" and len(parts) > 1 else problem_id
+
+
+def paired_bootstrap(a: dict[str, bool], b: dict[str, bool], draws: int = BOOTSTRAP_DRAWS,
+                     seed: int = 0) -> tuple[float, float, float, int]:
+    """mean(a - b) over shared problems with a 95% percentile interval from a bootstrap over
+    problem groups (problem_group): (diff, low, high, n). Seeded: a report is reproducible."""
     shared = sorted(a.keys() & b.keys())
-    diffs = [int(a[k]) - int(b[k]) for k in shared]
-    if len(diffs) < 2:
+    if len(shared) < 2:
         raise ValueError("a paired difference needs at least two shared problems")
-    mean = statistics.fmean(diffs)
-    half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half, len(diffs)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for key in shared:
+        groups[problem_group(key)].append(int(a[key]) - int(b[key]))
+    sums = [(sum(diffs), len(diffs)) for diffs in groups.values()]
+    rng = random.Random(seed)
+    means = []
+    for _ in range(draws):
+        drawn = rng.choices(sums, k=len(sums))
+        means.append(sum(d for d, _ in drawn) / sum(n for _, n in drawn))
+    means.sort()
+    low, high = means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+    return sum(d for d, _ in sums) / len(shared), low, high, len(shared)
 
 
 def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
@@ -68,12 +94,16 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
             method_verdicts = verdicts(method_result, method_path)
             drop = None
             if full_verdicts and method_verdicts:
-                drop = paired_difference(full_verdicts, method_verdicts)
-            for caprese_result, _ in entries:
+                drop = paired_bootstrap(full_verdicts, method_verdicts)
+            for caprese_result, caprese_path in entries:
                 caprese_variant = caprese_result["variant"]
                 if (caprese_variant.get("kind") not in CAPRESE_KINDS
                         or caprese_variant.get("method") != variant.get("method")):
                     continue
+                caprese_verdicts = verdicts(caprese_result, caprese_path)
+                versus = None
+                if method_verdicts and caprese_verdicts:
+                    versus = paired_bootstrap(caprese_verdicts, method_verdicts)
                 gap = full_accuracy - method_accuracy
                 gained = caprese_result["summary"]["accuracy"] - method_accuracy
                 rows.append({
@@ -82,24 +112,34 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
                     "caprese_accuracy": caprese_result["summary"]["accuracy"],
                     "drop": gap, "drop_ci95": None if drop is None else [drop[1], drop[2]],
                     "drop_significant": None if drop is None else drop[1] > 0,
+                    "versus_method": gained,
+                    "versus_method_ci95": None if versus is None else [versus[1], versus[2]],
+                    "significantly_below_method": None if versus is None else versus[2] < 0,
                     "recovered": gained / gap if gap > 0 else None,
                 })
     return rows
 
 
+def _interval(ci: list[float] | None) -> str:
+    return ("n/a (no per-problem records)" if ci is None
+            else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
+
+
 def recovery_table(rows: list[dict]) -> str:
     lines = ["| task | method | Caprese | full | method | Caprese | drop [paired 95% CI] "
-             "| recovered |", "|---" * 8 + "|"]
+             "| Caprese - method [paired 95% CI] | recovered |", "|---" * 9 + "|"]
     for r in rows:
-        ci = ("n/a (no per-problem records)" if r["drop_ci95"] is None else
-              f"[{100 * r['drop_ci95'][0]:.1f}, {100 * r['drop_ci95'][1]:.1f}]")
         recovered = ("n/a (no drop)" if r["recovered"] is None
                      else f"{100 * r['recovered']:.0f}%")
         if r["drop_significant"] is False:
             recovered += " (drop within its interval)"
+        versus = f"{100 * r['versus_method']:+.1f} {_interval(r['versus_method_ci95'])}"
+        if r["significantly_below_method"]:
+            versus = f"**{versus}: significantly below the method**"
         lines.append(f"| {r['task']} | {r['method']} | {r['caprese']} | {100 * r['full']:.1f} "
                      f"| {100 * r['method_accuracy']:.1f} | {100 * r['caprese_accuracy']:.1f} "
-                     f"| {100 * r['drop']:.1f} {ci} | {recovered} |")
+                     f"| {100 * r['drop']:.1f} {_interval(r['drop_ci95'])} | {versus} "
+                     f"| {recovered} |")
     return "\n".join(lines)
 
 

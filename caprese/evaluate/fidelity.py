@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from caprese import distributed
 from caprese.adapter import blocks
 from caprese.capture import capture
-from caprese.families import LOGIT_ROWS, decoder, logits
-from caprese.phases import split, teacher
+from caprese.divergence import batch_divergence
 from caprese.samples import Sample, collate
 
 
@@ -32,7 +31,6 @@ def fidelity(
     progress: bool = True,
     layer_errors: bool = True,
 ) -> dict:
-    stack = decoder(model)
     device = next(model.parameters()).device
     parts: list[tuple[int, dict]] = []  # per batch: each chunk's sums, in order
 
@@ -41,15 +39,14 @@ def fidelity(
                                        disable=not progress or not distributed.is_main())):
         if distributed.mine(index):  # under torchrun: whole batches, batch i on rank i % N
             batch = collate(samples[start : start + batch_size], pad_id).to(device)
-            parts.append((index, _batch_sums(model, stack, batch, layer_errors)))
+            parts.append((index, _batch_sums(model, batch, layer_errors)))
     kl_sum, agree, tokens = 0.0, 0, 0
     nll = torch.zeros(2, dtype=torch.float64)  # teacher, student: -log p(actual next token)
     layer_sums = {i: torch.zeros(3, dtype=torch.float64) for i in blocks(model)}
     for _, part in distributed.gather(parts):  # summed in batch order whatever the ranks
-        for kl, chunk_nll, chunk_agree in part["chunks"]:
-            kl_sum += kl
-            nll -= chunk_nll
-            agree += chunk_agree
+        kl_sum += part["kl"]
+        nll -= part["log_likelihood"]
+        agree += part["agree"]
         tokens += part["tokens"]
         for layer, sums in part["layers"].items():
             layer_sums[layer] += sums
@@ -73,32 +70,10 @@ def fidelity(
     }
 
 
-def _batch_sums(model, stack, batch, layer_errors: bool) -> dict:
-    """One batch's KL, next-token log-likelihoods and agreements per chunk of LOGIT_ROWS
-    positions, its token count, and (with layer_errors) each layer's squared errors."""
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  use_cache=False)
-    # Logits at continuation positions that still have a next token to predict (the
-    # prediction made at the last prompt position is prefill, identical by design).
-    predicts = batch.continuation & batch.continuation.roll(-1, dims=1)
-    predicts[:, -1] = False
-    with teacher(model):
-        target_hidden = stack(**inputs).last_hidden_state[predicts]
-    with split(model, batch.boundary):
-        student_hidden = stack(**inputs).last_hidden_state[predicts]
-    following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
-    chunks = []
-    for target_rows, student_rows, next_ids in zip(
-        target_hidden.split(LOGIT_ROWS), student_hidden.split(LOGIT_ROWS),
-        following.split(LOGIT_ROWS), strict=True,
-    ):
-        target = logits(model, target_rows).float()
-        student = logits(model, student_rows).float()
-        log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
-        chunks.append((float((log_p.exp() * (log_p - log_q)).sum()),
-                       torch.stack([log_p.gather(1, next_ids).sum(),
-                                    log_q.gather(1, next_ids).sum()]).double().cpu(),
-                       int((target.argmax(-1) == student.argmax(-1)).sum())))
+def _batch_sums(model, batch, layer_errors: bool) -> dict:
+    """One batch's divergence sums (caprese.divergence) and, with layer_errors, each layer's
+    squared errors."""
+    sums = batch_divergence(model, batch)
     layers: dict[int, torch.Tensor] = {}
 
     def on_layer(index, x, y):
@@ -111,4 +86,4 @@ def _batch_sums(model, stack, batch, layer_errors: bool) -> dict:
 
     if layer_errors:  # a third pass; skip it when only the logits matter
         capture(model, batch, on_layer)
-    return {"chunks": chunks, "tokens": int(predicts.sum()), "layers": layers}
+    return {**sums, "layers": layers}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from caprese import data, distributed, prompts
+from caprese.data.general import RESERVED_ARTICLES, article_body, reserved
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
 from caprese.evaluate.math import evaluate_math
@@ -21,7 +22,8 @@ from caprese.generation import GenerationSettings
 from caprese.io import atomic_write_text, json_object_with, refuse_foreign, remove_stale_temporaries
 from caprese.samples import at_least
 
-MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm8k", "math500", "aime24", "amc23")
+MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm-symbolic-test", "gsm8k", "math500", "aime24",
+              "amc23")
 TASKS = (*MATH_TASKS, "xsum", "fidelity", "fidelity-language")
 RESULT_KEYS = ("task", "variant", "summary")
 
@@ -46,6 +48,10 @@ class EvalTask:
                              "or a local .jsonl file")
         if self.limit is not None:
             at_least("limit", self.limit, 1, "(omit it to take every problem)")
+            if self.task in ("xsum", "fidelity-language") and self.limit > len(RESERVED_ARTICLES):
+                raise ValueError(f"{self.task} evaluates only the {len(RESERVED_ARTICLES)} "
+                                 "reserved XSum articles (the others may be training input): "
+                                 f"--limit at most {len(RESERVED_ARTICLES)}, got {self.limit}")
         for name, low in (("max_new_tokens", 1), ("max_length", 2), ("batch_size", 1),
                           ("samples", 1), ("seed", 0)):
             at_least(name, getattr(self, name), low)
@@ -60,8 +66,10 @@ class EvalTask:
             records = data.load("math", self.task)
         elif self.task == "fidelity":
             records = data.load("math500")
-        elif self.task == "fidelity-language":
-            records = data.load("xsum")
+        elif self.task == "fidelity-language":  # the article alone, as plain text
+            records = [replace(r, prompt=article_body(r)) for r in reserved(data.load("xsum"))]
+        elif self.task == "xsum":
+            records = reserved(data.load("xsum"))
         else:
             records = data.load(self.task)
         if not records:

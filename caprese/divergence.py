@@ -1,0 +1,48 @@
+"""How far the compressed model's next-token distributions are from the original's.
+
+One teacher-forced batch, two forwards from the same weights: the original model (teacher)
+and the model as attached (split phase: prompt dense, continuation compressed). Fidelity
+reports and distillation's do-no-harm check both score adapters this way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from caprese.families import LOGIT_ROWS, decoder, logits
+from caprese.phases import split, teacher
+from caprese.samples import Batch
+
+
+@torch.no_grad()
+def batch_divergence(model: torch.nn.Module, batch: Batch) -> dict:
+    """Sums over the batch's predicted positions: KL(teacher || student) ("kl"), the
+    log-likelihood of the actual next token under each ("log_likelihood": teacher, student),
+    top-1 agreements ("agree"), and the count of positions ("tokens"). Positions are the
+    continuation tokens that still have a next token (the prediction made at the last prompt
+    position is prefill, identical by design)."""
+    stack = decoder(model)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  use_cache=False)
+    predicts = batch.continuation & batch.continuation.roll(-1, dims=1)
+    predicts[:, -1] = False
+    with teacher(model):
+        target_hidden = stack(**inputs).last_hidden_state[predicts]
+    with split(model, batch.boundary):
+        student_hidden = stack(**inputs).last_hidden_state[predicts]
+    following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
+    kl, agree = 0.0, 0
+    log_likelihood = torch.zeros(2, dtype=torch.float64)
+    for target_rows, student_rows, next_ids in zip(
+        target_hidden.split(LOGIT_ROWS), student_hidden.split(LOGIT_ROWS),
+        following.split(LOGIT_ROWS), strict=True,
+    ):
+        target = logits(model, target_rows).float()
+        student = logits(model, student_rows).float()
+        log_p, log_q = target.log_softmax(-1), student.log_softmax(-1)
+        kl += float((log_p.exp() * (log_p - log_q)).sum())
+        log_likelihood += torch.stack([log_p.gather(1, next_ids).sum(),
+                                       log_q.gather(1, next_ids).sum()]).double().cpu()
+        agree += int((target.argmax(-1) == student.argmax(-1)).sum())
+    return {"kl": kl, "log_likelihood": log_likelihood, "agree": agree,
+            "tokens": int(predicts.sum())}
