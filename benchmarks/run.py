@@ -20,6 +20,10 @@ Kinds:
   public config (the paper's Table 5 on a GPU).
 - decode_overhead: time per token of HF `generate`, of the lean decode loop, and of the lean
   loop with the CPU kernels (full model, batch 1).
+- general_share: the default recipe (`caprese distill` with size flags only) at several
+  shares of general text, per method: the job's own held-out check, and KL(original ||
+  compressed) with and without the path on fixed evaluation text (MATH500 solutions and
+  reserved XSum articles as plain text), the same for every share.
 """
 
 from __future__ import annotations
@@ -33,17 +37,21 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 
 import caprese
+from caprese import data
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import bytes_per_token, format_table, measure_bandwidth, run_bench
 from caprese.data import training_split
-from caprese.distillation import DistillSettings, TrainSettings, distill
+from caprese.data.general import article_body, reserved
+from caprese.distillation import DistillJob, DistillSettings, TrainSettings, distill, run_job
 from caprese.distillation.e2e import e2e_loss
+from caprese.distillation.harm import path_off
 from caprese.distillation.layerwise import collect_stats, solve_closed_form
 from caprese.distillation.trainer import train
 from caprese.dtypes import resolve_dtype
@@ -51,6 +59,7 @@ from caprese.evaluate.fidelity import fidelity
 from caprese.info import load_config
 from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
+from caprese.prompts import teacher_forced
 from caprese.samples import collate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +76,10 @@ DEFAULTS = {
                            setups=["256+64"], repeats=3, rank=256, batch=1),
     "decode_overhead": dict(model="qwen2.5-coder-1.5b-instruct", dtype="bf16", prompt_len=256,
                             gen_len=32, repeats=3),
+    "general_share": dict(model="qwen2.5-coder-0.5b-instruct", dtype="auto",
+                          methods=["griffin", "cats"], shares=[0.0, 0.25, 0.5], samples=256,
+                          held_out=32, max_length=256, e2e_samples=64, rank=256, density=0.5,
+                          eval_samples=32, batch_size=8),
 }
 FIT_DEFAULTS = {
     "closed_form": dict(ridges=[1e-4], ranks=[], e2e=None),
@@ -337,7 +350,50 @@ def decode_overhead(ex: dict) -> Iterator[dict]:
     yield {"weights": weights_description(ex["model"]), "floor_ttnt": floor, "rows": rows}
 
 
-KINDS = {"kl_gap": kl_gap, "decode_latency": decode_latency, "decode_overhead": decode_overhead}
+# -- general share -----------------------------------------------------------------------
+def general_share(ex: dict) -> Iterator[dict]:
+    model, tokenizer = load_model(ex["model"], dtype=ex["dtype"])
+    pad_id = tokenizer.pad_token_id or 0
+    texts = {"math500": teacher_forced(tokenizer, data.load("math500")[:ex["eval_samples"]],
+                                       max_length=ex["max_length"]),
+             "xsum_plain": teacher_forced(
+                 tokenizer, [replace(r, prompt=article_body(r))
+                             for r in reserved(data.load("xsum"))[:ex["eval_samples"]]],
+                 language=True, max_length=ex["max_length"])}
+    settings = DistillSettings(stages=("layerwise", "e2e"), e2e_epochs=1,
+                               e2e_samples=ex["e2e_samples"])
+    report: dict = {"setup": {"weights": weights_description(ex["model"])}, "rows": []}
+    with tempfile.TemporaryDirectory() as work:
+        cache = str(Path(work) / "teacher_text.jsonl")  # one generation for every share
+        for method in ex["methods"]:
+            config = caprese.CapreseConfig(method=method, density=ex["density"], rank=ex["rank"])
+            for share in ex["shares"]:
+                job = DistillJob(config, settings, samples=ex["samples"],
+                                 held_out=ex["held_out"], max_length=ex["max_length"],
+                                 general_share=share, teacher_cache=cache)
+                out = Path(work) / f"{method}-{share}"
+                started = time.perf_counter()
+                summary = run_job(model, tokenizer, job, out)
+                row = {"method": method, "share": share, "seconds": time.perf_counter() - started,
+                       "kept": summary.get("kept"), "held_out": summary.get("adapter_check")}
+                caprese.load(model, out)
+                for name, samples in texts.items():
+                    with path_off(model):
+                        alone = scored(model, samples, pad_id, ex["batch_size"])["kl"]
+                    row[name] = {"kl_method": alone,
+                                 "kl_caprese": scored(model, samples, pad_id,
+                                                      ex["batch_size"])["kl"]}
+                caprese.detach(model)
+                report["rows"].append(row)
+                print(f"| {method} | {share} | " + " | ".join(
+                    f"{name} {row[name]['kl_method']:.4f} -> {row[name]['kl_caprese']:.4f}"
+                    for name in texts) + f" | {row['seconds']:.0f} s |", flush=True)
+                yield report
+    yield report
+
+
+KINDS = {"kl_gap": kl_gap, "decode_latency": decode_latency, "decode_overhead": decode_overhead,
+         "general_share": general_share}
 
 
 def main(argv: list[str] | None = None) -> dict:
