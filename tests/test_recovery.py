@@ -15,6 +15,7 @@ import caprese
 import caprese.distillation.layerwise as layerwise
 from caprese import data
 from caprese.capture import capture
+from caprese.cli import main
 from caprese.data import general, gsm_symbolic
 from caprese.data.mixture import build_mixture
 from caprese.distillation import DistillJob, DistillSettings, distill
@@ -172,3 +173,18 @@ def test_a_distilled_run_records_the_share_and_reports_against_the_method(tmp_pa
     assert set(check) == {"math", "worse_than_method"}
     assert summary["worse_than_method"] == check["worse_than_method"]
     assert json.loads((tmp_path / "summary.json").read_text())["kept"] == summary["kept"]
+
+
+def test_distill_prints_what_it_kept_and_how_it_compares_with_the_method(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    assert main(["distill", "--model", str(folder), "--method", "cats", "--rank", "4",
+                 "--data", "gsm8k", "--samples", "16", "--held-out", "8", "--max-length", "96",
+                 "--stages", "layerwise", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr()
+    out = printed.out + printed.err  # a WARNING (worse than the method) goes to stderr
+    assert "kept their full rank" in out and "than CATS alone on held-out text" in out
+    assert "math KL" in out and "general KL" in out  # a quarter of the held-out is general
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["continuations"], run["general_share"], run["samples"]) == ("teacher", 0.25, 16)

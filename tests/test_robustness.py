@@ -242,6 +242,8 @@ def test_config_values_of_the_wrong_type_are_adapter_errors(tmp_path, field, val
     (["distill", "--samples", "0"], "--samples: must be at least 1"),
     (["distill", "--batch-size", "0"], "--batch-size: must be at least 1"),
     (["distill", "--density", "1.5"], "--density: must be in (0, 1]"),
+    (["distill", "--general-share", "1"], "--general-share: must be in [0, 1)"),
+    (["distill", "--general-share", "-0.1"], "--general-share: must be in [0, 1)"),
 ])
 def test_numbers_out_of_range_are_refused_by_name(tmp_path, tiny_dir, capsys, argv, message):
     with pytest.raises(SystemExit) as exit:

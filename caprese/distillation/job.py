@@ -137,9 +137,13 @@ def harm_lines(summary: dict, method: str) -> list[str]:
     lines = []
     kept = summary.get("kept")
     if kept is not None:
+        reduced = ", ".join(f"layer {layer}: rank {rank}"
+                            for layer, rank in kept["reduced"].items())
+        dropped = ", ".join(str(layer) for layer in kept["dropped"])
         lines.append(f"layers: {len(kept['full_rank'])} kept their full rank, "
-                     f"{len(kept['reduced'])} a smaller one {kept['reduced'] or ''}, "
-                     f"{len(kept['dropped'])} dropped {kept['dropped'] or ''}".replace("  ", " "))
+                     f"{len(kept['reduced'])} a smaller one"
+                     + (f" ({reduced})" if reduced else "")
+                     + f", {len(kept['dropped'])} dropped" + (f" ({dropped})" if dropped else ""))
     if "adapter_check" in summary:
         lines.append(verdict(summary["adapter_check"], method))
     else:
