@@ -367,6 +367,7 @@ def general_share(ex: dict) -> Iterator[dict]:
         cache = str(Path(work) / "teacher_text.jsonl")  # one generation for every share
         for method in ex["methods"]:
             config = caprese.CapreseConfig(method=method, density=ex["density"], rank=ex["rank"])
+            alone: dict[str, float] = {}
             for share in ex["shares"]:
                 job = DistillJob(config, settings, samples=ex["samples"],
                                  held_out=ex["held_out"], max_length=ex["max_length"],
@@ -377,10 +378,12 @@ def general_share(ex: dict) -> Iterator[dict]:
                 row = {"method": method, "share": share, "seconds": time.perf_counter() - started,
                        "kept": summary.get("kept"), "held_out": summary.get("adapter_check")}
                 caprese.load(model, out)
-                for name, samples in texts.items():
+                if not alone:  # the method alone is the same for every share
                     with path_off(model):
-                        alone = scored(model, samples, pad_id, ex["batch_size"])["kl"]
-                    row[name] = {"kl_method": alone,
+                        alone = {name: scored(model, samples, pad_id, ex["batch_size"])["kl"]
+                                 for name, samples in texts.items()}
+                for name, samples in texts.items():
+                    row[name] = {"kl_method": alone[name],
                                  "kl_caprese": scored(model, samples, pad_id,
                                                       ex["batch_size"])["kl"]}
                 caprese.detach(model)

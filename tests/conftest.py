@@ -58,3 +58,14 @@ def family(request) -> str:
 def prompt_ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, COMMON["vocab_size"], (batch, length), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama model and the word tokenizer saved as a model folder (what --model takes)."""
+    from helpers import word_tokenizer  # helpers imports this module
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder

@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist_job.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("distributed") / "model"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
 
 def caprese(argv: list[str], processes: int = 1, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:

@@ -18,20 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
-from helpers import word_tokenizer
 from safetensors.torch import load_file
 
 SEEDS = (0, 1, 2)
 JOB = Path(__file__).resolve().parent / "fault_job.py"
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("faults") / "model"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def run(argv: list[str], tmp_path: Path, kill_at: int = 0) -> tuple[int, int]:

@@ -175,11 +175,9 @@ def test_a_distilled_run_records_the_share_and_reports_against_the_method(tmp_pa
     assert json.loads((tmp_path / "summary.json").read_text())["kept"] == summary["kept"]
 
 
-def test_distill_prints_what_it_kept_and_how_it_compares_with_the_method(tmp_path, capsys):
-    folder = tmp_path / "model"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    assert main(["distill", "--model", str(folder), "--method", "cats", "--rank", "4",
+def test_distill_prints_what_it_kept_and_how_it_compares_with_the_method(tmp_path, tiny_dir,
+                                                                          capsys):
+    assert main(["distill", "--model", str(tiny_dir), "--method", "cats", "--rank", "4",
                  "--data", "gsm8k", "--samples", "16", "--held-out", "8", "--max-length", "96",
                  "--stages", "layerwise", "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr()

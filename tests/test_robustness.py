@@ -14,22 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from helpers import attached_copy, randomize_lowrank, word_tokenizer
+from helpers import attached_copy, randomize_lowrank
 
 import caprese
 from caprese.cli import main
 from caprese.data import CapreseDataError, load
 from caprese.evaluate.checker import BoundedChecker, check
 from caprese.extract import last_boxed
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Qwen2 model and word tokenizer saved as a model folder (what --model takes)."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -57,12 +57,16 @@ def count(low: int):
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1] (densities, top-p)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (densities, top-p)."""
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
@@ -70,10 +74,7 @@ def fraction(text: str) -> float:
 
 def share(text: str) -> float:
     """An argparse type: a number in [0, 1) (the share of a mixture)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
@@ -81,10 +82,7 @@ def share(text: str) -> float:
 
 def positive(text: str) -> float:
     """An argparse type: a finite number > 0 (learning rates, ridges)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
