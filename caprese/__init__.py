@@ -30,7 +30,14 @@ from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, distill, run_job
 from caprese.families import UnsupportedModelError
 from caprese.models import load_model
-from caprese.phases import forced_phase, set_decode, split, teacher, use_decode_kernels
+from caprese.phases import (
+    forced_phase,
+    prepare_decode,
+    set_decode,
+    split,
+    teacher,
+    use_decode_kernels,
+)
 from caprese.version import __version__
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     "load",
     "load_model",
     "load_weights",
+    "prepare_decode",
     "read_adapter",
     "read_config",
     "run_job",

@@ -160,6 +160,7 @@ def detach(model: nn.Module) -> nn.Module:
     """Put the original MLP modules back and undo every other change attach made."""
     handle = handle_of(model)
     for index, block in handle.blocks.items():
+        block.release_layouts()
         set_mlp(model, index, block.mlp)
     for hook in handle.hooks:
         hook.remove()

@@ -104,6 +104,18 @@ def set_decode(model: nn.Module, **changes) -> DecodeOptions:
     return previous
 
 
+def prepare_decode(model: nn.Module, batch: int | None = None) -> nn.Module:
+    """Do the once-per-attach work of decoding now rather than in a prompt's time to first
+    token: the weight layouts (and the fused weights every prompt shares, rebuilt later
+    only for the r rows of L and R once they change) and, with `batch`, GRIFFIN's
+    gathered matrices for that many samples, which each prompt then fills in place."""
+    if state_of(model).decode.fused:
+        for module in model.modules():
+            if isinstance(module, CapreseBlock):
+                module.prepare_layout(batch)
+    return model
+
+
 def use_decode_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Decode single tokens with caprese's CPU kernels everywhere: every nn.Linear (attention,
     LM head) and, on an attached model, the blocks' fused products. enabled=False restores

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from caprese.kernels import cpu
 from caprese.kernels.cpu import cpu_tag, module
@@ -51,6 +53,48 @@ def test_rows_product_equals_torch():
     reference = x.double() @ rows.double() + bias.double()
     torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype],
                                atol=TOLERANCE[dtype] * 10)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), quantile=st.floats(0, 1),
+       bf16=st.booleans(), seed=st.integers(0, 2**16), ties=st.booleans())
+def test_abs_order_statistic_equals_kthvalue(rows, cols, quantile, bf16, seed, ties):
+    """CATS' threshold kernel: exact, over valid rows only, for any sign, zero or tie."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, cols, generator=generator) * 4
+    if ties:  # few distinct values, signed zeros among them
+        values = values.round() * 0.0 if seed % 5 == 0 else values.round()
+    values = values.to(torch.bfloat16 if bf16 else torch.float32)
+    valid = torch.rand(rows, generator=generator) < 0.7
+    valid[seed % rows] = True
+    kept = values[valid].abs().flatten()
+    rank = int(quantile * (kept.numel() - 1))
+    got = cpu.abs_order_statistic(values, valid, rank)
+    assert got.dtype == values.dtype
+    assert got == kept.kthvalue(rank + 1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["normal", "ties", "misleading sample"])
+def test_abs_order_statistic_on_prompts_large_enough_to_bracket(dtype, case):
+    """Past 128K values the kernel brackets the rank from a strided sample; a sample that
+    misleads (every sampled value an outlier) must still give the exact answer."""
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(300, 1000, generator=generator)
+    if case == "ties":
+        values = values.round()
+    valid = torch.ones(300, dtype=torch.bool)
+    valid[::7] = False
+    if case == "misleading sample":
+        count = int(valid.sum()) * 1000
+        flat = values[valid].flatten()
+        flat[:: (count // 16384) | 1] = 1e6  # exactly the values the sample reads
+        values[valid] = flat.reshape(-1, 1000)
+    values = values.to(dtype)
+    kept = values[valid].abs().flatten()
+    for quantile in (0.0, 0.1, 0.5, 0.97, 1.0):
+        rank = int(quantile * (kept.numel() - 1))
+        assert cpu.abs_order_statistic(values, valid, rank) == kept.kthvalue(rank + 1).values
 
 
 def test_kernels_decline_what_they_do_not_do():

@@ -32,8 +32,13 @@ def test_griffin_selection_matches_reference(density):
         assert selection[b].tolist() == expected
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
-def test_cats_threshold_matches_reference(density):
+def test_cats_threshold_matches_reference(density, kernel, monkeypatch):
+    from caprese.kernels import cpu
+
+    if not kernel:
+        monkeypatch.setattr(cpu, "abs_order_statistic", lambda *args: None)
     act, hidden, valid = random_prompt()
     tau = Cats(density).select(act, hidden, valid)
     for b in range(3):
@@ -84,10 +89,14 @@ def test_gathered_equals_masked():
     torch.testing.assert_close(small, masked, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.9, 1.0 - 1e-6])
-def test_cats_bf16_threshold_by_counting_equals_kthvalue(density):
+def test_cats_bf16_threshold_by_counting_equals_kthvalue(density, kernel, monkeypatch):
+    from caprese.kernels import cpu
     from caprese.methods.cats import cats_threshold
 
+    if not kernel:
+        monkeypatch.setattr(cpu, "abs_order_statistic", lambda *args: None)
     generator = torch.Generator().manual_seed(3)
     act = (torch.randn(2, 50, 300, generator=generator) * 3).to(torch.bfloat16)
     act[0, 0, :7] = 0.0  # ties and zeros

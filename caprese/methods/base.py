@@ -29,6 +29,7 @@ class Method:
 
     name = "base"
     per_sample_weights = False  # True: gather() builds each sample's own smaller matrices
+    reads_down_rows = False  # True: a sparse kernel reads rows of W2^T (kept contiguous)
 
     def __init__(self, density: float) -> None:
         self.density = density
@@ -43,8 +44,11 @@ class Method:
         """Reference form: a 0/1 mask broadcastable to act_gate (None keeps everything)."""
         raise NotImplementedError
 
-    def gather(self, mlp: nn.Module, state: torch.Tensor | None) -> FastWeights:
-        """The (possibly smaller) weights the fast decode path reads."""
+    def gather(self, mlp: nn.Module, state: torch.Tensor | None, extra: int = 0,
+               reuse: FastWeights | None = None) -> FastWeights:
+        """The (possibly smaller) weights the fast decode path reads. Per-sample weights
+        (per_sample_weights) leave `extra` rows at the end of up and down for the block's L
+        and R, and may be written into `reuse`, the previous prompt's, when shapes fit."""
         return FastWeights(
             gate=mlp.gate_proj.weight,
             gate_bias=mlp.gate_proj.bias,

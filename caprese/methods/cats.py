@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import torch
 
-from caprese.methods.base import FastWeights, Method
+from caprese.kernels import cpu
+from caprese.methods.base import Method
 
 
 def cats_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float) -> torch.Tensor:
     """tau per sample (B,): the 'lower' (1 - density) quantile of |act| over valid entries.
 
-    torch.quantile refuses inputs above 16M entries (a 2K-token prompt of a 14B model has
-    18M), so the order statistic is taken directly: exactly, by counting, for bf16 (see
-    _bf16_order_statistic), and with kthvalue for other dtypes.
+    It is set at every prompt, so it is part of time to first token: on the CPU a kernel
+    (kernels/cpu.py) finds it reading the activations in place. Elsewhere the order statistic is
+    taken directly (torch.quantile refuses inputs above 16M entries, and a 2K-token prompt of
+    a 14B model has 18M): by counting for bf16 (_bf16_order_statistic), else by kthvalue.
     """
     taus = []
     for sample_act, sample_valid in zip(act_gate, valid, strict=True):
-        values = sample_act[sample_valid].abs().flatten()
-        if values.numel() == 0:
+        count = int(sample_valid.sum()) * sample_act.shape[-1]
+        if count == 0:
             raise ValueError("CATS needs at least one prompt token per sample to set tau")
-        rank = int((1.0 - density) * (values.numel() - 1))  # 0-based index of the quantile
-        if values.dtype == torch.bfloat16:
-            taus.append(_bf16_order_statistic(values, rank))
-        else:
-            taus.append(values.kthvalue(rank + 1).values)
+        rank = int((1.0 - density) * (count - 1))  # 0-based index of the quantile
+        tau = cpu.abs_order_statistic(sample_act, sample_valid, rank)
+        if tau is None:
+            values = sample_act[sample_valid].abs().flatten()
+            if values.dtype == torch.bfloat16:
+                tau = _bf16_order_statistic(values, rank)
+            else:
+                tau = values.kthvalue(rank + 1).values
+        taus.append(tau)
     return torch.stack(taus)
 
 
@@ -48,6 +54,7 @@ def _bf16_order_statistic(values: torch.Tensor, rank: int) -> torch.Tensor:
 
 class Cats(Method):
     name = "cats"
+    reads_down_rows = True
 
     def select(self, act_gate: torch.Tensor, hidden, valid: torch.Tensor) -> torch.Tensor | None:
         if self.density >= 1.0:
@@ -61,10 +68,3 @@ class Cats(Method):
 
     def gate_threshold(self, state):
         return state
-
-    def gather(self, mlp, state) -> FastWeights:
-        # The sparse decode reads rows of W2^T: keep a contiguous copy (cached by the block).
-        fast = super().gather(mlp, state)
-        if state is not None:  # density 1 keeps the original matrices, bit for bit
-            fast.down_rows = fast.down_rows.contiguous()
-        return fast

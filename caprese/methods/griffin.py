@@ -14,11 +14,15 @@ from caprese.methods.base import FastWeights, Method
 
 
 def griffin_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Neuron scores (B, D_FF) from z (B, S, D_FF), ignoring positions where valid is False."""
-    z = hidden.float()
-    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    z = z * valid[..., None]
-    return z.norm(dim=1)
+    """Neuron scores (B, D_FF) from z (B, S, D_FF), ignoring positions where valid is False.
+
+    score_j^2 = sum_t valid_t z_tj^2 / ||z_t||^2: squares once, then one weighted sum over
+    the prompt as a matrix product. Normalising z first and taking column norms gave the
+    same scores in 8x the time (333 vs 42 ms per layer of the 1.5B model at 2048 tokens),
+    part of time to first token."""
+    squares = hidden.float().square()
+    weights = valid / squares.sum(dim=-1).clamp_min(1e-24)  # (B, S)
+    return torch.bmm(weights[:, None, :].to(squares.dtype), squares)[:, 0].sqrt()
 
 
 class Griffin(Method):
@@ -46,22 +50,38 @@ class Griffin(Method):
         mask.scatter_(1, state, 1.0)
         return mask[:, None, :]
 
-    def gather(self, mlp, state) -> FastWeights:
+    @torch.no_grad()  # the fused form's weights: it computes no gradients
+    def gather(self, mlp, state, extra: int = 0, reuse: FastWeights | None = None
+               ) -> FastWeights:
+        """Each sample's kept rows of Wg, W1 and W2^T, copied once into (B, k + extra, D)
+        matrices: part of time to first token (1.2 GB for the 1.5B model in fp32). The last
+        `extra` rows of up and down are left for the block's L and R. `reuse`, the previous
+        prompt's matrices, is written over when its shapes fit: fresh memory would cost a
+        page fault per 4 KB on top of the copy (12 vs 3.6 ms per matrix of the 1.5B)."""
         if state is None:
             return super().gather(mlp, state)
+        batch, kept = state.shape
 
-        def rows(weight: torch.Tensor) -> torch.Tensor:  # (D_FF, D) -> (B, k, D)
-            if weight.is_contiguous():  # row copies: several times faster than weight[state]
-                return torch.stack([weight.index_select(0, kept) for kept in state])
-            return weight[state]
+        def rows(weight: torch.Tensor, extra_rows: int, old: torch.Tensor | None
+                 ) -> torch.Tensor:
+            shape = (batch, kept + extra_rows, weight.shape[1])
+            fits = (old is not None and old.shape == shape and old.dtype == weight.dtype
+                    and old.device == weight.device)
+            out = old if fits else weight.new_empty(shape)
+            for sample, neurons in enumerate(state):  # one row copy per kept neuron
+                torch.index_select(weight, 0, neurons, out=out[sample, :kept])
+            return out
 
-        def bias(linear) -> torch.Tensor | None:
-            return None if linear.bias is None else linear.bias[state]
+        def bias(linear, extra_rows: int) -> torch.Tensor | None:
+            if linear.bias is None:
+                return None
+            return torch.cat([linear.bias[state], linear.bias.new_zeros(batch, extra_rows)], -1)
 
+        old = reuse or FastWeights(None, None, None, None, None)
         return FastWeights(
-            gate=rows(mlp.gate_proj.weight),
-            gate_bias=bias(mlp.gate_proj),
-            up=rows(mlp.up_proj.weight),
-            up_bias=bias(mlp.up_proj),
-            down_rows=rows(mlp.down_proj.weight.t()),
+            gate=rows(mlp.gate_proj.weight, 0, old.gate),
+            gate_bias=bias(mlp.gate_proj, 0),
+            up=rows(mlp.up_proj.weight, extra, old.up),
+            up_bias=bias(mlp.up_proj, extra),
+            down_rows=rows(mlp.down_proj.weight.t(), extra, old.down_rows),
         )
