@@ -28,8 +28,8 @@ Kinds:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -47,6 +47,9 @@ import caprese
 from caprese import data
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import bytes_per_token, format_table, measure_bandwidth, run_bench
+from caprese.bench.latency import machine as bench_machine
+from caprese.bench.memory import free_large_blocks_at_once, settled_rss
+from caprese.bench.peer import LlamaCppPeer, peer_gguf
 from caprese.data import training_split
 from caprese.data.general import article_body, reserved
 from caprese.distillation import DistillJob, DistillSettings, TrainSettings, distill, run_job
@@ -59,6 +62,7 @@ from caprese.evaluate.fidelity import fidelity
 from caprese.info import load_config
 from caprese.io import atomic_write_text
 from caprese.models import load_model, weights_description
+from caprese.models.load import import_model_code
 from caprese.prompts import teacher_forced
 from caprese.samples import collate
 
@@ -73,7 +77,7 @@ DEFAULTS = {
     "decode_latency": dict(model="qwen2.5-coder-1.5b-instruct", config="", tiny=False,
                            dtypes=["auto"], variants=["full", "griffin", "caprese", "lora",
                                                       "cats", "caprese-cats"],
-                           setups=["256+64"], repeats=3, rank=256, batch=1),
+                           setups=["256+64"], repeats=3, rank=256, batch=1, peer=False),
     "decode_overhead": dict(model="qwen2.5-coder-1.5b-instruct", dtype="bf16", prompt_len=256,
                             gen_len=32, repeats=3),
     "general_share": dict(model="qwen2.5-coder-0.5b-instruct", dtype="auto",
@@ -110,12 +114,8 @@ def load_experiment(path: str, overrides: list[str]) -> dict:
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    with open("/proc/cpuinfo") as lines:
-        model = next((line.split(":", 1)[1].strip() for line in lines
-                      if line.startswith("model name")), platform.processor())
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{bench_machine('cuda' if torch.cuda.is_available() else 'cpu')}, " \
+        f"{torch.get_num_threads()} threads"
 
 
 def write(report: dict, experiment: dict) -> None:
@@ -294,22 +294,36 @@ TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_atte
 
 
 def decode_latency(ex: dict) -> Iterator[dict]:
+    """`caprese bench` per dtype and setup; with peer = true llama.cpp runs beside (built-in
+    models: it reads a GGUF of the same weights in the same dtype)."""
     device = "cuda" if torch.cuda.is_available() and not ex["tiny"] else "cpu"
     report = {"runs": {}}
     for dtype in ex["dtypes"]:
         choice = resolve_dtype(dtype, device)
+        free_large_blocks_at_once()
+        if not ex["config"]:
+            import_model_code(ex["model"])
+        baseline_rss = settled_rss()
         if ex["config"]:
             config = load_config(str(ROOT / ex["config"]))
             for key, value in (TINY.items() if ex["tiny"] else ()):
                 setattr(config, key, value)
             model = random_model(config, choice.dtype, device)
         else:
-            model, _ = load_model(ex["model"], dtype=dtype, device=device)
+            model, tokenizer = load_model(ex["model"], dtype=dtype, device=device)
+            del tokenizer  # not a variant's memory
             report["weights"] = weights_description(ex["model"])
         for setup in ex["setups"]:
             prompt_len, gen_len = (int(n) for n in setup.split("+"))
-            result = run_bench(model, ex["variants"], prompt_len, gen_len, ex["repeats"],
-                               ex["batch"], rank=ex["rank"])
+            with contextlib.ExitStack() as stack:
+                peer = None
+                if ex["peer"]:
+                    gguf_path = peer_gguf(ex["model"], choice.dtype)
+                    peer = stack.enter_context(LlamaCppPeer(
+                        gguf_path, torch.get_num_threads(), prompt_len + gen_len))
+                result = run_bench(model, ex["variants"], prompt_len, gen_len, ex["repeats"],
+                                   ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
+                                   peer=peer)
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

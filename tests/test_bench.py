@@ -68,6 +68,30 @@ def test_bench_runs_every_variant_and_reports_consistent_bytes():
     assert "| caprese |" in format_table(result)
 
 
+def test_bench_reports_what_each_variant_holds_and_its_peak():
+    from caprese.bench import memory
+    from caprese.bench.latency import run_bench, storage_bytes
+
+    model = tiny_model("llama")
+    weights = storage_bytes(model.parameters())
+    result = run_bench(model, ["full", "griffin", "caprese", "cats", "caprese-cats"],
+                       prompt_len=12, gen_len=4, repeats=1, rank=4,
+                       baseline_rss=memory.rss_bytes())
+    rows = {r["variant"]: r for r in result["variants"]}
+    text = model.config
+    path = 2 * text.hidden_size * 4 * text.num_hidden_layers  # L and R per rank, fp32
+    layout_rows = 2 * text.hidden_size * 4 * text.num_hidden_layers  # r rows of each, fp32
+    assert result["weights_bytes"] == weights
+    assert rows["full"]["adapter_bytes"] == rows["cats"]["adapter_bytes"] == 0
+    assert rows["caprese"]["adapter_bytes"] == 4 * path // 2  # GRIFFIN: layers 0-1 of 4
+    assert rows["caprese-cats"]["adapter_bytes"] == 4 * (path + layout_rows)
+    assert rows["griffin"]["gathered_bytes"] > 0 and rows["cats"]["gathered_bytes"] == 0
+    for row in rows.values():
+        assert row["allowed_bytes"] >= weights + result["kv_cache_bytes"]
+        assert isinstance(row["peak_bytes"], int)  # tiny: within the noise of Python itself
+        assert row["prepare"] >= 0 and "ttft_added" in row
+
+
 def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
     """The Table-5 experiment through the one driver, with tiny shapes on the CPU."""
     import importlib.util

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import resource
 import statistics
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from caprese.adapter import attach, detach, load_weights, read_config
+from caprese.adapter import attach, blocks, detach, load_weights, read_config
+from caprese.bench import memory
 from caprese.bench.decode import greedy_decode
 from caprese.bench.lora import attach_lora, matched_rank
 from caprese.config import CapreseConfig
+from caprese.dtypes import cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
-from caprese.phases import use_decode_kernels
+from caprese.phases import prepare_decode, use_decode_kernels
 
 VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats")
+PEER = "llama.cpp"  # timed by a bench.peer.LlamaCppPeer, not attached to our model
 
 
 KERNELS = ":k"  # variant suffix: single-token products by caprese.kernels ("griffin:k")
@@ -41,7 +43,8 @@ def parse_variant(name: str) -> tuple[str, bool]:
 
 
 @contextlib.contextmanager
-def variant(model, name: str, density: float, rank: int, adapter: str | None):
+def variant(model, name: str, density: float, rank: int, adapter: str | None,
+            batch: int = 1):
     """The model as `name` for the duration of the block (weights shared, nothing copied)."""
     name, kernels = parse_variant(name)
     method = "cats" if name.endswith("cats") else "griffin"
@@ -62,6 +65,7 @@ def variant(model, name: str, density: float, rank: int, adapter: str | None):
     else:  # an untrained path times the same as a trained one
         attach(model, config)
     use_decode_kernels(model, kernels)
+    prepare_decode(model, batch)  # once per attach: timed apart from the first token
     try:
         yield model
     finally:
@@ -107,60 +111,142 @@ def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 
     return matrix.numel() * matrix.element_size() / statistics.median(times[warmup:])
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def gathered_bytes(model) -> int:
+    """GRIFFIN's per-prompt matrices (each sample's kept neurons, with L and R appended)."""
+    tensors = [t for block in blocks(model).values()
+               if block.fast is not None and block.uses_per_sample_weights()
+               for t in vars(block.fast).values()]
+    return storage_bytes(tensors)
+
+
+def kv_cache_bytes(model, batch: int, length: int) -> int:
+    text = text_config(model.config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * length * batch \
+        * element
+
+
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, baseline_rss: int | None = None, peer=None) -> dict:
+    """Time every variant (interleaved repeats, medians). With `baseline_rss`, the RSS the
+    process held before the model loaded, each variant's peak memory is measured too. A
+    `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt."""
+    if peer is not None:
+        if batch != 1:
+            raise ValueError(f"the {PEER} peer is timed at batch 1, not {batch}")
+        variants = [*variants, PEER]
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     vocab = text_config(model.config).vocab_size
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+    weights = storage_bytes(model.parameters())
+    kv_cache = kv_cache_bytes(model, batch, prompt_len + gen_len)
+    measure_memory = baseline_rss is not None and device.type == "cpu"
     runs: dict[str, list] = {name: [] for name in variants}
+    held: dict[str, dict] = {}
     tokens: dict[str, torch.Tensor] = {}
     # A bar per run, with the last run's time: a run cut off at a time limit still shows how
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
     for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
         for name in variants:
-            with variant(model, name, density, rank, adapter):
+            if name == PEER:
+                result = peer.decode(prompt[0].tolist(), gen_len)
+                tokens[name] = torch.tensor([result["tokens"]])
+                held[name] = {"adapter": 0, "gathered": 0}
+                if repeat:
+                    steps = result["steps"]
+                    runs[name].append({"total": result["ttft"] + sum(steps),
+                                       "ttft": result["ttft"], "ttnt": sum(steps) / len(steps),
+                                       "prepare": 0.0, "peak": result["peak"]})
+                progress.update()
+                continue
+            measured = measure_memory and memory.reset_peak()
+            started = time.perf_counter()
+            with variant(model, name, density, rank, adapter, batch):
+                prepare = time.perf_counter() - started
                 started = time.perf_counter()
                 run = greedy_decode(model, prompt, gen_len)
                 total = time.perf_counter() - started
+                attached = parse_variant(name)[0] != "full"
+                held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
+                              "gathered": gathered_bytes(model) if attached else 0}
+                peak = memory.peak_bytes() if measured else None
             tokens[name] = run.tokens
             if repeat:
-                runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt})
+                runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
+                                   "prepare": prepare,
+                                   "peak": None if peak is None else peak - baseline_rss})
             progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
             progress.update()
     progress.close()
     bandwidth = measure_bandwidth(next(model.parameters()).dtype, device.type)
     rows = []
     for name in variants:
-        per = {k: statistics.median(r[k] for r in runs[name]) for k in ("total", "ttft", "ttnt")}
-        read = bytes_per_token(model, name, density, rank, prompt_len + gen_len // 2)
+        per = {k: statistics.median(r[k] for r in runs[name])
+               for k in ("total", "ttft", "ttnt", "prepare")}
+        read = bytes_per_token(model, "full" if name == PEER else name, density, rank,
+                               prompt_len + gen_len // 2)
+        peaks = [r["peak"] for r in runs[name] if r["peak"] is not None]
+        allowed = memory.allowed_bytes(weights, held[name]["adapter"], held[name]["gathered"],
+                                       kv_cache)
         rows.append({"variant": name, **per, "tokens_per_s": batch / per["ttnt"],
                      "bytes_per_token": read, "floor_ttnt": read / bandwidth,
                      "floor_fraction": read / bandwidth / per["ttnt"],
+                     "peak_bytes": max(peaks) if peaks else None, "allowed_bytes": allowed,
+                     **{f"{k}_bytes": v for k, v in held[name].items()},
                      "runs": runs[name]})
+    if peer is not None:  # same weights: the peer's greedy tokens should match ours
+        row = next(r for r in rows if r["variant"] == PEER)
+        if "full" in tokens:
+            row["tokens_agree"] = (tokens[PEER] == tokens["full"].cpu()).float().mean().item()
     for row in rows:  # cuts against the full model on the same path (PyTorch or kernels)
-        kernels = parse_variant(row["variant"])[1]
+        kernels = parse_variant(row["variant"])[1] if row["variant"] != PEER else False
         full = next((r for r in rows if parse_variant(r["variant"]) == ("full", kernels)), None)
         if full:
             row["ttnt_cut"] = 1 - row["ttnt"] / full["ttnt"]
             row["bytes_cut"] = 1 - row["bytes_per_token"] / full["bytes_per_token"]
+            row["ttft_added"] = row["ttft"] / full["ttft"] - 1
     return {
         "setup": {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch,
                   "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
                   "dtype": str(next(model.parameters()).dtype), "device": str(device),
-                  "threads": torch.get_num_threads(), "machine": _machine(device)},
+                  "threads": torch.get_num_threads(), "machine": machine(device)},
         "bandwidth_gb_s": bandwidth / 1e9,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "weights_bytes": weights,
+        "kv_cache_bytes": kv_cache,
         "variants": rows,
     }
 
 
-def _machine(device: torch.device) -> str:
+def machine(device: torch.device | str = "cpu") -> str:
+    """The hardware a number was measured on: GPU name, or CPU model with the SIMD level
+    PyTorch uses and whether it has a bf16 unit (it decides which dtype is fast)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {platform.platform()}"
+    try:
+        with open("/proc/cpuinfo") as lines:
+            model = next((line.split(":", 1)[1].strip() for line in lines
+                          if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    bf16 = "bf16 unit" if cpu_has_bf16_unit() else "no bf16 unit"
+    return (f"{model or platform.processor() or platform.machine()} "
+            f"({torch.backends.cpu.get_cpu_capability()}, {bf16})")
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def format_table(result: dict) -> str:
@@ -168,13 +254,15 @@ def format_table(result: dict) -> str:
     lines = [f"prompt {s['prompt_len']} + gen {s['gen_len']}, batch {s['batch']}, {s['dtype']}, "
              f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
              f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s",
-             "| variant | total s | TTFT s | TTNT ms | tok/s | MB/token | floor ms | of floor "
-             "| TTNT cut | bytes cut |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | total s | build s | TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
+             "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["variants"]:
         lines.append(
-            f"| {r['variant']} | {r['total']:.2f} | {r['ttft']:.3f} | {1e3 * r['ttnt']:.1f} | "
+            f"| {r['variant']} | {r['total']:.2f} | {r['prepare']:.2f} | {r['ttft']:.3f} | "
+            f"{100 * r.get('ttft_added', 0):+.0f}% | {1e3 * r['ttnt']:.1f} | "
             f"{r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
-            f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% |")
+            f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% | "
+            f"{_mib(r['peak_bytes'])} | {_mib(r['allowed_bytes'])} |")
     return "\n".join(lines)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
-from caprese.bench.latency import KERNELS, VARIANTS, format_table, parse_variant, run_bench
+import torch
+
+from caprese.bench.latency import KERNELS, PEER, VARIANTS, format_table, parse_variant, run_bench
+from caprese.bench.memory import free_large_blocks_at_once, settled_rss
 from caprese.cli.common import add_model_options, count, fraction, load_for
 from caprese.io import atomic_write_text, json_object_with, refuse_foreign
+from caprese.models.builtin import BUILTIN_MODELS
+from caprese.models.load import import_model_code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,9 +24,21 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         refuse_foreign(Path(args.out), json_object_with(Path(args.out), ("setup", "variants")),
                        "a caprese bench result")
-    model, _, setup = load_for(args)
-    result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
-                       args.batch, args.density, args.rank, args.adapter)
+    if args.peer and args.model not in BUILTIN_MODELS:
+        raise SystemExit(f"--peer {PEER} needs a built-in model (its GGUF gives llama.cpp the "
+                         f"same weights): one of {', '.join(BUILTIN_MODELS)}")
+    if args.peer and args.batch != 1:
+        raise SystemExit(f"--peer {PEER} is timed at --batch 1, not {args.batch}")
+    free_large_blocks_at_once()
+    import_model_code(args.model)  # memory is measured above the code, before the weights
+    baseline_rss = settled_rss()
+    model, tokenizer, setup = load_for(args)
+    del tokenizer  # the bench feeds token ids: the tokenizer's memory is no variant's
+    with contextlib.ExitStack() as stack:
+        peer = stack.enter_context(_peer(args, model)) if args.peer else None
+        result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
+                           args.batch, args.density, args.rank, args.adapter,
+                           baseline_rss=baseline_rss, peer=peer)
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
                            command=setup["command"])
     print(format_table(result))
@@ -28,6 +46,18 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     return 0
+
+
+def _peer(args: argparse.Namespace, model):
+    """llama.cpp on the same weights in the model's dtype, as many threads as we use."""
+    from caprese.bench.peer import LlamaCppPeer, peer_gguf
+
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise SystemExit(f"--peer {PEER} compares fp32 or bf16, not {dtype}")
+    print(f"building the {PEER} GGUF of {args.model} ({dtype}) once, if not cached", flush=True)
+    return LlamaCppPeer(peer_gguf(args.model, dtype), torch.get_num_threads(),
+                        args.prompt_len + args.gen_len)
 
 
 def add_cli(subparsers) -> None:
@@ -44,5 +74,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--gen-len", type=count(2), default=64)
     p.add_argument("--batch", type=count(1), default=1)
     p.add_argument("--repeats", type=count(1), default=3)
+    p.add_argument("--peer", choices=[PEER], help="also time llama.cpp on the same weights "
+                   "and precision, interleaved with our variants (built-in models; needs "
+                   "pip install 'caprese[peer]')")
     p.add_argument("--out", help="write the results JSON here")
     p.set_defaults(func=run)

