@@ -80,3 +80,16 @@ def test_the_peer_decodes_the_same_tokens_as_the_full_model():
     assert rows["llama.cpp"]["tokens_agree"] >= 0.9
     assert rows["llama.cpp"]["ttnt"] > 0 and rows["llama.cpp"]["bytes_per_token"] == \
         rows["full"]["bytes_per_token"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "TINY"], "needs a built-in model"),
+    (["--model", "smollm2-135m-instruct", "--batch", "2"], "is timed at --batch 1"),
+])
+def test_bench_refuses_a_peer_it_cannot_compare(tiny_dir, capsys, flags, message):
+    """Refused before any model loads, with what to do instead."""
+    from caprese.cli import main
+
+    flags = [str(tiny_dir) if flag == "TINY" else flag for flag in flags]
+    assert main(["bench", "--peer", "llama.cpp", *flags]) == 2
+    assert message in capsys.readouterr().err

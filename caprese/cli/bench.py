@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
         refuse_foreign(Path(args.out), json_object_with(Path(args.out), ("setup", "variants")),
                        "a caprese bench result")
     if args.peer and args.model not in BUILTIN_MODELS:
-        raise SystemExit(f"--peer {PEER} needs a built-in model (its GGUF gives llama.cpp the "
+        raise ValueError(f"--peer {PEER} needs a built-in model (its GGUF gives llama.cpp the "
                          f"same weights): one of {', '.join(BUILTIN_MODELS)}")
     if args.peer and args.batch != 1:
-        raise SystemExit(f"--peer {PEER} is timed at --batch 1, not {args.batch}")
+        raise ValueError(f"--peer {PEER} is timed at --batch 1, not {args.batch}")
     free_large_blocks_at_once()
     import_model_code(args.model)  # memory is measured above the code, before the weights
     baseline_rss = settled_rss()
@@ -54,7 +54,7 @@ def _peer(args: argparse.Namespace, model):
 
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.bfloat16):
-        raise SystemExit(f"--peer {PEER} compares fp32 or bf16, not {dtype}")
+        raise ValueError(f"--peer {PEER} compares fp32 or bf16, not {dtype}")
     print(f"building the {PEER} GGUF of {args.model} ({dtype}) once, if not cached", flush=True)
     return LlamaCppPeer(peer_gguf(args.model, dtype), torch.get_num_threads(),
                         args.prompt_len + args.gen_len)
