@@ -301,15 +301,15 @@ def decode_latency(ex: dict) -> Iterator[dict]:
     for dtype in ex["dtypes"]:
         choice = resolve_dtype(dtype, device)
         free_large_blocks_at_once()
-        if not ex["config"]:
-            import_model_code(ex["model"])
-        baseline_rss = settled_rss()
         if ex["config"]:
             config = load_config(str(ROOT / ex["config"]))
             for key, value in (TINY.items() if ex["tiny"] else ()):
                 setattr(config, key, value)
+            baseline_rss = settled_rss()
             model = random_model(config, choice.dtype, device)
         else:
+            import_model_code(ex["model"])
+            baseline_rss = settled_rss()
             model, tokenizer = load_model(ex["model"], dtype=dtype, device=device)
             del tokenizer  # not a variant's memory
             report["weights"] = weights_description(ex["model"])

@@ -10,15 +10,10 @@ from conftest import prompt_ids, tiny_model
 from helpers import attached_copy, generate_with_logits, randomize_lowrank, set_fused
 
 import caprese
+from caprese.bench.latency import storage_bytes
 
 # (method, density, rank): every shared-weight variant that needs a layout of its own.
 SHARED = [("cats", 0.5, None), ("cats", 0.5, 8), ("griffin", 1.0, 8), ("none", 1.0, 8)]
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
 
 
 def decode_tensors(model) -> list[torch.Tensor]:

@@ -73,6 +73,15 @@ def variant(model, name: str, density: float, rank: int, adapter: str | None,
         detach(model)
 
 
+def kv_cache_bytes(model, batch: int, length: int) -> int:
+    """Keys and values of every layer for `batch` sequences of `length` tokens."""
+    text = text_config(model.config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * length * batch \
+        * element
+
+
 def bytes_per_token(model, name: str, density: float, rank: int, context: int) -> int:
     """Weight bytes read per decode token, plus the KV cache at `context` tokens."""
     name = parse_variant(name)[0]
@@ -86,9 +95,7 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
         d, d_ff = text.hidden_size, text.intermediate_size
         params += 3 * matched_rank(d, d_ff, rank) * (d + d_ff) * len(counts.method_layers)
     element = next(model.parameters()).element_size()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context * element
-    return params * element + kv
+    return params * element + kv_cache_bytes(model, 1, context)
 
 
 def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
@@ -124,14 +131,6 @@ def gathered_bytes(model) -> int:
                if block.fast is not None and block.uses_per_sample_weights()
                for t in vars(block.fast).values()]
     return storage_bytes(tensors)
-
-
-def kv_cache_bytes(model, batch: int, length: int) -> int:
-    text = text_config(model.config)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    element = next(model.parameters()).element_size()
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * length * batch \
-        * element
 
 
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,

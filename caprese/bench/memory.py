@@ -19,8 +19,6 @@ from pathlib import Path
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 MARGIN = 0.05  # activations, the attention of the prompt, allocator slack
-
-
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
