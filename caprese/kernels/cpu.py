@@ -100,10 +100,10 @@ def abs_order_statistic(values: torch.Tensor, valid: torch.Tensor, rank: int
     (S,) is True, as a 0-d tensor of values' dtype; None where the kernel does not apply.
 
     CATS sets its threshold from this at every prompt of every layer: torch's kthvalue over a
-    prompt's S x D_FF fp32 activations took 62 ms per layer of the 1.5B model at 256 tokens
-    (396 ms at 2048), most of CATS' extra time to first token. The kernel reads the activations in
-    place, brackets the rank from a sample and selects among the few values inside (5 ms
-    at 256 tokens, 41 ms at 2048; see cpu_kernels.cpp)."""
+    prompt's S x D_FF fp32 activations took 45 ms per layer of the 1.5B model at 256 tokens
+    (368 ms at 2048), most of CATS' extra time to first token. The kernel reads the
+    activations in place, brackets the rank from a sample and selects among the few values
+    inside (9 and 58 ms; `python benchmarks/per_prompt_work.py`, see cpu_kernels.cpp)."""
     compiled = module()
     if (compiled is None or values.device.type != "cpu" or values.dim() != 2
             or values.dtype not in (torch.float32, torch.bfloat16)):

@@ -18,8 +18,8 @@ def griffin_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     score_j^2 = sum_t valid_t z_tj^2 / ||z_t||^2: squares once, then one weighted sum over
     the prompt as a matrix product. Normalising z first and taking column norms gave the
-    same scores in 8x the time (333 vs 42 ms per layer of the 1.5B model at 2048 tokens),
-    part of time to first token."""
+    same scores in 4x the time (109 vs 26 ms per layer of the 1.5B model at 2048 tokens,
+    `python benchmarks/per_prompt_work.py`), part of time to first token."""
     squares = hidden.float().square()
     weights = valid / squares.sum(dim=-1).clamp_min(1e-24)  # (B, S)
     return torch.bmm(weights[:, None, :].to(squares.dtype), squares)[:, 0].sqrt()
@@ -56,8 +56,8 @@ class Griffin(Method):
         """Each sample's kept rows of Wg, W1 and W2^T, copied once into (B, k + extra, D)
         matrices: part of time to first token (1.2 GB for the 1.5B model in fp32). The last
         `extra` rows of up and down are left for the block's L and R. `reuse`, the previous
-        prompt's matrices, is written over when its shapes fit: fresh memory would cost a
-        page fault per 4 KB on top of the copy (12 vs 3.6 ms per matrix of the 1.5B)."""
+        prompt's matrices, is written over when its shapes fit, so that no prompt waits for
+        fresh memory (the allocator may hand back pages that fault on first touch)."""
         if state is None:
             return super().gather(mlp, state)
         batch, kept = state.shape
