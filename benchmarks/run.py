@@ -77,7 +77,8 @@ DEFAULTS = {
     "decode_latency": dict(model="qwen2.5-coder-1.5b-instruct", config="", tiny=False,
                            dtypes=["auto"], variants=["full", "griffin", "caprese", "lora",
                                                       "cats", "caprese-cats"],
-                           setups=["256+64"], repeats=3, rank=256, batch=1, peer=False),
+                           setups=["256+64"], repeats=3, rank=256, batch=1, peer=False,
+                           compile=False),
     "decode_overhead": dict(model="qwen2.5-coder-1.5b-instruct", dtype="bf16", prompt_len=256,
                             gen_len=32, repeats=3),
     "general_share": dict(model="qwen2.5-coder-0.5b-instruct", dtype="auto",
@@ -323,7 +324,7 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                         gguf_path, torch.get_num_threads(), prompt_len + gen_len))
                 result = run_bench(model, ex["variants"], prompt_len, gen_len, ex["repeats"],
                                    ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
-                                   peer=peer)
+                                   peer=peer, compile=ex["compile"])
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

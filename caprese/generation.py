@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from caprese import distributed
+from caprese import compiled, distributed
+from caprese.compiled import cache_argument
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
@@ -24,6 +25,7 @@ class GenerationSettings:
     samples: int = 1  # completions per prompt (pass@k needs more than one)
     seed: int = 0
     stop: tuple[str, ...] = ()  # cut the text at the first of these strings
+    compile: bool = False  # decode steps compiled (caprese.compiled), the prompt eager
 
 
 @dataclass
@@ -81,12 +83,18 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
     sampling = settings.temperature > 0
+    compiling = {}
+    if settings.compile:  # transformers' generate compiles its decode steps when given these
+        compiled.compiled_forward(model)
+        compiling = {"compile_config": compiled.compile_config(device),
+                     cache_argument(model): compiled.static_cache(
+                         model, width + settings.max_new_tokens)}
     out = model.generate(
         ids.to(device), attention_mask=mask.to(device),
         max_new_tokens=settings.max_new_tokens, do_sample=sampling,
         temperature=settings.temperature if sampling else None,
         top_p=settings.top_p if sampling else None, top_k=None,
-        num_return_sequences=settings.samples, pad_token_id=pad_id)
+        num_return_sequences=settings.samples, pad_token_id=pad_id, **compiling)
     return out[:, width:].cpu().tolist()
 
 

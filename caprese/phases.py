@@ -66,13 +66,21 @@ class PhaseHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         state = self.state
+        if state.teacher_depth > 0:
+            state.phase = Phase.DENSE
+            return None
+        if state.forced is Phase.DECODE or (state.forced is None
+                                            and torch.compiler.is_compiling()):
+            # caprese compiles decode steps only (caprese.compiled): prefill's selection has
+            # prompt-dependent shapes, and reading a static cache's length is a tensor read
+            # that would split the compiled graph.
+            state.phase = Phase.DECODE
+            return None
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
-        if state.teacher_depth > 0:
-            state.phase = Phase.DENSE
-        elif state.forced is not None:
+        if state.forced is not None:
             state.phase = state.forced
         else:
             cache = _cache_argument(bound)

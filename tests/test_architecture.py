@@ -18,7 +18,7 @@ FLOORS = {
     **dict.fromkeys(["samples", "extract", "prompts", "data", "models"], 1),
     **dict.fromkeys(["methods", "kernels", "block"], 2),
     **dict.fromkeys(["phases", "adapter", "info"], 3),
-    **dict.fromkeys(["capture", "generation", "distributed", "divergence"], 4),
+    **dict.fromkeys(["capture", "generation", "compiled", "distributed", "divergence"], 4),
     **dict.fromkeys(["distillation", "evaluate", "bench"], 5),
     **dict.fromkeys(["pipeline", "cli", "__init__", "__main__"], 6),
 }

@@ -10,8 +10,8 @@ import torch
 from lm_eval.tasks import TaskManager
 
 import caprese
-from caprese.bench.decode import _cache_kwarg
 from caprese.cli import main
+from caprese.compiled import cache_argument
 from caprese.evaluate.lm_eval_bridge import CapreseLM
 from tests.conftest import tiny_model
 from tests.helpers import WORDS, randomize_lowrank, word_tokenizer
@@ -26,7 +26,7 @@ def caprese_model():
 
 def decoded_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
     """The generation path: prefill the context with a KV cache, then decode token by token."""
-    name = _cache_kwarg(model)  # `cache` in recent transformers, `past_key_values` before
+    name = cache_argument(model)  # `cache` in recent transformers, `past_key_values` before
     with torch.no_grad():
         out = model(torch.tensor([context]), use_cache=True)
         logits, cache, total = out.logits[0, -1], getattr(out, name), 0.0

@@ -8,12 +8,13 @@ Phases are the usual ones: the first forward (empty cache) is the dense prefill.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, StaticCache
+
+from caprese import compiled
 
 
 @dataclass
@@ -28,11 +29,6 @@ class DecodeRun:
         return sum(self.step_seconds) / max(len(self.step_seconds), 1)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers 5.x renamed past_key_values to cache; accept either."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -40,15 +36,19 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
-                  static_cache: bool = True) -> DecodeRun:
-    """Greedy-generate gen_len tokens for unpadded prompts, timing every step."""
+                  static_cache: bool = True, compile: bool = False) -> DecodeRun:
+    """Greedy-generate gen_len tokens for unpadded prompts, timing every step. compile=True
+    runs the decode steps compiled (caprese.compiled; a static cache): the first run after
+    an attach compiles, so time a warm-up run apart."""
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    if static_cache:
+    if compile:
+        cache = compiled.static_cache(model, prompt_len + gen_len)
+    elif static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
     else:
         cache = DynamicCache(config=model.config)
-    name = _cache_kwarg(model)
+    name = compiled.cache_argument(model)
     _sync(device)
     started = time.perf_counter()
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
@@ -56,12 +56,13 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
     token = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     ttft = time.perf_counter() - started
+    step = compiled.compiled_forward(model) if compile else model
     tokens, steps = [token], []
     for position in range(prompt_len, prompt_len + gen_len - 1):
         started = time.perf_counter()
         positions = torch.full((batch, 1), position, device=device)
-        logits = model(input_ids=token, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{name: cache}).logits
+        logits = step(input_ids=token, position_ids=positions, use_cache=True,
+                      logits_to_keep=1, **{name: cache}).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - started)

@@ -100,22 +100,32 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
 
 def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
                       repeats: int = 15, warmup: int = 2) -> float:
-    """Bytes per second of a large matrix-vector product: what a decode step can reach (the
-    median of `repeats` products after `warmup` untimed ones)."""
+    """Bytes per second the machine reads: the better of a large matrix-vector product in
+    `dtype` and a plain sum over as many bytes (medians of `repeats` after `warmup` untimed
+    runs each). The product alone understates the limit where the dtype's products are
+    compute-bound: PyTorch's bf16 product reads 11 GB/s on a 2-core AMD EPYC that sums
+    42 GB/s, which made the full model decode at "136% of the floor"."""
     columns = 4096
     rows = megabytes * 2**20 // (columns * torch.empty((), dtype=dtype).element_size())
     matrix = torch.randn(rows, columns, device=device).to(dtype)
     vector = torch.randn(columns, device=device).to(dtype)
+    flat = matrix.view(-1).view(torch.uint8).view(torch.float32)  # the same bytes
+    product = _median_seconds(lambda: torch.mv(matrix, vector), device, repeats, warmup)
+    total = _median_seconds(lambda: flat.sum(), device, repeats, warmup)
+    return matrix.numel() * matrix.element_size() / min(product, total)
+
+
+def _median_seconds(run, device: str, repeats: int, warmup: int) -> float:
     times = []
     for _ in range(warmup + repeats):
         if device != "cpu":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        torch.mv(matrix, vector)
+        run()
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return matrix.numel() * matrix.element_size() / statistics.median(times[warmup:])
+    return statistics.median(times[warmup:])
 
 
 def storage_bytes(tensors) -> int:
@@ -135,10 +145,16 @@ def gathered_bytes(model) -> int:
 
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
-              seed: int = 0, baseline_rss: int | None = None, peer=None) -> dict:
+              seed: int = 0, baseline_rss: int | None = None, peer=None,
+              compile: bool = False) -> dict:
     """Time every variant (interleaved repeats, medians). With `baseline_rss`, the RSS the
     process held before the model loaded, each variant's peak memory is measured too. A
-    `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt."""
+    `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt. With
+    `compile`, decode steps run compiled (caprese.compiled); each variant compiles in its
+    warm-up run, reported as "warm-up s" and left out of the medians."""
+    if compile and any(parse_variant(name)[1] for name in variants):
+        raise ValueError(f"compiled decoding generates its own code: drop the {KERNELS} "
+                         "variants (caprese's CPU kernels) or the compile option")
     if peer is not None:
         if batch != 1:
             raise ValueError(f"the {PEER} peer is timed at batch 1, not {batch}")
@@ -153,6 +169,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     runs: dict[str, list] = {name: [] for name in variants}
     held: dict[str, dict] = {}
     tokens: dict[str, torch.Tensor] = {}
+    warmup: dict[str, float] = {}  # the first run's total: compiling, when compiled
     # A bar per run, with the last run's time: a run cut off at a time limit still shows how
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
@@ -174,13 +191,14 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
             with variant(model, name, density, rank, adapter, batch):
                 prepare = time.perf_counter() - started
                 started = time.perf_counter()
-                run = greedy_decode(model, prompt, gen_len)
+                run = greedy_decode(model, prompt, gen_len, compile=compile)
                 total = time.perf_counter() - started
                 attached = parse_variant(name)[0] != "full"
                 held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
                               "gathered": gathered_bytes(model) if attached else 0}
                 peak = memory.peak_bytes() if measured else None
             tokens[name] = run.tokens
+            warmup[name] = warmup.get(name, total)
             if repeat:
                 runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
                                    "prepare": prepare,
@@ -203,7 +221,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                      "floor_fraction": read / bandwidth / per["ttnt"],
                      "peak_bytes": max(peaks) if peaks else None, "allowed_bytes": allowed,
                      **{f"{k}_bytes": v for k, v in held[name].items()},
-                     "runs": runs[name]})
+                     "warmup": warmup.get(name), "runs": runs[name]})
     if peer is not None:  # same weights: the peer's greedy tokens should match ours
         row = next(r for r in rows if r["variant"] == PEER)
         if "full" in tokens:
@@ -219,7 +237,8 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
         "setup": {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch,
                   "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
                   "dtype": str(next(model.parameters()).dtype), "device": str(device),
-                  "threads": torch.get_num_threads(), "machine": machine(device)},
+                  "threads": torch.get_num_threads(), "machine": machine(device),
+                  "compiled": compile},
         "bandwidth_gb_s": bandwidth / 1e9,
         "weights_bytes": weights,
         "kv_cache_bytes": kv_cache,
@@ -250,15 +269,21 @@ def _mib(value: int | None) -> str:
 
 def format_table(result: dict) -> str:
     s = result["setup"]
+    compiled = bool(s.get("compiled"))
     lines = [f"prompt {s['prompt_len']} + gen {s['gen_len']}, batch {s['batch']}, {s['dtype']}, "
              f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
-             f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s",
-             "| variant | total s | build s | TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
+             f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
+             + ("; decode compiled (warm-up s: the first run, compiling included)"
+                if compiled else ""),
+             "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
+             + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
              "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---" * (15 if compiled else 14) + "|"]
     for r in result["variants"]:
+        warmup = f"{r['warmup']:.2f} | " if compiled else ""
         lines.append(
-            f"| {r['variant']} | {r['total']:.2f} | {r['prepare']:.2f} | {r['ttft']:.3f} | "
+            f"| {r['variant']} | {r['total']:.2f} | {r['prepare']:.2f} | {warmup}"
+            f"{r['ttft']:.3f} | "
             f"{100 * r.get('ttft_added', 0):+.0f}% | {1e3 * r['ttnt']:.1f} | "
             f"{r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "

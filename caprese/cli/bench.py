@@ -20,7 +20,9 @@ from caprese.models.load import import_model_code
 def run(args: argparse.Namespace) -> int:
     variants = args.variants.split(",")
     for name in variants:
-        parse_variant(name)
+        if parse_variant(name)[1] and args.compile:
+            raise ValueError(f"--compile generates its own decode code: drop {KERNELS} from "
+                             f"{name!r} (caprese's CPU kernels), or --compile")
     if args.out:
         refuse_foreign(Path(args.out), json_object_with(Path(args.out), ("setup", "variants")),
                        "a caprese bench result")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         peer = stack.enter_context(_peer(args, model)) if args.peer else None
         result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
                            args.batch, args.density, args.rank, args.adapter,
-                           baseline_rss=baseline_rss, peer=peer)
+                           baseline_rss=baseline_rss, peer=peer, compile=args.compile)
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
                            command=setup["command"])
     print(format_table(result))
@@ -77,5 +79,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--peer", choices=[PEER], help="also time llama.cpp on the same weights "
                    "and precision, interleaved with our variants (built-in models; needs "
                    "pip install 'caprese[peer]')")
+    p.add_argument("--compile", action="store_true", help="decode steps compiled by "
+                   "torch.compile (CUDA graphs on GPUs), each variant compiling in its warm-up")
     p.add_argument("--out", help="write the results JSON here")
     p.set_defaults(func=run)

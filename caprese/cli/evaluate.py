@@ -41,7 +41,7 @@ def run_eval(args: argparse.Namespace) -> int:
     task = EvalTask(args.task, limit=args.limit, max_new_tokens=args.max_new_tokens,
                     max_length=args.max_length, batch_size=args.batch_size,
                     temperature=args.temperature, top_p=args.top_p, samples=args.samples,
-                    seed=args.seed)
+                    seed=args.seed, compile=args.compile)
     described = variant.describe()  # a bad adapter or output is refused before the model loads
     check_output(Path(args.out))
     task.records()
@@ -119,6 +119,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--top-p", type=fraction, default=1.0)
     p.add_argument("--samples", type=count(1), default=1, help="completions per problem (pass@k)")
     p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--compile", action="store_true", help="compile the decode steps with "
+                   "torch.compile (CUDA graphs on GPUs); the first batch pays the compile")
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(

@@ -41,6 +41,7 @@ class EvalTask:
     top_p: float = 1.0
     samples: int = 1  # completions per problem (pass@k)
     seed: int = 0
+    compile: bool = False  # decode steps compiled (caprese.compiled)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS and not self.task.endswith(".jsonl"):
@@ -80,7 +81,7 @@ class EvalTask:
         settings = GenerationSettings(
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
             temperature=self.temperature, top_p=self.top_p, samples=self.samples,
-            seed=self.seed)
+            seed=self.seed, compile=self.compile)
         if self.task == "xsum":
             settings = replace(settings, stop=XSUM_STOP,
                                max_new_tokens=min(self.max_new_tokens, XSUM_MAX_NEW_TOKENS))

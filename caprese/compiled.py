@@ -1,0 +1,80 @@
+"""Compiled decoding: one static-shape decode step captured by torch.compile (CUDA graphs on
+GPUs), the way gpt-fast decodes.
+
+A decode step of a 1.5B model at batch 1 is a few hundred small kernels; on a GPU their
+launches cost more than their work, and capturing the whole step once removes that cost.
+Capture needs shapes that stay the same from step to step, and caprese's decode has them:
+- the KV cache is transformers' StaticCache, allocated at its full length before the prompt;
+- GRIFFIN's gathered matrices keep k rows per sample and are written in place by every
+  prompt (`prepare_decode`), CATS' weights are the shared layout: the same tensors, at the
+  same addresses, in every step;
+- CATS' sparse product runs as its Triton kernel on GPUs; on CPUs the step takes PyTorch's
+  masked form, which inductor fuses (caprese's C++ kernels are opaque to the compiler).
+Prefill stays eager: its selection depends on the prompt, and it runs once per prompt. The
+phase hook knows a forward being compiled as a decode step, so the compiled graph never reads
+the cache's length.
+
+Compilation happens at the first compiled decode step of each kind of variant: time it
+apart, as `caprese bench --compile` does in its warm-up run. transformers keeps the compiled
+call on the model; an attach that changes what the step reads (another method, another
+batch) compiles again, up to dynamo's recompile limit (8 by default), past which the step
+runs eager.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import StaticCache
+from transformers.generation import CompileConfig
+
+from caprese.block import CapreseBlock
+from caprese.phases import state_of
+
+# The static cache's length is rounded up to a multiple of this, so that batches of prompts
+# of different lengths share one compiled step instead of compiling one each.
+CACHE_BUCKET = 256
+
+
+def compile_config(device: torch.device | str) -> CompileConfig:
+    """torch.compile's settings for decode steps: CUDA graphs ("reduce-overhead") on GPUs,
+    inductor's default elsewhere; static shapes; the step must compile as one graph (a
+    graph break would split the capture and hide a slow Python path)."""
+    device = torch.device(device)
+    config = CompileConfig(fullgraph=True, dynamic=False,
+                           mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True  # transformers' generate compiles only on GPUs unless told
+    return config
+
+
+def compiled_forward(model: nn.Module):
+    """The model's forward compiled for decode steps (transformers caches it on the model)."""
+    _mark_decode_weights_static(model)
+    return model.get_compiled_call(compile_config(next(model.parameters()).device))
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward's KV-cache argument: transformers 5.x renamed past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def static_cache(model: nn.Module, length: int) -> StaticCache:
+    """A KV cache of at least `length` positions, rounded up to CACHE_BUCKET."""
+    buckets = -(-length // CACHE_BUCKET)
+    return StaticCache(config=model.config, max_cache_len=buckets * CACHE_BUCKET)
+
+
+def _mark_decode_weights_static(model: nn.Module) -> None:
+    """CUDA graphs copy every input whose address may change; the blocks' decode weights
+    (the shared layouts, GRIFFIN's reused per-prompt matrices) keep theirs for the whole
+    attach, so they are marked static, as the model's parameters are."""
+    if not any(isinstance(m, CapreseBlock) for m in model.modules()):
+        return
+    state_of(model)  # an attached model: its blocks hold the decode weights
+    for module in model.modules():
+        if isinstance(module, CapreseBlock):
+            for fast in (module._gathered, module._shared_fast and module._shared_fast[1]):
+                for tensor in (fast.gate, fast.up, fast.down_rows) if fast else ():
+                    torch._dynamo.mark_static_address(tensor)

@@ -1,0 +1,128 @@
+"""Compiled decoding (torch.compile, on the CPU here) against the eager decode it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import tiny_model
+from helpers import randomize_lowrank, word_tokenizer
+
+import caprese
+from caprese import compiled
+from caprese.bench.decode import greedy_decode
+from caprese.bench.latency import run_bench
+from caprese.generation import GenerationSettings, generate
+
+# (method, density, rank): the full model, each method alone and with the low-rank path.
+VARIANTS = [(None, 1.0, None), ("griffin", 0.5, None), ("griffin", 0.5, 8), ("cats", 0.5, None),
+            ("cats", 0.5, 8)]
+# bf16: max |compiled - eager| over the largest |eager logit|. inductor fuses and reorders
+# bf16 roundings (2^-8 relative each); measured up to 1.2% on the tiny models of each family.
+BF16_LOGITS_TOLERANCE = 0.03
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles from scratch, so that no test falls back to eager silently after
+    dynamo's recompile limit, and `compiled_graphs` counts this test's graphs only."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def variant_model(method, density, rank, dtype=torch.float32, family="qwen2"):
+    model = tiny_model(family, max_position_embeddings=512).to(dtype)
+    if method is not None:
+        caprese.attach(model, caprese.CapreseConfig(method=method, density=density, rank=rank))
+        if rank:
+            randomize_lowrank(model, scale=0.3)
+    return model
+
+
+@pytest.mark.parametrize("method, density, rank", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_decode_generates_the_eager_tokens(method, density, rank, batch):
+    model = variant_model(method, density, rank)
+    prompt = torch.randint(3, 96, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    eager = greedy_decode(model, prompt, 10)
+    first = greedy_decode(model, prompt, 10, compile=True)
+    again = greedy_decode(model, prompt, 10, compile=True)
+    assert compiled_graphs() >= 1  # it did compile, as one graph (fullgraph=True)
+    assert torch.equal(first.tokens, eager.tokens)
+    assert torch.equal(again.tokens, eager.tokens)
+
+
+def test_a_second_prompt_reuses_the_compiled_step():
+    model = variant_model("griffin", 0.5, 8)
+    caprese.prepare_decode(model, batch=1)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (1, 12), generator=generator) for _ in range(3)]
+    greedy_decode(model, prompts[0], 6, compile=True)
+    graphs = compiled_graphs()
+    for prompt in prompts[1:]:  # new selections, written into the same gathered matrices
+        assert torch.equal(greedy_decode(model, prompt, 6, compile=True).tokens,
+                           greedy_decode(model, prompt, 6).tokens)
+    assert compiled_graphs() == graphs
+
+
+def forced_logits(model, prompt, continuation, compile):
+    """Logits of each decode step, teacher-forced on `continuation` (the same inputs for the
+    eager and the compiled step, whatever either would have picked)."""
+    name = compiled.cache_argument(model)
+    cache = compiled.static_cache(model, prompt.shape[1] + continuation.shape[1])
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True, **{name: cache})
+        step = compiled.compiled_forward(model) if compile else model
+        logits = []
+        for offset in range(continuation.shape[1]):
+            position = torch.full((prompt.shape[0], 1), prompt.shape[1] + offset)
+            out = step(input_ids=continuation[:, offset:offset + 1], position_ids=position,
+                       use_cache=True, logits_to_keep=1, **{name: cache})
+            logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("method, density, rank", [(None, 1.0, None), ("griffin", 0.5, 8),
+                                                    ("cats", 0.5, 8)])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_bf16_compiled_logits_are_within_the_stated_tolerance(method, density, rank, family):
+    model = variant_model(method, density, rank, dtype=torch.bfloat16, family=family)
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 96, (1, 12), generator=generator)
+    continuation = torch.randint(3, 96, (1, 6), generator=generator)
+    eager = forced_logits(model, prompt, continuation, compile=False)
+    compiled_ = forced_logits(model, prompt, continuation, compile=True)
+    assert compiled_graphs() >= 1
+    assert (compiled_ - eager).abs().max() <= BF16_LOGITS_TOLERANCE * eager.abs().max()
+
+
+def test_generate_with_compile_gives_the_eager_texts():
+    """Left-padded batches of different widths share one compiled step (the static cache is
+    rounded up to compiled.CACHE_BUCKET) and give what eager generation gives."""
+    model = variant_model("cats", 0.5, 8, family="llama")
+    tokenizer = word_tokenizer()
+    prompts = [" ".join(f"t{4 + (7 * i + j) % 90}" for j in range(5 + 3 * i)) for i in range(5)]
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+    eager = generate(model, tokenizer, prompts, settings, progress=False)
+    compiled_run = generate(model, tokenizer, prompts, GenerationSettings(
+        max_new_tokens=8, batch_size=2, compile=True), progress=False)
+    assert compiled_graphs() >= 1
+    assert [[c.ids for c in row] for row in compiled_run] == [[c.ids for c in row]
+                                                              for row in eager]
+
+
+def test_the_bench_compiles_in_the_warm_up_and_refuses_the_cpu_kernels():
+    model = variant_model(None, 1.0, None)
+    result = run_bench(model, ["full", "cats"], prompt_len=16, gen_len=4, repeats=1, rank=8,
+                       compile=True)
+    assert result["setup"]["compiled"] and compiled_graphs() >= 1
+    for row in result["variants"]:
+        assert row["warmup"] > row["total"]  # the warm-up compiled; the timed run did not
+    with pytest.raises(ValueError, match="CPU kernels"):
+        run_bench(model, ["full:k"], prompt_len=16, gen_len=4, repeats=1, compile=True)
