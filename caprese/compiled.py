@@ -38,21 +38,36 @@ from caprese.phases import state_of
 CACHE_BUCKET = 256
 
 
-def compile_config(device: torch.device | str) -> CompileConfig:
-    """torch.compile's settings for decode steps: CUDA graphs ("reduce-overhead") on GPUs,
-    inductor's default elsewhere; static shapes; the step must compile as one graph (a
-    graph break would split the capture and hide a slow Python path)."""
+# "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
+# "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code
+# generation, so it compiles in the time of one trace, where inductor takes minutes for a
+# 48-layer model.
+BACKENDS = ("inductor", "cudagraphs")
+
+
+def compile_config(device: torch.device | str, backend: str = "inductor") -> CompileConfig:
+    """torch.compile's settings for decode steps: static shapes, and one graph (a graph break
+    would split the capture and hide a slow Python path)."""
     device = torch.device(device)
-    config = CompileConfig(fullgraph=True, dynamic=False,
-                           mode="reduce-overhead" if device.type == "cuda" else "default")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; choose one of "
+                         f"{', '.join(BACKENDS)}")
+    if backend == "cudagraphs" and device.type != "cuda":
+        raise ValueError(f"the cudagraphs compile backend needs a CUDA device, not "
+                         f"{device.type}: use inductor")
+    if backend == "cudagraphs":
+        config = CompileConfig(fullgraph=True, dynamic=False, backend="cudagraphs", mode=None)
+    else:
+        config = CompileConfig(fullgraph=True, dynamic=False,
+                               mode="reduce-overhead" if device.type == "cuda" else "default")
     config._compile_all_devices = True  # transformers' generate compiles only on GPUs unless told
     return config
 
 
-def compiled_forward(model: nn.Module):
+def compiled_forward(model: nn.Module, backend: str = "inductor"):
     """The model's forward compiled for decode steps (transformers caches it on the model)."""
     _mark_decode_weights_static(model)
-    return model.get_compiled_call(compile_config(next(model.parameters()).device))
+    return model.get_compiled_call(compile_config(next(model.parameters()).device, backend))
 
 
 def cache_argument(model: nn.Module) -> str:

@@ -25,7 +25,7 @@ class GenerationSettings:
     samples: int = 1  # completions per prompt (pass@k needs more than one)
     seed: int = 0
     stop: tuple[str, ...] = ()  # cut the text at the first of these strings
-    compile: bool = False  # decode steps compiled (caprese.compiled), the prompt eager
+    compile: str | None = None  # a caprese.compiled backend: decode steps compiled, prompt eager
 
 
 @dataclass
@@ -85,8 +85,8 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
     sampling = settings.temperature > 0
     compiling = {}
     if settings.compile:  # transformers' generate compiles its decode steps when given these
-        compiled.compiled_forward(model)
-        compiling = {"compile_config": compiled.compile_config(device),
+        compiled.compiled_forward(model, settings.compile)
+        compiling = {"compile_config": compiled.compile_config(device, settings.compile),
                      cache_argument(model): compiled.static_cache(
                          model, width + settings.max_new_tokens)}
     out = model.generate(

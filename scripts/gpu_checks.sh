@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared run for a session that has a device. Timings on one H200
-# (2026-11-27): setup ~20 s, step 1 146 s, step 2 5 s; step 3 printed nothing within its 240 s
-# there (it has a progress bar since), so give it most of a call of its own
-# (PIPELINE_ONLY=1 runs step 1 alone; SETUPS, TABLE5_SECONDS size step 3):
-#   1. the main job, unchanged, with a Hub model id on CUDA: `caprese pipeline --quick --model
-#      Qwen/Qwen2.5-Coder-0.5B-Instruct --device cuda`. The device cannot reach the Hub, so the
-#      id resolves from a Hugging Face cache filled beforehand with a model of that config,
-#      tokenizer and chat template and random weights (tests/hub_cache.py): every step runs on
-#      the GPU (closed-form and E2E distillation, generation, fidelity, XSum, report); the
-#      accuracies mean nothing;
-#   2. Triton's CATS kernel tests compiled on CUDA;
-#   3. the paper's Table 5 (+ CATS) on a Qwen2.5-14B-shaped random bf16 model, 2048 + 256.
+# The GPU checks, prepared here and run on a lent device as separate calls, each well within
+# 8 minutes of device time:
+#   bash scripts/gpu_checks.sh pipeline      (about 3 min) the main job, unchanged, with a Hub
+#       model id on CUDA (`caprese pipeline --quick --model Qwen/Qwen2.5-Coder-0.5B-Instruct
+#       --device cuda`), then Triton's CATS kernel tests compiled on CUDA. The device cannot
+#       reach the Hub, so the id resolves from a Hugging Face cache filled beforehand with a
+#       model of that config, tokenizer and chat template and random weights
+#       (tests/hub_cache.py); the accuracies mean nothing. Measured on one H200 (2026-11-27):
+#       setup ~20 s, pipeline 146 s, Triton tests 5 s.
+#   bash scripts/gpu_checks.sh table5        the paper's Table 5 (+ CATS by Triton) on a
+#       Qwen2.5-14B-shaped random bf16 model at 2048 + 256, decode steps compiled
+#       (`compile = "cudagraphs"`: one CUDA graph per step, traced in seconds), 2 repeats.
+#   bash scripts/gpu_checks.sh table5-long   optional: the same at 2048 + 2048, one repeat.
+# Why the first Table-5 attempt printed nothing in 240 s (2026-11-27): it decoded eagerly,
+# which for a 48-layer model at batch 1 is bound by kernel launches (tens of ms per token,
+# an estimate, not a measurement), and 6 variants x 4 runs x (2048-token prefill + 256
+# steps) did not finish; its table prints only when a setup ends. Each run now shows a
+# progress bar, each call stays under its own timeout (CALL_SECONDS, 420 by default), and
+# the compiled step removes the launch cost.
 # It uses the machine's own python3 (torch, triton, transformers are there) and this checkout
 # through PYTHONPATH; what pip would add (math-verify, rouge-score, ...) travels as wheels.
 #   here, once (needs the package registries):  bash scripts/gpu_checks.sh --prepare
-#   then with the device tool, carry [".whl", ".gpu"]:  bash scripts/gpu_checks.sh
+#   then with the device tool, carry [".whl", ".gpu"]:  bash scripts/gpu_checks.sh STEP
 # Results go to $OUT (the device tool's folder) or benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +40,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     du -sh .whl .gpu
     exit 0
 fi
+step=${1:?which step: pipeline, table5 or table5-long (or --prepare, here)}
+seconds=${CALL_SECONDS:-420}
 work=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python \
     --target "$work/site" .whl/*.whl
@@ -43,20 +52,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \
 transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 -m tests.hub_cache --like .gpu/model --repo-id "$HUB_ID" --cache "$work/hub" \
-    --work "$work/random-model"
-start=$(date +%s)
-status=0
-timeout "${PIPELINE_SECONDS:-240}" python3 -m caprese.cli pipeline --quick --model "$HUB_ID" \
-    --device cuda --out "$work/run" >"$OUT/gpu_pipeline.log" 2>&1 || status=$?
-echo "pipeline exit $status after $(($(date +%s) - start)) s" | tee -a "$OUT/gpu.txt"
-tail -5 "$OUT/gpu_pipeline.log"
-cp "$work/run/report.md" "$OUT/gpu_pipeline_report.md" 2>/dev/null || true
+table5() {  # $1: setup, $2: repeats, $3: output name
+    timeout "$seconds" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
+        "setups=[\"$1\"]" "repeats=$2" "out=$OUT/$3.json" 2>&1 | tee "$OUT/$3.log"
+}
 
-[[ "${PIPELINE_ONLY:-0}" == 1 ]] && exit "$status"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
-    >"$OUT/gpu_tests.log" 2>&1 || true
-tail -3 "$OUT/gpu_tests.log"
-timeout "${TABLE5_SECONDS:-240}" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
-    "setups=[\"${SETUPS:-2048+256}\"]" repeats=3 "out=$OUT/gpu_table5.json" 2>&1 \
-    | tee "$OUT/gpu_table5.log"
+case "$step" in
+pipeline)
+    python3 -m tests.hub_cache --like .gpu/model --repo-id "$HUB_ID" --cache "$work/hub" \
+        --work "$work/random-model"
+    start=$(date +%s)
+    status=0
+    timeout 240 python3 -m caprese.cli pipeline --quick --model "$HUB_ID" \
+        --device cuda --out "$work/run" >"$OUT/gpu_pipeline.log" 2>&1 || status=$?
+    echo "pipeline exit $status after $(($(date +%s) - start)) s" | tee -a "$OUT/gpu.txt"
+    tail -5 "$OUT/gpu_pipeline.log"
+    cp "$work/run/report.md" "$OUT/gpu_pipeline_report.md" 2>/dev/null || true
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+        tests/test_compiled.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
+    tail -3 "$OUT/gpu_tests.log"
+    exit "$status"
+    ;;
+table5) table5 2048+256 2 gpu_table5 ;;
+table5-long) table5 2048+2048 1 gpu_table5_long ;;
+*) echo "unknown step $step: pipeline, table5 or table5-long" >&2; exit 2 ;;
+esac

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch._dynamo
@@ -12,6 +14,7 @@ import caprese
 from caprese import compiled
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import run_bench
+from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
 
 # (method, density, rank): the full model, each method alone and with the low-rank path.
@@ -51,8 +54,8 @@ def test_compiled_decode_generates_the_eager_tokens(method, density, rank, batch
     model = variant_model(method, density, rank)
     prompt = torch.randint(3, 96, (batch, 12), generator=torch.Generator().manual_seed(batch))
     eager = greedy_decode(model, prompt, 10)
-    first = greedy_decode(model, prompt, 10, compile=True)
-    again = greedy_decode(model, prompt, 10, compile=True)
+    first = greedy_decode(model, prompt, 10, compile="inductor")
+    again = greedy_decode(model, prompt, 10, compile="inductor")
     assert compiled_graphs() >= 1  # it did compile, as one graph (fullgraph=True)
     assert torch.equal(first.tokens, eager.tokens)
     assert torch.equal(again.tokens, eager.tokens)
@@ -63,10 +66,10 @@ def test_a_second_prompt_reuses_the_compiled_step():
     caprese.prepare_decode(model, batch=1)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (1, 12), generator=generator) for _ in range(3)]
-    greedy_decode(model, prompts[0], 6, compile=True)
+    greedy_decode(model, prompts[0], 6, compile="inductor")
     graphs = compiled_graphs()
     for prompt in prompts[1:]:  # new selections, written into the same gathered matrices
-        assert torch.equal(greedy_decode(model, prompt, 6, compile=True).tokens,
+        assert torch.equal(greedy_decode(model, prompt, 6, compile="inductor").tokens,
                            greedy_decode(model, prompt, 6).tokens)
     assert compiled_graphs() == graphs
 
@@ -97,7 +100,7 @@ def test_bf16_compiled_logits_are_within_the_stated_tolerance(method, density, r
     prompt = torch.randint(3, 96, (1, 12), generator=generator)
     continuation = torch.randint(3, 96, (1, 6), generator=generator)
     eager = forced_logits(model, prompt, continuation, compile=False)
-    compiled_ = forced_logits(model, prompt, continuation, compile=True)
+    compiled_ = forced_logits(model, prompt, continuation, compile="inductor")
     assert compiled_graphs() >= 1
     assert (compiled_ - eager).abs().max() <= BF16_LOGITS_TOLERANCE * eager.abs().max()
 
@@ -111,7 +114,7 @@ def test_generate_with_compile_gives_the_eager_texts():
     settings = GenerationSettings(max_new_tokens=8, batch_size=2)
     eager = generate(model, tokenizer, prompts, settings, progress=False)
     compiled_run = generate(model, tokenizer, prompts, GenerationSettings(
-        max_new_tokens=8, batch_size=2, compile=True), progress=False)
+        max_new_tokens=8, batch_size=2, compile="inductor"), progress=False)
     assert compiled_graphs() >= 1
     assert [[c.ids for c in row] for row in compiled_run] == [[c.ids for c in row]
                                                               for row in eager]
@@ -119,10 +122,35 @@ def test_generate_with_compile_gives_the_eager_texts():
 
 def test_the_bench_compiles_in_the_warm_up_and_refuses_the_cpu_kernels():
     model = variant_model(None, 1.0, None)
-    result = run_bench(model, ["full", "cats"], prompt_len=16, gen_len=4, repeats=1, rank=8,
-                       compile=True)
+    result = run_bench(model, ["full", "lora", "caprese-cats"], prompt_len=16, gen_len=4,
+                       repeats=1, rank=8,
+                       compile="inductor")
     assert result["setup"]["compiled"] and compiled_graphs() >= 1
     for row in result["variants"]:
         assert row["warmup"] > row["total"]  # the warm-up compiled; the timed run did not
     with pytest.raises(ValueError, match="CPU kernels"):
-        run_bench(model, ["full:k"], prompt_len=16, gen_len=4, repeats=1, compile=True)
+        run_bench(model, ["full:k"], prompt_len=16, gen_len=4, repeats=1, compile="inductor")
+
+
+def test_compile_backends_are_checked():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        compiled.compile_config("cpu", "cudagraphs")
+    with pytest.raises(ValueError, match="unknown compile backend"):
+        compiled.compile_config("cpu", "xla")
+    with pytest.raises(ValueError, match="unknown compile backend"):
+        EvalTask("gsm8k", compile="fast")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["bench", "--compile", "--variants", "full,cats:k"], "drop :k"),
+    (["bench", "--compile", "xla"], "invalid choice"),
+    (["eval", "--task", "gsm8k", "--out", "OUT", "--compile", "xla"], "invalid choice"),
+])
+def test_the_cli_refuses_compile_options_it_cannot_honour(tiny_dir, tmp_path, capsys, flags,
+                                                          message):
+    from caprese.cli import main
+
+    flags = [str(tmp_path / "r.json") if flag == "OUT" else flag for flag in flags]
+    with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
+        assert main([*flags, "--model", str(tiny_dir)]) == 2
+    assert message in capsys.readouterr().err

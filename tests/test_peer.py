@@ -46,12 +46,13 @@ def test_dense_gguf_holds_the_weights_caprese_loads(tmp_path, dtype):
     file_type = gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else \
         gguf.LlamaFileType.MOSTLY_BF16
     assert reader.fields["general.file_type"].contents() == file_type
-    raw = "F32" if dtype == torch.float32 else "BF16"
-    for tensor in reader.tensors:
+    for tensor in reader.tensors:  # vectors stay f32, as llama.cpp's converter keeps them
+        vector = len(tensor.shape) == 1
+        raw = "F32" if dtype == torch.float32 or vector else "BF16"
         assert tensor.tensor_type.name == raw
         caprese_values = torch.tensor(expected[tensor.name]).to(torch.bfloat16)  # as loaded
         stored = torch.tensor(np.asarray(tensor.data).copy())
-        if dtype == torch.bfloat16:
+        if raw == "BF16":
             stored = stored.view(torch.int16).view(torch.bfloat16)
         assert torch.equal(stored.reshape(caprese_values.shape).float(), caprese_values.float())
 

@@ -36,10 +36,10 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
-                  static_cache: bool = True, compile: bool = False) -> DecodeRun:
-    """Greedy-generate gen_len tokens for unpadded prompts, timing every step. compile=True
-    runs the decode steps compiled (caprese.compiled; a static cache): the first run after
-    an attach compiles, so time a warm-up run apart."""
+                  static_cache: bool = True, compile: str | None = None) -> DecodeRun:
+    """Greedy-generate gen_len tokens for unpadded prompts, timing every step. `compile` (a
+    caprese.compiled backend) runs the decode steps compiled, with a static cache: the first
+    run of a kind of variant compiles, so time a warm-up run apart."""
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if compile:
@@ -56,7 +56,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
     token = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     ttft = time.perf_counter() - started
-    step = compiled.compiled_forward(model) if compile else model
+    step = compiled.compiled_forward(model, compile) if compile else model
     tokens, steps = [token], []
     for position in range(prompt_len, prompt_len + gen_len - 1):
         started = time.perf_counter()

@@ -146,12 +146,12 @@ def gathered_bytes(model) -> int:
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
               seed: int = 0, baseline_rss: int | None = None, peer=None,
-              compile: bool = False) -> dict:
+              compile: str | None = None) -> dict:
     """Time every variant (interleaved repeats, medians). With `baseline_rss`, the RSS the
     process held before the model loaded, each variant's peak memory is measured too. A
     `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt. With
-    `compile`, decode steps run compiled (caprese.compiled); each variant compiles in its
-    warm-up run, reported as "warm-up s" and left out of the medians."""
+    `compile` (a caprese.compiled backend), decode steps run compiled; each variant compiles
+    in its warm-up run, reported as "warm-up s" and left out of the medians."""
     if compile and any(parse_variant(name)[1] for name in variants):
         raise ValueError(f"compiled decoding generates its own code: drop the {KERNELS} "
                          "variants (caprese's CPU kernels) or the compile option")
@@ -273,8 +273,8 @@ def format_table(result: dict) -> str:
     lines = [f"prompt {s['prompt_len']} + gen {s['gen_len']}, batch {s['batch']}, {s['dtype']}, "
              f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
              f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
-             + ("; decode compiled (warm-up s: the first run, compiling included)"
-                if compiled else ""),
+             + (f"; decode compiled by {s['compiled']} (warm-up s: the first run, "
+                "compiling included)" if compiled else ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
              + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
              "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",

@@ -30,21 +30,26 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 def dense_gguf(source: Path, target: Path, dtype: torch.dtype) -> None:
     """Rewrite `source` with every tensor dequantized, rounded to bf16 (as caprese loads
-    built-in models) and stored as `dtype` (f32 or bf16); metadata and names unchanged."""
+    built-in models) and stored as `dtype` (f32 or bf16); metadata and names unchanged.
+    Vectors (norms, biases) stay f32 in a bf16 file, as llama.cpp's own converter keeps
+    them: its CPU backend cannot add a bf16 bias to f32 activations. Their values are the
+    bf16-rounded ones either way."""
     import gguf
     import numpy as np
 
     if dtype not in DTYPES:
         raise ValueError(f"llama.cpp is compared in {' or '.join(map(str, DTYPES))}, not {dtype}")
-    fp32 = dtype == torch.float32
-    raw = gguf.GGMLQuantizationType.F32 if fp32 else gguf.GGMLQuantizationType.BF16
-    file_type = gguf.LlamaFileType.ALL_F32 if fp32 else gguf.LlamaFileType.MOSTLY_BF16
+    file_type = (gguf.LlamaFileType.ALL_F32 if dtype == torch.float32
+                 else gguf.LlamaFileType.MOSTLY_BF16)
     reader = gguf.GGUFReader(source)
+
+    def stored_f32(tensor) -> bool:
+        return dtype == torch.float32 or len(tensor.shape) == 1
 
     def values(tensor) -> np.ndarray:
         dense = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
         dense = dense.to(torch.bfloat16)
-        return dense.float().numpy() if fp32 else dense.view(torch.int16).numpy()
+        return dense.float().numpy() if stored_f32(tensor) else dense.view(torch.int16).numpy()
 
     def write(path: str) -> None:
         architecture = reader.fields["general.architecture"].contents()
@@ -59,8 +64,10 @@ def dense_gguf(source: Path, target: Path, dtype: torch.dtype) -> None:
         for tensor in reader.tensors:
             shape = [int(n) for n in reversed(tensor.shape)]  # numpy order
             count = int(np.prod(shape))
-            writer.add_tensor_info(tensor.name, shape, np.float32 if fp32 else np.int16,
-                                   count * (4 if fp32 else 2), raw_dtype=raw)
+            f32 = stored_f32(tensor)
+            writer.add_tensor_info(
+                tensor.name, shape, np.float32 if f32 else np.int16, count * (4 if f32 else 2),
+                raw_dtype=gguf.GGMLQuantizationType.F32 if f32 else gguf.GGMLQuantizationType.BF16)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -98,11 +105,14 @@ class LlamaCppPeer:
         self._reply()  # loaded
 
     def _reply(self) -> dict:
-        line = self.worker.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the llama.cpp worker exited ({self.worker.wait()}); its "
-                               "error is above")
-        return json.loads(line)
+        """The worker's next JSON line; anything else it prints (llama.cpp's own messages, a
+        crash's backtrace) goes to stderr."""
+        for line in self.worker.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+            print(line, end="", file=sys.stderr)
+        raise RuntimeError(f"the llama.cpp worker exited ({self.worker.wait()}); its error "
+                           "is above")
 
     def decode(self, prompt: list[int], gen_len: int) -> dict:
         """{"tokens", "ttft", "steps", "peak"}: seconds, and the worker's peak RSS above what

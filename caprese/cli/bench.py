@@ -12,6 +12,7 @@ import torch
 from caprese.bench.latency import KERNELS, PEER, VARIANTS, format_table, parse_variant, run_bench
 from caprese.bench.memory import free_large_blocks_at_once, settled_rss
 from caprese.cli.common import add_model_options, count, fraction, load_for
+from caprese.compiled import BACKENDS
 from caprese.io import atomic_write_text, json_object_with, refuse_foreign
 from caprese.models.builtin import BUILTIN_MODELS
 from caprese.models.load import import_model_code
@@ -79,7 +80,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--peer", choices=[PEER], help="also time llama.cpp on the same weights "
                    "and precision, interleaved with our variants (built-in models; needs "
                    "pip install 'caprese[peer]')")
-    p.add_argument("--compile", action="store_true", help="decode steps compiled by "
-                   "torch.compile (CUDA graphs on GPUs), each variant compiling in its warm-up")
+    p.add_argument("--compile", nargs="?", const="inductor", choices=BACKENDS,
+                   help="decode steps compiled by torch.compile with this backend (inductor "
+                   "if none is named; CUDA graphs on GPUs), each variant compiling in its "
+                   "warm-up run")
     p.add_argument("--out", help="write the results JSON here")
     p.set_defaults(func=run)

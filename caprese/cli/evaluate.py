@@ -11,6 +11,7 @@ import torch
 
 from caprese import distributed
 from caprese.cli.common import add_model_options, count, fraction, load_for
+from caprese.compiled import BACKENDS
 from caprese.distillation.settings import STAGES
 from caprese.evaluate.report import build_report
 from caprese.evaluate.tasks import TASKS, EvalTask, check_output, evaluate
@@ -119,8 +120,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--top-p", type=fraction, default=1.0)
     p.add_argument("--samples", type=count(1), default=1, help="completions per problem (pass@k)")
     p.add_argument("--seed", type=count(0), default=0)
-    p.add_argument("--compile", action="store_true", help="compile the decode steps with "
-                   "torch.compile (CUDA graphs on GPUs); the first batch pays the compile")
+    p.add_argument("--compile", nargs="?", const="inductor", choices=BACKENDS,
+                   help="decode steps compiled by torch.compile with this backend (inductor "
+                   "if none is named; CUDA graphs on GPUs); the first batch pays for it")
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(

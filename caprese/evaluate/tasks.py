@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from caprese import data, distributed, prompts
+from caprese.compiled import BACKENDS
 from caprese.data.general import RESERVED_ARTICLES, article_body, reserved
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
@@ -41,7 +42,7 @@ class EvalTask:
     top_p: float = 1.0
     samples: int = 1  # completions per problem (pass@k)
     seed: int = 0
-    compile: bool = False  # decode steps compiled (caprese.compiled)
+    compile: str | None = None  # a caprese.compiled backend: decode steps compiled
 
     def __post_init__(self) -> None:
         if self.task not in TASKS and not self.task.endswith(".jsonl"):
@@ -61,6 +62,9 @@ class EvalTask:
                              f"{self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.compile is not None and self.compile not in BACKENDS:
+            raise ValueError(f"unknown compile backend {self.compile!r}; choose one of "
+                             f"{', '.join(BACKENDS)} (or none: eager decoding)")
 
     def records(self) -> list[data.Record]:
         if self.task.endswith(".jsonl"):
