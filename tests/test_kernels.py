@@ -23,7 +23,7 @@ def test_the_kernels_build():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 4 rows / 16 cols
+@pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 8 rows / 16 cols
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_kernel_equals_torch(dtype, shape, with_bias):
     generator = torch.Generator().manual_seed(0)

@@ -68,13 +68,12 @@ static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) 
 
 // out (rows, O) = x (rows, I) W^T, W (O, I) row-major; four weight rows per pass share the
 // loads of x, up to four rows of x per pass share the loads of W.
-// index (optional): output o reads weight row index[o] (CATS' kept rows).
 template <typename T>
 static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, int64_t o0,
-                         int64_t out_features, float* out, const int64_t* index = nullptr) {
+                         int64_t out_features, float* out) {
   const int64_t nr = std::min<int64_t>(4, out_features - o0);
   const T* row[4];
-  for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
+  for (int r = 0; r < nr; ++r) row[r] = w + (o0 + r) * in;
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const int64_t mb = std::min<int64_t>(4, rows - m0);
     float sums[4][4] = {};
@@ -102,6 +101,50 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
   }
 }
 
+// One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
+// its loads; index (optional): output o reads weight row index[o] (CATS' kept rows). More streams in flight and the prefetch keep the memory system busy: on a 2-core
+// AMD EPYC in bf16 this read 30 instead of 22 GB/s for the 1.5B model's 8960 x 1536 matrices
+// (benchmarks/gemv_kernels.py).
+constexpr int kRowsPerPass = 8;
+constexpr int64_t kPrefetchAhead = 1024;  // bytes
+template <typename T>
+static void dot_rows(const T* w, const float* x, int64_t in, int64_t o0, int64_t out_features,
+                     float* out, const int64_t* index = nullptr) {
+  const int64_t nr = std::min<int64_t>(kRowsPerPass, out_features - o0);
+  const T* row[kRowsPerPass];
+  for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
+  float sums[kRowsPerPass] = {};
+  int64_t d = 0;
+#if defined(CAPRESE_SIMD)
+  constexpr int64_t ahead = kPrefetchAhead / sizeof(T);
+  vec acc[kRowsPerPass];
+  for (int r = 0; r < kRowsPerPass; ++r) acc[r] = vzero();
+  for (; d + CAPRESE_SIMD <= in; d += CAPRESE_SIMD) {
+    const vec xv = vload(x + d);
+    for (int r = 0; r < nr; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(row[r] + d + ahead), _MM_HINT_T0);
+      acc[r] = vfma(vload(row[r] + d), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < nr; ++r) sums[r] = vsum(acc[r]);
+#endif
+  for (int r = 0; r < nr; ++r) {
+    float total = sums[r];
+    for (int64_t t = d; t < in; ++t) total += to_float(row[r][t]) * x[t];
+    out[o0 + r] = total;
+  }
+}
+
+template <typename T>
+static void one_token(const T* w, const float* x, int64_t in, int64_t out_features, float* out,
+                      const int64_t* index = nullptr) {
+  at::parallel_for(0, (out_features + kRowsPerPass - 1) / kRowsPerPass, 16,
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      dot_rows(w, x, in, block * kRowsPerPass, out_features, out, index);
+  });
+}
+
 torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous (out, in) matrix");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
@@ -110,6 +153,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
               x.size(1) == w.size(1), "x must be a contiguous float32 (rows, in) matrix");
   const int64_t rows = x.size(0), in = w.size(1), out_features = w.size(0);
   auto out = torch::empty({rows, out_features}, x.options());
+  if (rows == 1) {
+    if (w.scalar_type() == at::kFloat)
+      one_token(w.data_ptr<float>(), x.data_ptr<float>(), in, out_features,
+                out.data_ptr<float>());
+    else
+      one_token(w.data_ptr<at::BFloat16>(), x.data_ptr<float>(), in, out_features,
+                out.data_ptr<float>());
+    return out;
+  }
   at::parallel_for(0, (out_features + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       if (w.scalar_type() == at::kFloat)
@@ -175,10 +227,7 @@ static void cats_mlp(const float* act, float tau, const T* up, const T* down, in
   for (int64_t j = d_ff; j < n_rows; ++j) { kept.push_back(j); gate.push_back(1.f); }
   const int64_t count = kept.size();
   std::vector<float> hidden(count);
-  at::parallel_for(0, (count + 3) / 4, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block)
-      linear_block(up, x, 1, dim, block * 4, count, hidden.data(), kept.data());
-  });
+  one_token(up, x, dim, count, hidden.data(), kept.data());
   for (int64_t j = 0; j < count; ++j) hidden[j] *= gate[j];
   weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
 }

@@ -1,0 +1,76 @@
+"""One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
+kernel, and a plain read of the same bytes (the limit), in GB/s.
+
+The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
+head (151936 x 1536). Each shape is timed over enough distinct random matrices (600 MB) that
+none stays in the caches; median of 9 after 2 untimed runs.
+
+    python benchmarks/gemv_kernels.py --out benchmarks/results/gemv_kernels_<cpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from caprese.bench.latency import machine
+from caprese.kernels import cpu
+
+SHAPES = {"gate/up": (8960, 1536), "down": (1536, 8960), "lm head": (151936, 1536)}
+
+
+def seconds(function, repeats: int = 9, warmup: int = 2) -> float:
+    times = []
+    for _ in range(warmup + repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[warmup:])
+
+
+def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, float]:
+    total = sum(w.numel() * w.element_size() for w in weights)
+    flat = [w.view(-1).view(torch.float32) for w in weights]  # the same bytes
+    runs = {"read": lambda: [f.sum() for f in flat],
+            "pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+            "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
+    return {name: total / seconds(run) / 1e9 for name, run in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=600)
+    parser.add_argument("--out", help="write the results JSON here")
+    args = parser.parse_args()
+    if cpu.module() is None:
+        raise SystemExit("caprese's CPU kernels did not build on this machine")
+    rows = []
+    for name, shape in SHAPES.items():
+        count = max(1, args.megabytes * 2**20 // (shape[0] * shape[1] * 2))
+        weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
+        x = torch.randn(1, shape[1]).to(torch.bfloat16)
+        rows.append({"matrix": name, "shape": list(shape), "matrices": count,
+                     **gigabytes_per_second(weights, x)})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")
+    print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['matrix']} | {r['shape'][0]} x {r['shape'][1]} | {r['read']:.1f} | "
+              f"{r['pytorch']:.1f} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(
+            {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
+             "command": "python benchmarks/gemv_kernels.py", "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
