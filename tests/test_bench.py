@@ -103,7 +103,8 @@ def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
     spec.loader.exec_module(driver)
     out = tmp_path / "t5.json"
     results = driver.main([str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
-                           'setups=["16+4"]', "repeats=1", "rank=8", f"out={out}"])
+                           'setups=["16+4"]', "repeats=1", "rank=8", f"out={out}",
+                           'compile=""'])  # its CUDA graphs need a GPU: eager here
     rows = {r["variant"]: r for r in results["runs"]["bf16 16+4"]["variants"]}
     assert set(rows) == {"full", "griffin", "lora", "caprese", "cats", "caprese-cats"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
@@ -125,3 +126,29 @@ def test_bench_kernel_variants_compare_against_full_on_the_same_path():
     assert parse_variant("cats:k") == ("cats", True)
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         parse_variant("fast")
+
+
+class RecordedPeer:
+    """Stands in for bench.peer.LlamaCppPeer: greedy tokens given in advance, fixed timings."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def decode(self, prompt: list[int], gen_len: int) -> dict:
+        return {"tokens": self.tokens[:gen_len], "ttft": 0.5, "steps": [0.01] * (gen_len - 1),
+                "peak": None}
+
+
+@pytest.mark.parametrize("full", ["full", "full:k"])
+def test_the_peer_is_compared_with_whichever_full_model_ran(full):
+    from caprese.bench.latency import run_bench
+
+    model = tiny_model("llama")
+    eager = greedy_decode(model, torch.randint(0, 96, (1, 12),
+                                               generator=torch.Generator().manual_seed(0)), 4)
+    result = run_bench(model, [full, "cats:k"], prompt_len=12, gen_len=4, repeats=1, rank=4,
+                       peer=RecordedPeer(eager.tokens[0].tolist()))
+    rows = {r["variant"]: r for r in result["variants"]}
+    peer = rows["llama.cpp"]
+    assert peer["tokens_agree"] == 1.0
+    assert peer["ttnt_cut"] == 1 - peer["ttnt"] / rows[full]["ttnt"]

@@ -224,11 +224,16 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                      "warmup": warmup.get(name), "runs": runs[name]})
     if peer is not None:  # same weights: the peer's greedy tokens should match ours
         row = next(r for r in rows if r["variant"] == PEER)
-        if "full" in tokens:
-            row["tokens_agree"] = (tokens[PEER] == tokens["full"].cpu()).float().mean().item()
-    for row in rows:  # cuts against the full model on the same path (PyTorch or kernels)
-        kernels = parse_variant(row["variant"])[1] if row["variant"] != PEER else False
-        full = next((r for r in rows if parse_variant(r["variant"]) == ("full", kernels)), None)
+        full = next((name for name in ("full", "full:k") if name in tokens), None)
+        if full:
+            row["tokens_agree"] = (tokens[PEER] == tokens[full].cpu()).float().mean().item()
+    timed = [row["variant"] for row in rows if row["variant"] != PEER]
+    for row in rows:  # cuts against the full model on the same path (PyTorch or kernels);
+        # the peer against our full model, on PyTorch's path if it ran
+        kernels = (parse_variant(row["variant"])[1] if row["variant"] != PEER
+                   else "full" not in timed)
+        full = next((r for r in rows if r["variant"] in timed
+                     and parse_variant(r["variant"]) == ("full", kernels)), None)
         if full:
             row["ttnt_cut"] = 1 - row["ttnt"] / full["ttnt"]
             row["bytes_cut"] = 1 - row["bytes_per_token"] / full["bytes_per_token"]
