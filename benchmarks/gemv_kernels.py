@@ -1,5 +1,6 @@
 """One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
-kernel, and a plain read of the same bytes (the limit), in GB/s.
+kernel, and a plain read of the same bytes (the limit), in GB/s; and CATS' sparse decode,
+counted in the bytes of the rows it keeps.
 
 The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
 head (151936 x 1536). Each shape is timed over enough distinct random matrices (600 MB) that
@@ -43,6 +44,25 @@ def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor) -> dict[s
     return {name: total / seconds(run) / 1e9 for name, run in runs.items()}
 
 
+def cats_rows(megabytes: int) -> dict:
+    """CATS' sparse decode of one MLP's up and down rows (gate values drawn so that about
+    half the rows survive), against a read of the same count of bytes."""
+    d_ff, dim = SHAPES["gate/up"]
+    count = max(1, megabytes * 2**20 // (2 * d_ff * dim * 2))
+    layers = [(torch.randn(d_ff, dim).to(torch.bfloat16), torch.randn(d_ff, dim).to(torch.bfloat16))
+              for _ in range(count)]
+    x = torch.randn(1, 1, dim).to(torch.bfloat16)
+    act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
+    tau = act.float().abs().median()
+    kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
+    flat = [up.view(-1).view(torch.float32) for up, _ in layers]
+    read = count * d_ff * dim * 2 / seconds(lambda: [f.sum() for f in flat])
+    sparse = kept_bytes / seconds(lambda: [cpu.cats_decode(x, act, tau, up, down)
+                                           for up, down in layers])
+    return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
+            "read": read / 1e9, "pytorch": float("nan"), "caprese": sparse / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=600)
@@ -57,6 +77,7 @@ def main() -> None:
         x = torch.randn(1, shape[1]).to(torch.bfloat16)
         rows.append({"matrix": name, "shape": list(shape), "matrices": count,
                      **gigabytes_per_second(weights, x)})
+    rows.append(cats_rows(args.megabytes))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")

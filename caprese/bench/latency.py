@@ -170,6 +170,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     held: dict[str, dict] = {}
     tokens: dict[str, torch.Tensor] = {}
     warmup: dict[str, float] = {}  # the first run's total: compiling, when compiled
+    before = measure_bandwidth(next(model.parameters()).dtype, device.type)
     # A bar per run, with the last run's time: a run cut off at a time limit still shows how
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
@@ -206,7 +207,9 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
             progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
             progress.update()
     progress.close()
-    bandwidth = measure_bandwidth(next(model.parameters()).dtype, device.type)
+    # The machine's read rate, measured after the runs and compared with the one before
+    # them: the better of the two, since a shared machine reads slower while it is busy.
+    bandwidth = max(before, measure_bandwidth(next(model.parameters()).dtype, device.type))
     rows = []
     for name in variants:
         per = {k: statistics.median(r[k] for r in runs[name])

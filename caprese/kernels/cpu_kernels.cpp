@@ -55,6 +55,17 @@ static inline float vsum(vec v) {
 }
 #endif
 
+// Ask for a whole row ahead of its use. Rows picked by an index (CATS' kept rows) are
+// scattered, so the hardware prefetcher, which follows addresses in order, cannot.
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t length) {
+#if defined(CAPRESE_SIMD)
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t at = 0; at < length * int64_t(sizeof(T)); at += 64)
+    _mm_prefetch(bytes + at, _MM_HINT_T0);
+#endif
+}
+
 template <typename T>
 static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) {
   int64_t d = begin;
@@ -113,6 +124,9 @@ static void dot_rows(const T* w, const float* x, int64_t in, int64_t o0, int64_t
   const int64_t nr = std::min<int64_t>(kRowsPerPass, out_features - o0);
   const T* row[kRowsPerPass];
   for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
+  if (index)  // the next pass's rows, while this one computes
+    for (int64_t o = o0 + kRowsPerPass; o < std::min(o0 + 2 * kRowsPerPass, out_features); ++o)
+      prefetch_row(w + index[o] * in, in);
   float sums[kRowsPerPass] = {};
   int64_t d = 0;
 #if defined(CAPRESE_SIMD)
@@ -186,8 +200,11 @@ static void weighted_rows(const float* weight, const T* rows, int64_t count, int
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       float* acc = partial.data() + t * dim;
-      for (int64_t j = t * count / threads; j < (t + 1) * count / threads; ++j)
+      const int64_t last_row = (t + 1) * count / threads;
+      for (int64_t j = t * count / threads; j < last_row; ++j) {
+        if (index && j + 1 < last_row) prefetch_row(rows + index[j + 1] * dim, dim);
         axpy(weight[j], rows + (index ? index[j] : j) * dim, acc, 0, dim);
+      }
     }
   });
   for (int64_t d = 0; d < dim; ++d) {
