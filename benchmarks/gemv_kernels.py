@@ -60,7 +60,7 @@ def cats_rows(megabytes: int) -> dict:
     sparse = kept_bytes / seconds(lambda: [cpu.cats_decode(x, act, tau, up, down)
                                            for up, down in layers])
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
-            "read": read / 1e9, "pytorch": float("nan"), "caprese": sparse / 1e9}
+            "read": read / 1e9, "pytorch": None, "caprese": sparse / 1e9}
 
 
 def main() -> None:
@@ -84,8 +84,9 @@ def main() -> None:
     print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        pytorch = "-" if r["pytorch"] is None else f"{r['pytorch']:.1f}"
         print(f"| {r['matrix']} | {r['shape'][0]} x {r['shape'][1]} | {r['read']:.1f} | "
-              f"{r['pytorch']:.1f} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
+              f"{pytorch} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
