@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton's kernels run on the CPU through its interpreter (tests/test_kernels_triton.py).
+    # The switch must be set before anything imports triton: torch._dynamo does, so a test
+    # module importing it, collected first, would otherwise leave the kernels compiled-only.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers  # noqa: E402
 
 COMMON = dict(

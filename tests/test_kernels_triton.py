@@ -3,18 +3,12 @@ Triton's interpreter (scripts/gpu_checks.sh runs this file on a GPU)."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
-DEVICE = "cuda" if GPU else "cpu"
+from caprese.kernels.triton import cats_decode  # interpreted on the CPU: conftest.py
 
-import pytest  # noqa: E402
-
-from caprese.kernels.triton import cats_decode  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def masked_dense(x, act_gate, tau, up_rows, down_rows):
