@@ -13,35 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-from caprese.bench.latency import machine
+from caprese.bench.latency import machine, median_seconds
 from caprese.kernels import cpu
 
 SHAPES = {"gate/up": (8960, 1536), "down": (1536, 8960), "lm head": (151936, 1536)}
 
 
-def seconds(function, repeats: int = 9, warmup: int = 2) -> float:
-    times = []
-    for _ in range(warmup + repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[warmup:])
+def read_rate(tensors: list[torch.Tensor]) -> float:
+    """Bytes per second of a plain read (a sum) of `tensors`: the limit."""
+    flat = [t.view(-1).view(torch.float32) for t in tensors]
+    return sum(t.numel() * t.element_size() for t in tensors) / median_seconds(
+        lambda: [f.sum() for f in flat])
 
 
 def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, float]:
     total = sum(w.numel() * w.element_size() for w in weights)
-    flat = [w.view(-1).view(torch.float32) for w in weights]  # the same bytes
-    runs = {"read": lambda: [f.sum() for f in flat],
-            "pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+    runs = {"pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
             "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
-    return {name: total / seconds(run) / 1e9 for name, run in runs.items()}
+    return {"read": read_rate(weights) / 1e9,
+            **{name: total / median_seconds(run) / 1e9 for name, run in runs.items()}}
 
 
 def cats_rows(megabytes: int) -> dict:
@@ -55,12 +50,11 @@ def cats_rows(megabytes: int) -> dict:
     act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
     tau = act.float().abs().median()
     kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
-    flat = [up.view(-1).view(torch.float32) for up, _ in layers]
-    read = count * d_ff * dim * 2 / seconds(lambda: [f.sum() for f in flat])
-    sparse = kept_bytes / seconds(lambda: [cpu.cats_decode(x, act, tau, up, down)
-                                           for up, down in layers])
+    sparse = kept_bytes / median_seconds(lambda: [cpu.cats_decode(x, act, tau, up, down)
+                                                  for up, down in layers])
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
-            "read": read / 1e9, "pytorch": None, "caprese": sparse / 1e9}
+            "read": read_rate([up for up, _ in layers]) / 1e9, "pytorch": None,
+            "caprese": sparse / 1e9}
 
 
 def main() -> None:

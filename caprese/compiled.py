@@ -31,7 +31,6 @@ from transformers import StaticCache
 from transformers.generation import CompileConfig
 
 from caprese.block import CapreseBlock
-from caprese.phases import state_of
 
 # The static cache's length is rounded up to a multiple of this, so that batches of prompts
 # of different lengths share one compiled step instead of compiling one each.
@@ -85,9 +84,6 @@ def _mark_decode_weights_static(model: nn.Module) -> None:
     """CUDA graphs copy every input whose address may change; the blocks' decode weights
     (the shared layouts, GRIFFIN's reused per-prompt matrices) keep theirs for the whole
     attach, so they are marked static, as the model's parameters are."""
-    if not any(isinstance(m, CapreseBlock) for m in model.modules()):
-        return
-    state_of(model)  # an attached model: its blocks hold the decode weights
     for module in model.modules():
         if isinstance(module, CapreseBlock):
             for fast in (module._gathered, module._shared_fast and module._shared_fast[1]):

@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from caprese import compiled, distributed
-from caprese.compiled import cache_argument
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
@@ -87,7 +86,7 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
     if settings.compile:  # transformers' generate compiles its decode steps when given these
         compiled.compiled_forward(model, settings.compile)
         compiling = {"compile_config": compiled.compile_config(device, settings.compile),
-                     cache_argument(model): compiled.static_cache(
+                     compiled.cache_argument(model): compiled.static_cache(
                          model, width + settings.max_new_tokens)}
     out = model.generate(
         ids.to(device), attention_mask=mask.to(device),

@@ -42,6 +42,14 @@ def parse_variant(name: str) -> tuple[str, bool]:
     return base, kernels
 
 
+def refuse_kernels_when_compiled(variants, compile: str | None) -> None:
+    """A compiled step generates its own code: caprese's CPU kernels would split its graph."""
+    for name in variants:
+        if parse_variant(name)[1] and compile:
+            raise ValueError(f"compiled decoding generates its own code: drop {KERNELS} from "
+                             f"{name!r} (caprese's CPU kernels), or the compile option")
+
+
 @contextlib.contextmanager
 def variant(model, name: str, density: float, rank: int, adapter: str | None,
             batch: int = 1):
@@ -110,12 +118,13 @@ def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 
     matrix = torch.randn(rows, columns, device=device).to(dtype)
     vector = torch.randn(columns, device=device).to(dtype)
     flat = matrix.view(-1).view(torch.uint8).view(torch.float32)  # the same bytes
-    product = _median_seconds(lambda: torch.mv(matrix, vector), device, repeats, warmup)
-    total = _median_seconds(lambda: flat.sum(), device, repeats, warmup)
+    product = median_seconds(lambda: torch.mv(matrix, vector), device, repeats, warmup)
+    total = median_seconds(lambda: flat.sum(), device, repeats, warmup)
     return matrix.numel() * matrix.element_size() / min(product, total)
 
 
-def _median_seconds(run, device: str, repeats: int, warmup: int) -> float:
+def median_seconds(run, device: str = "cpu", repeats: int = 9, warmup: int = 2) -> float:
+    """The median time of `run` over `repeats` calls after `warmup` untimed ones."""
     times = []
     for _ in range(warmup + repeats):
         if device != "cpu":
@@ -152,9 +161,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt. With
     `compile` (a caprese.compiled backend), decode steps run compiled; each variant compiles
     in its warm-up run, reported as "warm-up s" and left out of the medians."""
-    if compile and any(parse_variant(name)[1] for name in variants):
-        raise ValueError(f"compiled decoding generates its own code: drop the {KERNELS} "
-                         "variants (caprese's CPU kernels) or the compile option")
+    refuse_kernels_when_compiled(variants, compile)
     if peer is not None:
         if batch != 1:
             raise ValueError(f"the {PEER} peer is timed at batch 1, not {batch}")

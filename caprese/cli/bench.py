@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from caprese.bench.latency import KERNELS, PEER, VARIANTS, format_table, parse_variant, run_bench
+from caprese.bench.latency import (
+    KERNELS,
+    PEER,
+    VARIANTS,
+    format_table,
+    parse_variant,
+    refuse_kernels_when_compiled,
+    run_bench,
+)
 from caprese.bench.memory import free_large_blocks_at_once, settled_rss
 from caprese.cli.common import add_model_options, count, fraction, load_for
 from caprese.compiled import BACKENDS
@@ -21,9 +29,8 @@ from caprese.models.load import import_model_code
 def run(args: argparse.Namespace) -> int:
     variants = args.variants.split(",")
     for name in variants:
-        if parse_variant(name)[1] and args.compile:
-            raise ValueError(f"--compile generates its own decode code: drop {KERNELS} from "
-                             f"{name!r} (caprese's CPU kernels), or --compile")
+        parse_variant(name)
+    refuse_kernels_when_compiled(variants, args.compile)  # before the model loads
     if args.out:
         refuse_foreign(Path(args.out), json_object_with(Path(args.out), ("setup", "variants")),
                        "a caprese bench result")

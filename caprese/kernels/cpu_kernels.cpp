@@ -113,9 +113,10 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 }
 
 // One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
-// its loads; index (optional): output o reads weight row index[o] (CATS' kept rows). More streams in flight and the prefetch keep the memory system busy: on a 2-core
-// AMD EPYC in bf16 this read 30 instead of 22 GB/s for the 1.5B model's 8960 x 1536 matrices
-// (benchmarks/gemv_kernels.py).
+// its loads; index (optional): output o reads weight row index[o] (CATS' kept rows). More
+// streams in flight and the prefetch keep the memory system busy: on a 2-core AMD EPYC in
+// bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of 16-19 GB/s
+// (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
 template <typename T>
