@@ -143,6 +143,18 @@ class CapreseBlock(nn.Module):
         self.batch_size = hidden.shape[0]
         self.fast = None
 
+    def keep_samples(self, index: torch.Tensor) -> None:
+        """Keep only the samples at `index` of the prompt batch (generation retires the
+        samples that have ended): their selection or threshold, and no stale decode weights
+        (per-sample matrices are gathered again for the samples left, when that pays)."""
+        if self.batch_size is None:
+            return
+        if self.selection is not None:
+            self.selection = self.selection[index.to(self.selection.device)]
+        self.batch_size = len(index)
+        if self.uses_per_sample_weights():
+            self.fast = None
+
     # -- phases -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         phase = self.phase_state.phase

@@ -71,7 +71,8 @@ def compiled_forward(model: nn.Module, backend: str = "inductor"):
 
 def cache_argument(model: nn.Module) -> str:
     """The forward's KV-cache argument: transformers 5.x renamed past_key_values to cache."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def static_cache(model: nn.Module, length: int) -> StaticCache:

@@ -1,4 +1,5 @@
-"""Batched generation for evaluation: left padding, length-sorted batches, stop strings."""
+"""Batched generation for evaluation: left padding, length-sorted batches, ended rows leave
+the batch, stop strings."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from caprese import compiled, distributed
+from caprese import compiled, distributed, phases
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
 BATCH_SEED_STRIDE = 1_000_003
+# Tokens between two checks for ended answers (whose rows then leave the batch): a row that
+# ends mid-segment decodes RETIRE_EVERY / 2 tokens too many on average, and each check costs
+# a generate call's setup and a copy of the remaining rows' KV cache.
+RETIRE_EVERY = 32
 
 
 @dataclass
@@ -48,6 +54,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ends = end_ids(model, tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
                else list(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -60,10 +67,11 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
         if shard and not distributed.mine(index):
             continue
         torch.manual_seed(settings.seed * BATCH_SEED_STRIDE + index)
-        outputs = _generate_batch(model, [encoded[i] for i in chunk], settings, pad_id, device)
+        outputs = _generate_batch(model, [encoded[i] for i in chunk], settings, pad_id,
+                                  ends, device)
         for row, sequence in enumerate(outputs):
             done.append((chunk[row // settings.samples],
-                         _completion(sequence, tokenizer, eos, pad_id, settings)))
+                         _completion(sequence, tokenizer, ends, settings)))
         bar.update(distributed.world_size() if shard else 1)
     bar.close()
     results: list[list[Completion]] = [[] for _ in prompts]
@@ -73,7 +81,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
 
 
 def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings, pad_id: int,
-                    device) -> list[list[int]]:
+                    ends: set[int], device) -> list[list[int]]:
     """The generated tokens of one left-padded batch, settings.samples rows per prompt."""
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -82,23 +90,67 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
     sampling = settings.temperature > 0
-    compiling = {}
+    options = {"do_sample": sampling, "temperature": settings.temperature if sampling else None,
+               "top_p": settings.top_p if sampling else None, "top_k": None,
+               "pad_token_id": pad_id}
     if settings.compile:  # transformers' generate compiles its decode steps when given these
         compiled.compiled_forward(model, settings.compile)
-        compiling = {"compile_config": compiled.compile_config(device, settings.compile),
-                     compiled.cache_argument(model): compiled.static_cache(
-                         model, width + settings.max_new_tokens)}
-    out = model.generate(
-        ids.to(device), attention_mask=mask.to(device),
-        max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-        temperature=settings.temperature if sampling else None,
-        top_p=settings.top_p if sampling else None, top_k=None,
-        num_return_sequences=settings.samples, pad_token_id=pad_id, **compiling)
-    return out[:, width:].cpu().tolist()
+        cache = compiled.static_cache(model, width + settings.max_new_tokens)
+        out = model.generate(
+            ids.to(device), attention_mask=mask.to(device),
+            max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples,
+            compile_config=compiled.compile_config(device, settings.compile),
+            **{compiled.cache_argument(model): cache}, **options)
+        return out[:, width:].cpu().tolist()
+    return _retiring_generate(model, ids.repeat_interleave(settings.samples, 0),
+                              mask.repeat_interleave(settings.samples, 0),
+                              settings.max_new_tokens, options, ends, device)
 
 
-def _completion(tokens: list[int], tokenizer, eos, pad_id, settings) -> Completion:
-    ends = set(eos if isinstance(eos, list) else [eos])
+def end_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end token and those the model's
+    generation config lists (transformers' generate stops a row at the latter)."""
+    found = set()
+    for ends in (tokenizer.eos_token_id, model.generation_config.eos_token_id):
+        found |= set() if ends is None else set(ends if isinstance(ends, list) else [ends])
+    return found
+
+
+def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                       options: dict, ends: set[int], device) -> list[list[int]]:
+    """transformers' generate in segments of RETIRE_EVERY tokens over one KV cache; between
+    segments the rows that have ended leave the batch (cache rows and the caprese blocks'
+    per-sample state), so that no step is spent on finished answers (a batch would otherwise
+    decode every row until its longest answer ends)."""
+    cache = DynamicCache(config=model.config)
+    rows = list(range(ids.shape[0]))  # the original row of each row still decoding
+    generated: list[list[int]] = [[] for _ in rows]
+    ids, mask = ids.to(device), mask.to(device)
+    left = max_new_tokens
+    while left > 0:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=min(RETIRE_EVERY, left),
+                             **{compiled.cache_argument(model): cache}, **options)
+        new = out[:, ids.shape[1]:]
+        left -= new.shape[1]
+        ended = []
+        for row, tokens in zip(rows, new.tolist(), strict=True):
+            generated[row].extend(tokens)
+            ended.append(any(t in ends for t in tokens))
+        keep = [position for position, done in enumerate(ended) if not done]
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            phases.keep_samples(model, index)
+            out, mask = out[index], mask[index]
+            rows = [rows[position] for position in keep]
+        ids = out
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], new.shape[1])], dim=1)
+    return generated
+
+
+def _completion(tokens: list[int], tokenizer, ends: set[int], settings) -> Completion:
     length = next((i + 1 for i, t in enumerate(tokens) if t in ends), None)
     truncated = length is None
     kept = tokens[: length or len(tokens)]

@@ -124,6 +124,15 @@ def prepare_decode(model: nn.Module, batch: int | None = None) -> nn.Module:
     return model
 
 
+def keep_samples(model: nn.Module, index: torch.Tensor) -> None:
+    """Continue decoding only the samples at `index` of the current batch (their KV cache
+    rows are the caller's to select): each block keeps those samples' selections. A model
+    without caprese blocks has nothing to keep."""
+    for module in model.modules():
+        if isinstance(module, CapreseBlock):
+            module.keep_samples(index)
+
+
 def use_decode_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Decode single tokens with caprese's CPU kernels everywhere: every nn.Linear (attention,
     LM head) and, on an attached model, the blocks' fused products. enabled=False restores

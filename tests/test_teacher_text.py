@@ -104,3 +104,32 @@ def test_an_existing_run_is_refused_before_any_generation(tmp_path):
         claim_run_dir(tmp_path, resume=False)
     claim_run_dir(tmp_path, resume=True)
     claim_run_dir(tmp_path / "new", resume=False)
+
+
+def test_runs_share_one_cache_file_and_a_foreign_file_is_refused(tmp_path, tiny_dir, monkeypatch,
+                                                                   capsys):
+    from caprese.cli import main
+
+    cache = tmp_path / "shared" / "teacher_text.jsonl"
+    args = ["distill", "--model", str(tiny_dir), "--rank", "4", "--data", "gsm8k",
+            "--samples", "8", "--held-out", "4", "--max-length", "96", "--stages", "layerwise",
+            "--teacher-text", str(cache)]
+    assert main([*args, "--method", "griffin", "--out", str(tmp_path / "griffin")]) == 0
+    written = cache.read_text()
+    assert len(written.splitlines()) == 6 + 3  # 3/4 of train and held-out are math prompts
+    assert not (tmp_path / "griffin" / "teacher_text.jsonl").exists()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the shared cache held every prompt: nothing to generate")
+
+    monkeypatch.setattr(teacher_text, "generate", no_generation)
+    assert main([*args, "--method", "cats", "--out", str(tmp_path / "cats")]) == 0
+    assert cache.read_text() == written
+
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text('{"note": "mine"}\n{"note": "also mine"}\n')
+    capsys.readouterr()
+    assert main([*args[:-1], str(foreign), "--method", "cats", "--out",
+                 str(tmp_path / "other")]) == 2
+    assert "not a teacher-text cache" in capsys.readouterr().err
+    assert foreign.read_text() == '{"note": "mine"}\n{"note": "also mine"}\n'

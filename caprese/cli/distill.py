@@ -41,7 +41,7 @@ def job_from(args: argparse.Namespace) -> DistillJob:
                       held_out=args.held_out, max_length=args.max_length,
                       continuations=args.continuations, general_share=args.general_share,
                       generation_batch=args.generation_batch,
-                      init_from=args.init_from)
+                      teacher_cache=args.teacher_text, init_from=args.init_from)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +90,10 @@ def add_cli(subparsers) -> None:
                    "math-only correction")
     p.add_argument("--generation-batch", type=count(1), default=8,
                    help="prompts per batch for teacher text")
+    p.add_argument("--teacher-text", metavar="FILE",
+                   help="the teacher-text cache to read and extend (default: "
+                   "teacher_text.jsonl in --out); runs on the same model, prompts and "
+                   "--max-length can share one, so the text is generated once")
     p.add_argument("--out", required=True, help="run and adapter directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init-from", metavar="ADAPTER_DIR",

@@ -25,7 +25,7 @@ from caprese.distillation.run import (
     start_run,
 )
 from caprese.distillation.settings import DistillSettings
-from caprese.distillation.teacher_text import CACHE_FILE, teacher_continuations
+from caprese.distillation.teacher_text import CACHE_FILE, check_cache, teacher_continuations
 from caprese.samples import at_least
 
 CONTINUATIONS = ("teacher", "reference")
@@ -87,6 +87,8 @@ def run_job(model, tokenizer, job: DistillJob, out: str | Path, resume: bool = F
     """Distill `job` on the loaded model into run folder `out`; returns the summary."""
     out = Path(out)
     claim_run_dir(out, resume)  # before the data, the teacher text and any other cost
+    if job.teacher_cache and job.continuations == "teacher":
+        check_cache(Path(job.teacher_cache))
     attach(model, job.caprese)
     try:
         check_solver(model, job.settings)

@@ -35,18 +35,44 @@ def _key(sample: TrainingSample, max_length: int) -> str:
     return f"{sample.id}:{digest.hexdigest()[:16]}"
 
 
+def _record(line: str) -> tuple[str, list[int]] | None:
+    """A cache line's (key, ids), or None for anything else (a line cut short by a kill)."""
+    try:
+        record = json.loads(line)
+        key, ids = record["key"], record["ids"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if isinstance(key, str) and isinstance(ids, list) and ids \
+            and all(isinstance(i, int) for i in ids):
+        return key, ids
+    return None
+
+
+def check_cache(path: Path) -> None:
+    """Refuse a cache file that caprese did not write: a run appends to it, and caprese never
+    writes into files it did not write. Only the last line may be torn (a kill)."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ValueError(f"teacher-text cache {path} is not a file: name a .jsonl file")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        lines = ["not text"]
+    if any(_record(line) is None for line in lines[:-1]) or (
+            len(lines) == 1 and _record(lines[0]) is None):
+        raise ValueError(f"{path} is not a teacher-text cache written by caprese distill: "
+                         "name another file (or none, for one in the run folder)")
+
+
 def _read_cache(path: Path) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     if not path.is_file():
         return found
     for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            key, ids = record["key"], record["ids"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a kill: that sample is generated again
-        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
-            found[key] = ids
+        record = _record(line)
+        if record is not None:  # else a line cut short by a kill: generated again
+            found[record[0]] = record[1]
     return found
 
 

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The recovery evidence on qwen2.5-coder-1.5b-instruct (bf16, CPU): the default distillation
+# recipe (only --samples/--max-length given) for GRIFFIN and CATS at density 0.5 and CATS at a
+# lower density, evaluated on the 200-problem GSM-style test set, plain-text fidelity on
+# reserved XSum articles and XSum ROUGE. Every step is a `caprese` command whose output is
+# skipped when it exists, so an interrupted run resumes where it stopped. The methods alone
+# come first: they need no adapter. Each finished result is copied into the repository's
+# results folder at once, so a session that ends mid-way keeps what it measured.
+set -euo pipefail
+OUT=${OUT:-runs/recovery-1.5b}
+MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
+LOW=${LOW:-0.3}          # the lower CATS density, where CATS alone should drop >= 10 points
+PROBLEMS=${PROBLEMS:-200}
+ARTICLES=${ARTICLES:-200}  # XSum ROUGE
+LANGUAGE=${LANGUAGE:-32}   # plain-text fidelity (reserved XSum articles as plain text)
+KEEP=${KEEP:-benchmarks/results/recovery_1p5b}
+mkdir -p "$OUT/results" "$KEEP"
+
+step() {  # step OUTPUT caprese-args...
+    local output=$1; shift
+    if [ -e "$output" ]; then echo "[recovery] skip (exists): $output"; return; fi
+    echo "[recovery] caprese $*"
+    caprese "$@"
+}
+keep() {  # keep RESULT_JSON: the summary and its compressed records, into git's folder
+    cp "$1" "$KEEP/"
+    local records=${1%.json}.jsonl
+    if [ -e "$records" ]; then gzip -9 -c "$records" > "$KEEP/$(basename "$records").gz"; fi
+}
+
+declare -A VARIANT=(
+    [full]="--method none --label full"
+    [griffin]="--method griffin --density 0.5 --label GRIFFIN"
+    [cats]="--method cats --density 0.5 --label CATS"
+    [cats-low]="--method cats --density $LOW --label CATS-$LOW"
+    [caprese-griffin]="--adapter $OUT/adapter-griffin --label Caprese(GRIFFIN)"
+    [caprese-cats]="--adapter $OUT/adapter-cats --label Caprese(CATS)"
+    [caprese-cats-low]="--adapter $OUT/adapter-cats-low --label Caprese(CATS-$LOW)"
+)
+math_step() {  # math_step NAME
+    local out="$OUT/results/math-$1.json"
+    # shellcheck disable=SC2086
+    step "$out" eval --model "$MODEL" ${VARIANT[$1]} --task gsm-symbolic-test \
+        --limit "$PROBLEMS" --batch-size 20 --max-new-tokens 512 --out "$out"
+    keep "$out"
+}
+eval_step() {  # eval_step TASK NAME LIMIT BATCH
+    local out="$OUT/results/$1-$2.json"
+    # shellcheck disable=SC2086
+    step "$out" eval --model "$MODEL" ${VARIANT[$2]} --task "$1" --limit "$3" \
+        --batch-size "$4" --out "$out"
+    keep "$out"
+}
+
+for name in full griffin cats cats-low; do math_step "$name"; done
+
+# The default recipe: the model's own greedy text for the prompts plus a share of general
+# text, layer-wise closed form with the do-no-harm cut, then one E2E epoch. The teacher text
+# depends only on the model, the prompts and --max-length, so the three runs share one cache
+# (generated once, ~65 min here). It is kept in git, compressed, so a later session (or a
+# reader checking the adapters) starts from it instead of generating it again.
+TEACHER="$OUT/teacher_text.jsonl"
+if [ ! -e "$TEACHER" ] && [ -e "$KEEP/teacher_text.jsonl.gz" ]; then
+    gunzip -c "$KEEP/teacher_text.jsonl.gz" > "$TEACHER"
+fi
+distill_step() {  # distill_step NAME METHOD DENSITY
+    local dir="$OUT/adapter-$1"
+    local resume=()
+    if [ -e "$dir/run.json" ]; then resume=(--resume); fi
+    step "$dir/summary.json" distill --model "$MODEL" --method "$2" --density "$3" \
+        --samples 600 --max-length 512 --teacher-text "$TEACHER" --out "$dir" "${resume[@]}"
+    cp "$dir/summary.json" "$KEEP/distill-$1.json"
+    gzip -9 -c "$TEACHER" > "$KEEP/teacher_text.jsonl.gz"
+}
+distill_step griffin griffin 0.5
+math_step caprese-griffin
+distill_step cats cats 0.5
+math_step caprese-cats
+distill_step cats-low cats "$LOW"
+math_step caprese-cats-low
+
+for name in griffin caprese-griffin cats caprese-cats cats-low caprese-cats-low; do
+    eval_step fidelity-language "$name" "$LANGUAGE" 4
+done
+for name in full caprese-griffin caprese-cats caprese-cats-low; do
+    eval_step xsum "$name" "$ARTICLES" 16
+done
+caprese report "$KEEP"/math-*.json "$KEEP"/fidelity-language-*.json "$KEEP"/xsum-*.json \
+    --out "${REPORT:-docs/RESULTS.md}" --title "Results: qwen2.5-coder-1.5b-instruct" \
+    --intro benchmarks/recovery_1p5b_intro.md
