@@ -104,3 +104,16 @@ def test_software_bf16_is_warned_about_once_per_process(smollm2, monkeypatch, ca
         models.load_model(NAME)
         models.load_model(NAME)  # a pipeline's next step
     assert sum("no bfloat16 matrix unit" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_thinking_protocol_runs_on_a_builtin_model(smollm2, tmp_path):
+    """The paper's protocol for reasoning models with a short cap: four sampled runs per
+    problem, their mean and spread, pass@k up to 4."""
+    out = tmp_path / "thinking.json"
+    assert main(["eval", "--model", NAME, "--method", "cats", "--task", "gsm-symbolic",
+                 "--limit", "2", "--protocol", "thinking", "--max-new-tokens", "16",
+                 "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert len(summary["run_accuracies"]) == 4 and set(summary["pass_at_k"]) == {"1", "2", "4"}
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert all(len(set(r["outputs"])) > 1 for r in records)  # sampled: the runs differ

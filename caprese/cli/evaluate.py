@@ -13,6 +13,7 @@ from caprese import distributed
 from caprese.cli.common import add_model_options, count, fraction, load_for
 from caprese.compiled import BACKENDS
 from caprese.distillation.settings import STAGES
+from caprese.evaluate.protocols import PROTOCOLS
 from caprese.evaluate.report import build_report
 from caprese.evaluate.tasks import TASKS, EvalTask, check_output, evaluate
 from caprese.evaluate.variant import VARIANT_METHODS, Variant, applied
@@ -42,7 +43,7 @@ def run_eval(args: argparse.Namespace) -> int:
     task = EvalTask(args.task, limit=args.limit, max_new_tokens=args.max_new_tokens,
                     max_length=args.max_length, batch_size=args.batch_size,
                     temperature=args.temperature, top_p=args.top_p, samples=args.samples,
-                    seed=args.seed, compile=args.compile)
+                    seed=args.seed, compile=args.compile, protocol=args.protocol)
     described = variant.describe()  # a bad adapter or output is refused before the model loads
     check_output(Path(args.out))
     task.records()
@@ -113,12 +114,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--task", required=True, help=f"{', '.join(TASKS)}, or a .jsonl file")
     p.add_argument("--limit", type=count(1), help="first N problems only (default: all)")
     p.add_argument("--out", required=True, help="results JSON (a .jsonl of records beside it)")
-    p.add_argument("--max-new-tokens", type=count(1), default=512)
+    p.add_argument("--protocol", default="greedy", choices=list(PROTOCOLS),
+                   help="greedy: one answer per problem, 512 new tokens (instruct models); "
+                   "thinking: the paper's protocol for reasoning models (temperature 0.6, "
+                   "top-p 0.95, 4 runs, 32768 new tokens, the answer after </think>, mean "
+                   "and spread over runs, pass@k); the four flags below override it")
+    p.add_argument("--max-new-tokens", type=count(1), help="default: the protocol's")
     p.add_argument("--max-length", type=count(2), default=1024, help="fidelity: tokens per sample")
     p.add_argument("--batch-size", type=count(1), default=8)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=fraction, default=1.0)
-    p.add_argument("--samples", type=count(1), default=1, help="completions per problem (pass@k)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the protocol's)")
+    p.add_argument("--top-p", type=fraction, help="default: the protocol's")
+    p.add_argument("--samples", type=count(1),
+                   help="completions per problem, for pass@k (default: the protocol's)")
     p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--compile", nargs="?", const="inductor", choices=BACKENDS,
                    help="decode steps compiled by torch.compile with this backend (inductor "

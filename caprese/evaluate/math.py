@@ -11,7 +11,8 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 
-from caprese.evaluate.checker import check
+from caprese.evaluate.checker import Verdict, check
+from caprese.evaluate.protocols import final_answer
 from caprese.generation import GenerationSettings, generate
 
 GSM_STYLE = ("gsm8k", "gsm-symbolic", "gsm8k-test")
@@ -41,8 +42,11 @@ def evaluate_math(model, tokenizer, records: Sequence, prompt_fn, settings: Gene
     numeric = any(task.startswith(s) for s in GSM_STYLE)
     rows = []
     for record, prompt, samples in zip(records, prompts, completions, strict=True):
-        verdicts = [check(c.text, record.answer, numeric_fallback=numeric) for c in samples]
-        rows.append({
+        answers = [final_answer(prompt, c.text) for c in samples]
+        verdicts = [check(text, record.answer, numeric_fallback=numeric) if finished
+                    else Verdict("", False, "reasoning unfinished")
+                    for text, finished in answers]
+        row = {
             "id": record.id, "level": record.level, "subject": record.subject,
             "prompt": prompt, "gold": record.answer,
             "outputs": [c.text for c in samples],
@@ -50,7 +54,10 @@ def evaluate_math(model, tokenizer, records: Sequence, prompt_fn, settings: Gene
             "correct": [v.correct for v in verdicts],
             "tokens": [c.tokens for c in samples],
             "truncated": [c.truncated for c in samples],
-        })
+        }
+        if any(not finished for _, finished in answers):
+            row["unfinished_reasoning"] = [not finished for _, finished in answers]
+        rows.append(row)
     return {"summary": summarize(rows, settings.samples), "records": rows}
 
 
@@ -70,10 +77,16 @@ def summarize(rows: list[dict], samples: int) -> dict:
         "truncation_rate": sum(t for r in rows for t in r["truncated"]) / max(len(lengths), 1),
         "length_by_level": {str(k): statistics.fmean(v) for k, v in sorted(by_level.items())},
     }
-    if samples > 1:
-        summary["mean_accuracy"] = statistics.fmean(
-            sum(r["correct"]) / samples for r in rows)
+    unfinished = [u for r in rows for u in r.get("unfinished_reasoning", [False] * samples)]
+    if any(unfinished):
+        summary["unfinished_reasoning_rate"] = sum(unfinished) / len(unfinished)
+    if samples > 1:  # run j: every problem's j-th answer (the paper's "4 runs")
+        runs = [sum(r["correct"][j] for r in rows) / max(len(rows), 1) for j in range(samples)]
+        summary["run_accuracies"] = runs
+        summary["mean_accuracy"] = statistics.fmean(runs)
+        summary["accuracy_std"] = statistics.stdev(runs)
         summary["pass_at_k"] = {
             str(k): statistics.fmean(pass_at_k(samples, sum(r["correct"]), k) for r in rows)
-            for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= samples}
+            for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= samples}
+                            | {samples})}
     return summary

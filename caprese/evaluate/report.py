@@ -53,6 +53,9 @@ def _cell(summary: dict) -> str:
     if "rougeL" in summary:
         return (f"R-1/2/L {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/"
                 f"{summary['rougeL']:.1f} ({summary['articles']} articles)")
+    if "run_accuracies" in summary:  # several runs: their mean and spread (thinking protocol)
+        return (f"{100 * summary['mean_accuracy']:.1f} ± {100 * summary['accuracy_std']:.1f} "
+                f"({len(summary['run_accuracies'])} runs) / {summary['mean_length']:.0f} tok")
     low, high = summary["ci95"]
     return (f"{100 * summary['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
             f" / {summary['mean_length']:.0f} tok")
@@ -73,8 +76,10 @@ def table(results: list[dict]) -> str:
             rows[label][r["task"]] = r["summary"]
         order[label] = _variant_key(r)
     math_tasks = {r["task"] for r in results if _is_math(r["summary"])}
+    runs = {r["task"] for r in results if "run_accuracies" in r["summary"]}
     header = "| variant | " + " | ".join(
-        f"{t} (acc % [95% CI] / mean length)" if t in math_tasks else t for t in tasks) + " |"
+        (f"{t} (mean acc % ± std over runs / mean length)" if t in runs else
+         f"{t} (acc % [95% CI] / mean length)") if t in math_tasks else t for t in tasks) + " |"
     lines = [header, "|---" * (len(tasks) + 1) + "|"]
     for label in sorted(rows, key=order.__getitem__):
         cells = [_cell(rows[label][t]) if t in rows[label] else "" for t in tasks]
@@ -123,6 +128,23 @@ def plot_accuracy(results: list[dict], path: Path) -> bool:
                    yerr=[[acc - 100 * low], [100 * high - acc]], capsize=3)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
+    return _save(plt, fig, ax, path, legend_size=8)
+
+
+def plot_pass_at_k(results: list[dict], path: Path) -> bool:
+    """Coverage: the share of problems solved by at least one of k answers, against k."""
+    plt = _pyplot()
+    sampled = [r for r in results if len(r["summary"].get("pass_at_k", {})) > 1]
+    if not sampled:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(sorted(sampled, key=_variant_key)):
+        curve = r["summary"]["pass_at_k"]
+        ax.plot([int(k) for k in curve], [100 * v for v in curve.values()], marker="o",
+                color=f"C{i}", label=f"{r['variant']['label']} ({r['task']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (answers per problem)")
+    ax.set_ylabel("pass@k (%)")
     return _save(plt, fig, ax, path, legend_size=8)
 
 
@@ -189,6 +211,7 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
     if retention:
         sections += ["## Language retention (XSum 1-shot)", "", retention, ""]
     plots = [("accuracy", plot_accuracy, "Math accuracy with 95% intervals"),
+             ("pass_at_k", plot_pass_at_k, "Coverage: pass@k"),
              ("length_by_level", plot_length_by_level, "Response length by difficulty level"),
              ("layer_errors", plot_layer_errors, "Per-layer relative MLP error")]
     for name, plot, title in plots:

@@ -16,6 +16,7 @@ import torch
 from caprese import data, distributed, prompts
 from caprese.compiled import BACKENDS
 from caprese.data.general import RESERVED_ARTICLES, article_body, reserved
+from caprese.evaluate import protocols
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
 from caprese.evaluate.math import evaluate_math
@@ -35,16 +36,22 @@ class EvalTask:
 
     task: str
     limit: int | None = None  # the first N problems only
-    max_new_tokens: int = 512
+    # None: the protocol's (evaluate/protocols.py: greedy 512 tokens, or thinking's sampling)
+    max_new_tokens: int | None = None
     max_length: int = 1024  # fidelity: tokens per sample
     batch_size: int = 8
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    samples: int = 1  # completions per problem (pass@k)
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    samples: int | None = None  # completions per problem (pass@k; runs, for thinking)
     seed: int = 0
     compile: str | None = None  # a caprese.compiled backend: decode steps compiled
+    protocol: str = "greedy"
 
     def __post_init__(self) -> None:
+        preset = protocols.protocol(self.protocol)
+        for name in ("max_new_tokens", "temperature", "top_p", "samples"):
+            if getattr(self, name) is None:  # frozen: set once, here
+                object.__setattr__(self, name, getattr(preset, name))
         if self.task not in TASKS and not self.task.endswith(".jsonl"):
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)} "
                              "or a local .jsonl file")
@@ -108,7 +115,7 @@ def run_task(model, tokenizer, task: EvalTask) -> dict:
     else:
         result = evaluate_math(model, tokenizer, records, prompts.chat_prompt, settings,
                                task.task)
-    return {**result, "settings": asdict(settings)}
+    return {**result, "settings": {**asdict(settings), "protocol": task.protocol}}
 
 
 def _records_file(path: Path) -> bool:
