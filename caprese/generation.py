@@ -3,7 +3,7 @@ the batch, stop strings."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +36,9 @@ class GenerationSettings:
 @dataclass
 class Completion:
     text: str
-    tokens: int  # generated tokens, up to and including the end-of-sequence token
+    tokens: int  # generated tokens, up to the end token or the one that completes a stop string
     truncated: bool  # hit max_new_tokens without ending
-    ids: tuple[int, ...] = ()  # those tokens (before any stop string cut the text)
+    ids: tuple[int, ...] = ()  # those tokens (the text leaves the stop string out)
 
 
 @torch.no_grad()
@@ -55,6 +55,12 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     ends = end_ids(model, tokenizer)
+
+    def ended(tokens: list[int]) -> bool:  # an end token, or a stop string in the text
+        if any(t in ends for t in tokens):
+            return True
+        return bool(settings.stop) and _stop_at(tokens, tokenizer, settings.stop) is not None
+
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
                else list(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -68,7 +74,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
             continue
         torch.manual_seed(settings.seed * BATCH_SEED_STRIDE + index)
         outputs = _generate_batch(model, [encoded[i] for i in chunk], settings, pad_id,
-                                  ends, device)
+                                  ended, device)
         for row, sequence in enumerate(outputs):
             done.append((chunk[row // settings.samples],
                          _completion(sequence, tokenizer, ends, settings)))
@@ -81,7 +87,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
 
 
 def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings, pad_id: int,
-                    ends: set[int], device) -> list[list[int]]:
+                    ended: Callable[[list[int]], bool], device) -> list[list[int]]:
     """The generated tokens of one left-padded batch, settings.samples rows per prompt."""
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -104,7 +110,7 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
         return out[:, width:].cpu().tolist()
     return _retiring_generate(model, ids.repeat_interleave(settings.samples, 0),
                               mask.repeat_interleave(settings.samples, 0),
-                              settings.max_new_tokens, options, ends, device)
+                              settings.max_new_tokens, options, ended, device)
 
 
 def end_ids(model, tokenizer) -> set[int]:
@@ -117,7 +123,8 @@ def end_ids(model, tokenizer) -> set[int]:
 
 
 def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                       options: dict, ends: set[int], device) -> list[list[int]]:
+                       options: dict, ended: Callable[[list[int]], bool], device
+                       ) -> list[list[int]]:
     """transformers' generate in segments of RETIRE_EVERY tokens over one KV cache; between
     segments the rows that have ended leave the batch (cache rows and the caprese blocks'
     per-sample state), so that no step is spent on finished answers (a batch would otherwise
@@ -132,11 +139,9 @@ def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tok
                              **{compiled.cache_argument(model): cache}, **options)
         new = out[:, ids.shape[1]:]
         left -= new.shape[1]
-        ended = []
         for row, tokens in zip(rows, new.tolist(), strict=True):
             generated[row].extend(tokens)
-            ended.append(any(t in ends for t in tokens))
-        keep = [position for position, done in enumerate(ended) if not done]
+        keep = [position for position, row in enumerate(rows) if not ended(generated[row])]
         if not keep:
             break
         if len(keep) < len(rows):
@@ -150,12 +155,32 @@ def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tok
     return generated
 
 
+def _stop_at(tokens: list[int], tokenizer, stops: Sequence[str]) -> int | None:
+    """How many tokens it takes for the text to hold one of `stops` (None: it never does).
+    Longer prefixes decode to longer texts, so a binary search finds the shortest."""
+    def holds(count: int) -> bool:
+        text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+        return any(stop in text for stop in stops)
+
+    if not holds(len(tokens)):
+        return None
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if holds(middle) else (middle + 1, high)
+    return low
+
+
 def _completion(tokens: list[int], tokenizer, ends: set[int], settings) -> Completion:
     length = next((i + 1 for i, t in enumerate(tokens) if t in ends), None)
     truncated = length is None
     kept = tokens[: length or len(tokens)]
+    if settings.stop:  # the tokens after a stop string are not part of the answer
+        stopped = _stop_at(kept, tokenizer, settings.stop)
+        if stopped is not None:
+            kept, truncated = kept[:stopped], False
     text = tokenizer.decode(kept, skip_special_tokens=True)
     for stop in settings.stop:
         if stop in text:
-            text, truncated = text[: text.index(stop)], False
+            text = text[: text.index(stop)]
     return Completion(text, len(kept), truncated, tuple(kept))

@@ -84,3 +84,31 @@ def test_sampled_rows_retire_and_stay_seeded():
     assert [[c.ids for c in row] for row in first] == [[c.ids for c in row] for row in again]
     assert all(len(row) == 2 for row in first)
     assert all(0 < c.tokens <= MAX_NEW for row in first for c in row)
+
+
+def test_a_stop_string_ends_an_answer_and_its_row(monkeypatch):
+    model = variant("griffin")
+    tokenizer = word_tokenizer()
+    texts = prompts()
+    model.generation_config.eos_token_id = None  # only the stop string ends an answer
+    alone = one_by_one(model, tokenizer, texts)
+    stop = f"t{alone[0][3]}"  # the first answer's fourth word
+    kept = []
+    real_keep = caprese.phases.keep_samples
+    monkeypatch.setattr(caprese.phases, "keep_samples",
+                        lambda m, index: kept.append(len(index)) or real_keep(m, index))
+    monkeypatch.setattr(generation, "RETIRE_EVERY", 2)
+    batched = generate(model, tokenizer, texts, GenerationSettings(
+        max_new_tokens=MAX_NEW, batch_size=len(texts), stop=(stop,)), progress=False)
+    for completion, tokens in zip((row[0] for row in batched), alone, strict=True):
+        text = " ".join(f"t{t}" for t in tokens)
+        # the shortest prefix whose text holds the stop string (as a substring, like "t4" in
+        # "t45"), its text cut before the string
+        count = next((n for n in range(1, len(tokens) + 1)
+                      if stop in " ".join(f"t{t}" for t in tokens[:n])), None)
+        if count is not None:
+            assert completion.tokens == count and not completion.truncated
+            assert completion.text == text[: text.index(stop)]
+        else:
+            assert completion.text == text and completion.truncated
+    assert batched[0][0].tokens == 4 and kept and min(kept) < len(texts)
