@@ -122,12 +122,18 @@ def attach(model: nn.Module, config: CapreseConfig) -> nn.Module:
     text = text_config(model.config)
     layers = config.resolve_layers(len(decoder_layers(model)))
     config.check_rank(text.hidden_size)
-    config = dataclasses.replace(config, layers=layers, fingerprint=fingerprint(model))
+    method = build_method(config.method, config.density)
+    if config.quantizer is not None and config.quantizer != method.quantizer:
+        raise AdapterError(
+            f"this adapter was fitted against the quantizer {config.quantizer}, and caprese "
+            f"{config.method} now quantizes with {method.quantizer}: its path corrects other "
+            "weights. Distill it again (or use the caprese version that wrote it)")
+    config = dataclasses.replace(config, layers=layers, fingerprint=fingerprint(model),
+                                 quantizer=method.quantizer)
     for index in layers:
         check_gated_mlp(mlp_of(model, index), index)
 
     state = PhaseState()
-    method = build_method(config.method, config.density)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     created = {}

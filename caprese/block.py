@@ -57,7 +57,8 @@ class PhaseState:
     boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
     forced: Phase | None = None
     teacher_depth: int = 0
-    observer: Callable | None = None  # CAPTURE: observer(block, x, dropped), continuation rows
+    # CAPTURE: observer(block, x, FF(x) - FFhat(x)) on continuation rows
+    observer: Callable | None = None
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
@@ -119,6 +120,8 @@ class CapreseBlock(nn.Module):
             left = init_left(hidden, rank, init, generator or torch.Generator())
             self.L = nn.Parameter(left.to(device=weight.device))
             self.R = nn.Parameter(torch.zeros(rank, hidden, device=weight.device))
+        # a quantizing method's own copy of the MLP (FFhat), beside the dense one prefill uses
+        self.replacement = method.replacement(mlp)
         self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
         self.batch_size: int | None = None
         self.fast: FastWeights | None = None  # the fused form's weights for this prompt
@@ -181,6 +184,8 @@ class CapreseBlock(nn.Module):
                 f"decode batch of {x.shape[0]} after a prefill of {self.batch_size}; beam "
                 "search and batch reordering are not supported: run a new prefill"
             )
+        if self.replacement is not None:  # no fused form: 4-bit W1 takes no extra columns
+            return self._decode_replaced(x)
         if not (self.phase_state.decode.fused and self._gathers_for_fused()):
             return self._decode_reference(x)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._trained()):
@@ -227,26 +232,43 @@ class CapreseBlock(nn.Module):
         extra = self.lowrank(x)
         return out if extra is None else out + extra
 
+    def _decode_replaced(self, x: torch.Tensor) -> torch.Tensor:
+        if self.update is not None:
+            raise NotImplementedError("a quantizing method takes the low-rank path x L R only")
+        out = self.replacement(x)
+        extra = self.lowrank(x)
+        return out if extra is None else out + extra
+
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         is_decode, act_gate, up, hidden = self._teacher_forced_parts(x)
         if self.phase_state.phase is Phase.CAPTURE:
             self._observe(x, act_gate, hidden, is_decode & self.phase_state.valid)
             return self.mlp.down_proj(hidden)
-        compressed = self._compressed(act_gate, up, hidden)
-        mixed = torch.where(is_decode[..., None], compressed, hidden)
-        out = self.mlp.down_proj(mixed)
+        if self.replacement is not None:
+            out = torch.where(is_decode[..., None], self.replacement(x),
+                              self.mlp.down_proj(hidden))
+        else:
+            compressed = self._compressed(act_gate, up, hidden)
+            mixed = torch.where(is_decode[..., None], compressed, hidden)
+            out = self.mlp.down_proj(mixed)
         extra = self.lowrank(x)
         if extra is None:
             return out
         return out + extra * is_decode[..., None].to(extra.dtype)
 
     def _observe(self, x, act_gate, hidden, continuation) -> None:
-        """Hand the observer x and the dropped activations at continuation positions only.
+        """Hand the observer x and FF(x) - FFhat(x) at continuation positions only.
 
-        The mask is built for those rows alone, each with its own sample's selection: over
-        the whole batch (prompt rows included) CATS' mask cost more than the statistics.
-        hidden * (1 - mask) equals hidden - compressed exactly (the mask is 0 or 1).
+        For a masking method that difference is the dropped activations times W2 (the down
+        bias cancels). The mask is built for those rows alone, each with its own sample's
+        selection: over the whole batch (prompt rows included) CATS' mask cost more than the
+        statistics. hidden * (1 - mask) equals hidden - compressed exactly (mask is 0 or 1).
         """
+        rows = x[continuation]
+        if self.replacement is not None:
+            dense = self.mlp.down_proj(hidden[continuation])
+            self.phase_state.observer(self, rows, dense - self.replacement(rows))
+            return
         sample = continuation.nonzero()[:, 0]
         state = None if self.selection is None else self.selection[sample]
         hidden_rows = hidden[continuation]
@@ -255,7 +277,7 @@ class CapreseBlock(nn.Module):
             dropped = torch.zeros_like(hidden_rows)
         else:
             dropped = hidden_rows * (1 - mask[:, 0])
-        self.phase_state.observer(self, x[continuation], dropped)
+        self.phase_state.observer(self, rows, dropped @ self.mlp.down_proj.weight.t())
 
     def _teacher_forced_parts(self, x: torch.Tensor):
         """Dense parts of the whole sequence, selecting from each sample's prompt positions.
@@ -307,6 +329,8 @@ class CapreseBlock(nn.Module):
         prefill multiplies at the same speed through the transposed view. With `batch`, the
         gathered matrices of that many samples are allocated (and touched) now, so that no
         prompt pays the page faults of fresh memory."""
+        if self.replacement is not None:
+            return  # decodes with its own 4-bit copy: no layout to build
         if self.method.per_sample_weights and self.method.density < 1:
             self._rows_buffer("down_proj", 0, transposed=True)
             if batch is not None:

@@ -4,8 +4,8 @@ Layer-wise distillation fits, for each layer i separately,
     Y_i = FF_i(x) - FFhat_i(x)  ~  x L_i R_i      on continuation tokens,
 with x the layer's input in the ORIGINAL model (no error propagation between layers). A
 CAPTURE forward is dense, so every block sees original inputs; each block computes its
-sample's selection from the prompt positions and reports x and the activations its method
-drops. Y_i = dropped @ W2^T (the down bias cancels in the difference).
+sample's selection from the prompt positions and reports x and Y_i (for a masking method the
+dropped activations times W2; for a quantizing one the dense output minus the 4-bit one).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> None:
     """Run `batch` through the original model; call on_layer(i, X_i, Y_i) for every block."""
 
-    def observer(block, x, dropped):
-        on_layer(block.layer_index, x, dropped @ block.mlp.down_proj.weight.t())
+    def observer(block, x, residual):
+        on_layer(block.layer_index, x, residual)
 
     device = next(model.parameters()).device
     batch = batch.to(device)

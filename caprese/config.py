@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("griffin", "cats", "none")
+METHODS = ("griffin", "cats", "nf4", "none")
 L_INITS = ("gaussian", "orthogonal")
 
 
@@ -20,14 +20,18 @@ class CapreseConfig:
     """How to compress the MLPs and how to compensate them.
 
     method:  "griffin" (per-prompt neuron selection), "cats" (per-prompt activation
-             threshold) or "none" (dense MLP; the low-rank path alone, for tests).
-    density: fraction of MLP neurons (griffin) or gate activations (cats) kept, in (0, 1].
+             threshold), "nf4" (the MLP's weights in 4 bits, QLoRA's NormalFloat4) or
+             "none" (dense MLP; the low-rank path alone, for tests).
+    density: fraction of MLP neurons (griffin) or gate activations (cats) kept, in (0, 1];
+             nf4 keeps every neuron and ignores it.
     rank:    r of the low-rank path x L R; None attaches the method alone.
     layers:  decoder-layer indices to modify; None = the method's default (griffin: first
              half, as in the paper; cats and none: all layers).
     init:    how L starts ("gaussian": N(0, 1/D), "orthogonal"); R always starts at zero so
              that an untrained adapter is exactly the efficient method.
     seed:    seed for L's initialisation, so that attach is reproducible.
+    quantizer: a quantizing method's settings (library, format, block size), recorded by
+             attach; an adapter fitted against one quantizer is refused under another.
     """
 
     method: str = "griffin"
@@ -37,6 +41,7 @@ class CapreseConfig:
     init: str = "gaussian"
     seed: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    quantizer: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """Strict types: a config is read from a JSON file anyone can edit."""
@@ -58,6 +63,8 @@ class CapreseConfig:
             raise ValueError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
         if not isinstance(self.fingerprint, dict):
             raise ValueError(f"fingerprint must be a JSON object, got {self.fingerprint!r}")
+        if self.quantizer is not None and not isinstance(self.quantizer, dict):
+            raise ValueError(f"quantizer must be a JSON object (or null), got {self.quantizer!r}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):

@@ -72,7 +72,8 @@ def budget(config: transformers.PretrainedConfig, caprese: CapreseConfig) -> Bud
     active_full = sum(p.numel() for p in layers.parameters())
     active_full += sum(p.numel() for p in model.get_output_embeddings().parameters())
     mlp = 3 * d * d_ff
-    saved = {"griffin": mlp, "cats": 2 * d * d_ff, "none": 0}[caprese.method]
+    # nf4 reads every weight, in 4 bits: it saves bytes, not parameters (bench counts bytes)
+    saved = {"griffin": mlp, "cats": 2 * d * d_ff, "nf4": 0, "none": 0}[caprese.method]
     active_method = active_full - round(len(chosen) * saved * (1.0 - caprese.density))
     path = 0 if caprese.rank is None else 2 * d * caprese.rank * len(chosen)
     return Budget(
@@ -107,7 +108,8 @@ def format_budget(b: Budget) -> str:
         ("model type", b.model_type),
         ("layers / D / D_FF", f"{b.layers} / {b.hidden_size} / {b.intermediate_size}"),
         ("parameters", millions(b.total_params)),
-        ("method", f"{b.method}, density {b.density:g}, layers {_layer_ranges(b.method_layers)}"),
+        ("method", (b.method if b.method == "nf4" else f"{b.method}, density {b.density:g}")
+         + f", layers {_layer_ranges(b.method_layers)}"),
         ("Caprese rank", "none (method alone)" if b.rank is None else str(b.rank)),
         (
             "Caprese parameters",

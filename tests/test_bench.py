@@ -15,7 +15,7 @@ from caprese.bench.lora import attach_lora, matched_rank
 
 
 @pytest.mark.parametrize("static_cache", [True, False])
-@pytest.mark.parametrize("method", [None, "griffin", "cats"])
+@pytest.mark.parametrize("method", [None, "griffin", "cats", "nf4"])
 def test_lean_decode_matches_generate(method, static_cache):
     base = tiny_model("qwen2")
     model = base if method is None else attached_copy(base, method=method, rank=8)
@@ -90,6 +90,26 @@ def test_bench_reports_what_each_variant_holds_and_its_peak():
         assert row["allowed_bytes"] >= weights + result["kv_cache_bytes"]
         assert isinstance(row["peak_bytes"], int)  # tiny: within the noise of Python itself
         assert row["prepare"] >= 0 and "ttft_added" in row
+
+
+def test_the_4bit_variants_read_fewer_bytes_and_show_their_copy():
+    from caprese.bench.latency import format_table, run_bench
+
+    pytest.importorskip("bitsandbytes")
+    model = tiny_model("llama").to(torch.bfloat16)
+    result = run_bench(model, ["full", "nf4", "caprese-nf4"], prompt_len=12, gen_len=4,
+                       repeats=1, rank=4)
+    rows = {r["variant"]: r for r in result["variants"]}
+    text = model.config
+    mlp = 3 * text.hidden_size * text.intermediate_size * text.num_hidden_layers
+    # bf16 MLP weights (2 bytes) become 4 bits plus a float32 absmax per block of 64
+    assert rows["full"]["bytes_per_token"] - rows["nf4"]["bytes_per_token"] == \
+        2 * mlp - (mlp // 2 + mlp // 64 * 4)
+    assert rows["nf4"]["quantized_bytes"] == rows["caprese-nf4"]["quantized_bytes"] == \
+        mlp // 2 + mlp // 64 * 4
+    assert rows["full"]["quantized_bytes"] == 0
+    assert rows["nf4"]["allowed_bytes"] >= result["weights_bytes"] + rows["nf4"]["quantized_bytes"]
+    assert "nf4: its 4-bit copy of the MLPs" in format_table(result)
 
 
 def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):

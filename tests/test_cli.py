@@ -77,3 +77,17 @@ def test_the_default_preset_follows_the_dtype(monkeypatch):
     assert preset_for(False, None, "fp32", "cpu") == PRESETS["default-fp32"]
     assert preset_for(True, "my-model", "auto", "cpu") == PRESETS["quick"].__class__(
         **{**PRESETS["quick"].__dict__, "model": "my-model"})
+
+
+def test_info_takes_a_builtin_name_once_it_is_prepared(tmp_path, monkeypatch, capsys):
+    import caprese.cli.models as cli_models
+
+    monkeypatch.setattr(cli_models, "model_dir", lambda name: tmp_path / name)
+    assert main(["info", "--model", "qwen2.5-coder-1.5b-instruct", "--method", "nf4"]) == 2
+    assert "caprese models prepare qwen2.5-coder-1.5b-instruct" in capsys.readouterr().err
+    folder = tmp_path / "qwen2.5-coder-1.5b-instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "qwen2.5-14b.json").read_text())
+    assert main(["info", "--model", "qwen2.5-coder-1.5b-instruct", "--method", "nf4"]) == 0
+    out = capsys.readouterr().out
+    assert "nf4, layers 0-47" in out and "density" not in out

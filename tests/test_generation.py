@@ -42,7 +42,7 @@ def variant(method: str | None):
     return model
 
 
-@pytest.mark.parametrize("method", [None, "griffin", "cats"])
+@pytest.mark.parametrize("method", [None, "griffin", "cats", "nf4"])
 def test_retiring_ended_rows_gives_the_one_by_one_outputs(method, monkeypatch):
     model = variant(method)
     tokenizer = word_tokenizer()

@@ -24,9 +24,10 @@ from caprese.config import CapreseConfig
 from caprese.dtypes import cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
+from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
 from caprese.phases import prepare_decode, use_decode_kernels
 
-VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats")
+VARIANTS = ("full", "griffin", "caprese", "lora", "cats", "caprese-cats", "nf4", "caprese-nf4")
 PEER = "llama.cpp"  # timed by a bench.peer.LlamaCppPeer, not attached to our model
 
 
@@ -42,6 +43,14 @@ def parse_variant(name: str) -> tuple[str, bool]:
     return base, kernels
 
 
+def method_of(name: str) -> str:
+    """The efficient method a variant runs ("caprese" and "lora" run GRIFFIN)."""
+    for method in ("cats", "nf4"):
+        if name.endswith(method):
+            return method
+    return "griffin"
+
+
 def refuse_kernels_when_compiled(variants, compile: str | None) -> None:
     """A compiled step generates its own code: caprese's CPU kernels would split its graph."""
     for name in variants:
@@ -55,7 +64,7 @@ def variant(model, name: str, density: float, rank: int, adapter: str | None,
             batch: int = 1):
     """The model as `name` for the duration of the block (weights shared, nothing copied)."""
     name, kernels = parse_variant(name)
-    method = "cats" if name.endswith("cats") else "griffin"
+    method = method_of(name)
     if name == "full":
         use_decode_kernels(model, kernels)
         try:
@@ -94,16 +103,20 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
     """Weight bytes read per decode token, plus the KV cache at `context` tokens."""
     name = parse_variant(name)[0]
     text = text_config(model.config)
-    method = "cats" if name.endswith("cats") else "griffin"
+    method = method_of(name)
     config = CapreseConfig(method="none" if name == "full" else method, density=density,
                            rank=rank if name.startswith("caprese") else None)
     counts = budget(model.config, config)
     params = counts.active_caprese
+    d, d_ff = text.hidden_size, text.intermediate_size
     if name == "lora":
-        d, d_ff = text.hidden_size, text.intermediate_size
         params += 3 * matched_rank(d, d_ff, rank) * (d + d_ff) * len(counts.method_layers)
     element = next(model.parameters()).element_size()
-    return params * element + kv_cache_bytes(model, 1, context)
+    read = params * element
+    if method == "nf4" and name != "full":  # the MLPs' weights in 4 bits plus block absmax
+        mlp = 3 * d * d_ff * len(counts.method_layers)
+        read += round(mlp * (0.5 + 4 / NF4_SETTINGS["blocksize"])) - mlp * element
+    return read + kv_cache_bytes(model, 1, context)
 
 
 def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
@@ -142,6 +155,12 @@ def storage_bytes(tensors) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in tensors if t is not None}
     return sum(storages.values())
+
+
+def quantized_bytes(model) -> int:
+    """A quantizing method's 4-bit copies of the MLPs (beside the dense weights)."""
+    return sum(block.replacement.nbytes() for block in blocks(model).values()
+               if block.replacement is not None)
 
 
 def gathered_bytes(model) -> int:
@@ -186,7 +205,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
             if name == PEER:
                 result = peer.decode(prompt[0].tolist(), gen_len)
                 tokens[name] = torch.tensor([result["tokens"]])
-                held[name] = {"adapter": 0, "gathered": 0}
+                held[name] = {"adapter": 0, "gathered": 0, "quantized": 0}
                 if repeat:
                     steps = result["steps"]
                     runs[name].append({"total": result["ttft"] + sum(steps),
@@ -203,7 +222,8 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                 total = time.perf_counter() - started
                 attached = parse_variant(name)[0] != "full"
                 held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
-                              "gathered": gathered_bytes(model) if attached else 0}
+                              "gathered": gathered_bytes(model) if attached else 0,
+                              "quantized": quantized_bytes(model) if attached else 0}
                 peak = memory.peak_bytes() if measured else None
             tokens[name] = run.tokens
             warmup[name] = warmup.get(name, total)
@@ -224,8 +244,8 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
         read = bytes_per_token(model, "full" if name == PEER else name, density, rank,
                                prompt_len + gen_len // 2)
         peaks = [r["peak"] for r in runs[name] if r["peak"] is not None]
-        allowed = memory.allowed_bytes(weights, held[name]["adapter"], held[name]["gathered"],
-                                       kv_cache)
+        allowed = memory.allowed_bytes(weights, held[name]["adapter"] + held[name]["quantized"],
+                                       held[name]["gathered"], kv_cache)
         rows.append({"variant": name, **per, "tokens_per_s": batch / per["ttnt"],
                      "bytes_per_token": read, "floor_ttnt": read / bandwidth,
                      "floor_fraction": read / bandwidth / per["ttnt"],
@@ -304,4 +324,7 @@ def format_table(result: dict) -> str:
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
             f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% | "
             f"{_mib(r['peak_bytes'])} | {_mib(r['allowed_bytes'])} |")
+    lines += [f"{r['variant']}: its 4-bit copy of the MLPs holds {_mib(r['quantized_bytes'])} "
+              "MiB beside the dense weights (counted in allowed MiB)"
+              for r in result["variants"] if r.get("quantized_bytes")]
     return "\n".join(lines)

@@ -10,7 +10,14 @@ from caprese.cli.common import count, fraction
 from caprese.config import CapreseConfig
 from caprese.info import budget, format_budget, load_config
 from caprese.methods import METHODS
-from caprese.models import PROVENANCE_FILE, list_models, model_dir, prepare, weights_description
+from caprese.models import (
+    BUILTIN_MODELS,
+    PROVENANCE_FILE,
+    list_models,
+    model_dir,
+    prepare,
+    weights_description,
+)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -32,7 +39,13 @@ def run_info(args: argparse.Namespace) -> int:
     caprese = CapreseConfig(
         method=args.method, density=args.density, rank=None if args.rank == 0 else args.rank
     )
-    result = budget(load_config(args.model), caprese)
+    source = args.model
+    if source in BUILTIN_MODELS:  # its config comes with the prepared weights
+        source = model_dir(source) / "config.json"
+        if not source.is_file():
+            raise FileNotFoundError(f"{args.model} is not prepared yet: run `caprese models "
+                                    f"prepare {args.model}` first")
+    result = budget(load_config(str(source)), caprese)
     print(json.dumps(asdict(result), indent=2) if args.json else format_budget(result))
     return 0
 

@@ -16,7 +16,7 @@ from caprese.adapter import attach, detach, load, read_adapter
 from caprese.config import CapreseConfig
 
 KINDS = ("full", "method", "layerwise", "e2e", "caprese")  # report order
-VARIANT_METHODS = ("none", "griffin", "cats")
+VARIANT_METHODS = ("none", "griffin", "cats", "nf4")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class Variant:
                     "label": self.label or f"Caprese {kind} ({config.method})"}
         if self.method == "none":
             return {"kind": "full", "method": "", "label": self.label or "full"}
+        default = self.method if self.method == "nf4" else f"{self.method} {self.density:g}"
         return {"kind": "method", "method": self.method, "density": self.density,
-                "label": self.label or f"{self.method} {self.density:g}"}
+                "label": self.label or default}
 
 
 @contextlib.contextmanager

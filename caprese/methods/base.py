@@ -30,6 +30,7 @@ class Method:
     name = "base"
     per_sample_weights = False  # True: gather() builds each sample's own smaller matrices
     reads_down_rows = False  # True: a sparse kernel reads rows of W2^T (kept contiguous)
+    quantizer: dict | None = None  # a quantizing method's settings (adapters record them)
 
     def __init__(self, density: float) -> None:
         self.density = density
@@ -56,6 +57,11 @@ class Method:
             up_bias=mlp.up_proj.bias,
             down_rows=mlp.down_proj.weight.t(),
         )
+
+    def replacement(self, mlp: nn.Module):
+        """A method that decodes with its own copy of the MLP (4-bit weights) returns that
+        copy here, built once per attach: a callable x -> FFhat(x). Others return None."""
+        return None
 
     def gate_threshold(self, state: torch.Tensor | None) -> torch.Tensor | None:
         """Per-sample |gate| threshold applied in the fast path (CATS), else None."""
