@@ -181,6 +181,20 @@ def config_of(model: nn.Module) -> CapreseConfig:
     return handle_of(model).config
 
 
+def reselection(model: nn.Module) -> int | None:
+    """GRIFFIN's rho on this model (CapreseConfig.reselect_every); None when never, or when
+    nothing is attached."""
+    handle = getattr(model, "_caprese", None)
+    return None if handle is None else handle.config.reselect_every
+
+
+def set_reselection(model: nn.Module, every: int | None) -> None:
+    """Reselect GRIFFIN's neurons every `every` generated tokens from now on (None: never;
+    0: the full model). A decode-time choice: an adapter loads with its own, this overrides."""
+    handle = handle_of(model)
+    handle.config = dataclasses.replace(handle.config, reselect_every=every)
+
+
 def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = None) -> Path:
     """Write the adapter (L, R per layer + config) to `directory`; returns its path.
     `trained` says what produced the weights (distillation writes {"stage": ...})."""

@@ -33,6 +33,7 @@ class Phase(enum.Enum):
     DECODE = "decode"
     SPLIT = "split"
     CAPTURE = "capture"
+    RESCORE = "rescore"  # generated tokens through the dense MLP, their scores added (rho)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class CapreseBlock(nn.Module):
         # a quantizing method's own copy of the MLP (FFhat), beside the dense one prefill uses
         self.replacement = method.replacement(mlp)
         self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
+        self.scores: torch.Tensor | None = None  # (B, D_FF), for a method that reselects
         self.batch_size: int | None = None
         self.fast: FastWeights | None = None  # the fused form's weights for this prompt
         self._shared_fast: tuple[tuple, FastWeights] | None = None
@@ -142,9 +144,25 @@ class CapreseBlock(nn.Module):
         return (x @ self.L.to(x.dtype)) @ self.R.to(x.dtype)
 
     def _select(self, act_gate, hidden, valid) -> None:
-        self.selection = self.method.select(act_gate, hidden, valid)
+        if self.method.reselects:
+            self.scores = self.method.scores(hidden, valid)
+            self.selection = self.method.select_top(self.scores)
+        else:
+            self.selection = self.method.select(act_gate, hidden, valid)
         self.batch_size = hidden.shape[0]
         self.fast = None
+
+    def _rescore(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated tokens through the dense MLP (output exactly the original's); their
+        scores join the prompt's in quadrature, s = sqrt(s^2 + s_new^2), which equals the
+        scores of all tokens so far, and the neurons are selected again."""
+        act_gate, up, hidden = self._dense_parts(x)
+        if self.scores is not None:
+            new = self.method.scores(hidden, self.phase_state.valid)
+            self.scores = (self.scores.square() + new.square()).sqrt()
+            self.selection = self.method.select_top(self.scores)
+            self.fast = None  # gathered again at the next decode step
+        return self.mlp.down_proj(hidden)
 
     def keep_samples(self, index: torch.Tensor) -> None:
         """Keep only the samples at `index` of the prompt batch (generation retires the
@@ -154,6 +172,8 @@ class CapreseBlock(nn.Module):
             return
         if self.selection is not None:
             self.selection = self.selection[index.to(self.selection.device)]
+        if self.scores is not None:
+            self.scores = self.scores[index.to(self.scores.device)]
         self.batch_size = len(index)
         if self.uses_per_sample_weights():
             self.fast = None
@@ -167,6 +187,8 @@ class CapreseBlock(nn.Module):
             return self._prefill(x)
         if phase is Phase.DECODE:
             return self._decode(x)
+        if phase is Phase.RESCORE:
+            return self._rescore(x)
         return self._split(x)  # SPLIT or CAPTURE
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,6 @@ runs eager.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from transformers import StaticCache
@@ -67,12 +65,6 @@ def compiled_forward(model: nn.Module, backend: str = "inductor"):
     """The model's forward compiled for decode steps (transformers caches it on the model)."""
     _mark_decode_weights_static(model)
     return model.get_compiled_call(compile_config(next(model.parameters()).device, backend))
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The forward's KV-cache argument: transformers 5.x renamed past_key_values to cache."""
-    parameters = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def static_cache(model: nn.Module, length: int) -> StaticCache:

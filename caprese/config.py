@@ -32,6 +32,10 @@ class CapreseConfig:
     seed:    seed for L's initialisation, so that attach is reproducible.
     quantizer: a quantizing method's settings (library, format, block size), recorded by
              attach; an adapter fitted against one quantizer is refused under another.
+    reselect_every: GRIFFIN's rho: every rho generated tokens, those tokens run through the
+             dense model (their KV cache entries replaced by the dense model's), the neuron
+             scores take them in and the neurons are selected again. None: never (the
+             prompt's selection throughout); 0: every token dense (the full model).
     """
 
     method: str = "griffin"
@@ -42,6 +46,7 @@ class CapreseConfig:
     seed: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)
     quantizer: dict[str, Any] | None = None
+    reselect_every: int | None = None
 
     def __post_init__(self) -> None:
         """Strict types: a config is read from a JSON file anyone can edit."""
@@ -63,6 +68,14 @@ class CapreseConfig:
             raise ValueError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
         if not isinstance(self.fingerprint, dict):
             raise ValueError(f"fingerprint must be a JSON object, got {self.fingerprint!r}")
+        if self.reselect_every is not None:
+            if (isinstance(self.reselect_every, bool) or not isinstance(self.reselect_every, int)
+                    or self.reselect_every < 0):
+                raise ValueError(f"reselect_every must be an integer >= 0 (0: the full model; "
+                                 f"None: never), got {self.reselect_every!r}")
+            if self.method != "griffin":
+                raise ValueError(f"reselection (reselect_every) is GRIFFIN's: {self.method} "
+                                 "selects nothing to reselect")
         if self.quantizer is not None and not isinstance(self.quantizer, dict):
             raise ValueError(f"quantizer must be a JSON object (or null), got {self.quantizer!r}")
         if self.layers is not None:

@@ -3,6 +3,7 @@ the batch, stop strings."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from caprese import compiled, distributed, phases
+from caprese.adapter import reselection
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
@@ -99,18 +101,25 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
     options = {"do_sample": sampling, "temperature": settings.temperature if sampling else None,
                "top_p": settings.top_p if sampling else None, "top_k": None,
                "pad_token_id": pad_id}
-    if settings.compile:  # transformers' generate compiles its decode steps when given these
-        compiled.compiled_forward(model, settings.compile)
-        cache = compiled.static_cache(model, width + settings.max_new_tokens)
-        out = model.generate(
-            ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples,
-            compile_config=compiled.compile_config(device, settings.compile),
-            **{compiled.cache_argument(model): cache}, **options)
-        return out[:, width:].cpu().tolist()
-    return _retiring_generate(model, ids.repeat_interleave(settings.samples, 0),
-                              mask.repeat_interleave(settings.samples, 0),
-                              settings.max_new_tokens, options, ended, device)
+    every = reselection(model)
+    if settings.compile and every is not None:
+        raise ValueError("compiled decoding runs fixed steps: it cannot reselect GRIFFIN's "
+                         "neurons (reselect_every); drop one of the two")
+    full = every == 0  # reselecting at every token is the full model
+    with phases.teacher(model) if full else contextlib.nullcontext():
+        if settings.compile:  # transformers' generate compiles its decode steps given these
+            compiled.compiled_forward(model, settings.compile)
+            cache = compiled.static_cache(model, width + settings.max_new_tokens)
+            out = model.generate(
+                ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples,
+                compile_config=compiled.compile_config(device, settings.compile),
+                **{phases.cache_argument(model): cache}, **options)
+            return out[:, width:].cpu().tolist()
+        return _retiring_generate(model, ids.repeat_interleave(settings.samples, 0),
+                                  mask.repeat_interleave(settings.samples, 0),
+                                  settings.max_new_tokens, options, ended, device,
+                                  None if full else every)
 
 
 def end_ids(model, tokenizer) -> set[int]:
@@ -123,20 +132,26 @@ def end_ids(model, tokenizer) -> set[int]:
 
 
 def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                       options: dict, ended: Callable[[list[int]], bool], device
-                       ) -> list[list[int]]:
+                       options: dict, ended: Callable[[list[int]], bool], device,
+                       reselect_every: int | None = None) -> list[list[int]]:
     """transformers' generate in segments of RETIRE_EVERY tokens over one KV cache; between
     segments the rows that have ended leave the batch (cache rows and the caprese blocks'
     per-sample state), so that no step is spent on finished answers (a batch would otherwise
-    decode every row until its longest answer ends)."""
+    decode every row until its longest answer ends). With reselect_every (GRIFFIN's rho),
+    segments also end every rho tokens, where phases.rescore runs the tokens decoded since
+    the last reselection through the dense model and GRIFFIN selects again."""
     cache = DynamicCache(config=model.config)
     rows = list(range(ids.shape[0]))  # the original row of each row still decoding
     generated: list[list[int]] = [[] for _ in rows]
     ids, mask = ids.to(device), mask.to(device)
+    dense_end = ids.shape[1]  # cache entries up to here were written by the dense model
     left = max_new_tokens
     while left > 0:
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=min(RETIRE_EVERY, left),
-                             **{compiled.cache_argument(model): cache}, **options)
+        step = min(RETIRE_EVERY, left)
+        if reselect_every:
+            step = min(step, reselect_every - (max_new_tokens - left) % reselect_every)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=step,
+                             **{phases.cache_argument(model): cache}, **options)
         new = out[:, ids.shape[1]:]
         left -= new.shape[1]
         for row, tokens in zip(rows, new.tolist(), strict=True):
@@ -152,6 +167,10 @@ def _retiring_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tok
             rows = [rows[position] for position in keep]
         ids = out
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], new.shape[1])], dim=1)
+        if reselect_every and left and (max_new_tokens - left) % reselect_every == 0:
+            # the last token is not in the cache yet: the next segment feeds it
+            phases.rescore(model, ids[:, dense_end:-1], mask[:, :-1], cache)
+            dense_end = ids.shape[1] - 1
     return generated
 
 

@@ -38,6 +38,12 @@ def _past_length(cache) -> int:
     )
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward's KV-cache argument: transformers 5.x renamed past_key_values to cache."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _cache_argument(arguments: dict):
     """The KV cache: `cache` since transformers 5.x, `past_key_values` before."""
     for source in (arguments, arguments.get("kwargs") or {}):
@@ -86,7 +92,7 @@ class PhaseHook:
             cache = _cache_argument(bound)
             state.phase = Phase.PREFILL if _past_length(cache) == 0 else Phase.DECODE
         forcing = state.phase in (Phase.SPLIT, Phase.CAPTURE)
-        if tokens is not None and (forcing or state.phase is Phase.PREFILL):
+        if tokens is not None and (forcing or state.phase in (Phase.PREFILL, Phase.RESCORE)):
             state.valid = _valid_mask(bound.get("attention_mask"), tokens.shape[:2], tokens.device)
         if forcing:
             if state.boundary is None or tokens is None or len(state.boundary) != tokens.shape[0]:
@@ -131,6 +137,21 @@ def keep_samples(model: nn.Module, index: torch.Tensor) -> None:
     for module in model.modules():
         if isinstance(module, CapreseBlock):
             module.keep_samples(index)
+
+
+@torch.no_grad()
+def rescore(model: nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor,
+            cache) -> None:
+    """GRIFFIN's reselection: the last tokens.shape[1] entries of `cache` (written while
+    decoding compressed) are replaced by the dense model's for `tokens`, whose scores join
+    the prompt's; every block then selects its neurons again. `attention_mask` covers the
+    whole sequence up to and including `tokens` (left padding as in generation)."""
+    width = tokens.shape[1]
+    cache.crop(-width)  # a negative count removes that many of the last entries
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -width:]
+    with forced_phase(model, Phase.RESCORE):
+        model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
+              use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
 
 
 def use_decode_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:

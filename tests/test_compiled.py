@@ -11,7 +11,7 @@ from conftest import tiny_model
 from helpers import randomize_lowrank, word_tokenizer
 
 import caprese
-from caprese import compiled
+from caprese import compiled, phases
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import run_bench
 from caprese.evaluate.tasks import EvalTask
@@ -77,7 +77,7 @@ def test_a_second_prompt_reuses_the_compiled_step():
 def forced_logits(model, prompt, continuation, compile):
     """Logits of each decode step, teacher-forced on `continuation` (the same inputs for the
     eager and the compiled step, whatever either would have picked)."""
-    name = compiled.cache_argument(model)
+    name = phases.cache_argument(model)
     cache = compiled.static_cache(model, prompt.shape[1] + continuation.shape[1])
     with torch.no_grad():
         model(input_ids=prompt, use_cache=True, **{name: cache})

@@ -11,8 +11,8 @@ from lm_eval.tasks import TaskManager
 
 import caprese
 from caprese.cli import main
-from caprese.compiled import cache_argument
 from caprese.evaluate.lm_eval_bridge import CapreseLM
+from caprese.phases import cache_argument
 from tests.conftest import tiny_model
 from tests.helpers import WORDS, randomize_lowrank, word_tokenizer
 

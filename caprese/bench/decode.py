@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
-from caprese import compiled
+from caprese import compiled, phases
+from caprese.adapter import reselection
 
 
 @dataclass
@@ -39,7 +40,21 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
                   static_cache: bool = True, compile: str | None = None) -> DecodeRun:
     """Greedy-generate gen_len tokens for unpadded prompts, timing every step. `compile` (a
     caprese.compiled backend) runs the decode steps compiled, with a static cache: the first
-    run of a kind of variant compiles, so time a warm-up run apart."""
+    run of a kind of variant compiles, so time a warm-up run apart. A model that reselects
+    GRIFFIN's neurons (adapter.reselection) does so in the timed steps, on a dynamic cache
+    (the dense model's entries replace the decoded ones)."""
+    every = reselection(model)
+    if every == 0:  # reselecting at every token: the full model
+        with phases.teacher(model):
+            return _greedy_decode(model, input_ids, gen_len, static_cache, compile, None)
+    if every is not None and compile:
+        raise ValueError("compiled decoding runs fixed steps: it cannot reselect GRIFFIN's "
+                         "neurons; drop one of the two")
+    return _greedy_decode(model, input_ids, gen_len, static_cache and every is None, compile,
+                          every)
+
+
+def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every) -> DecodeRun:
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if compile:
@@ -48,7 +63,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
     else:
         cache = DynamicCache(config=model.config)
-    name = compiled.cache_argument(model)
+    name = phases.cache_argument(model)
     _sync(device)
     started = time.perf_counter()
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
@@ -58,8 +73,14 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
     ttft = time.perf_counter() - started
     step = compiled.compiled_forward(model, compile) if compile else model
     tokens, steps = [token], []
+    dense_end = prompt_len  # cache entries up to here were written by the dense model
     for position in range(prompt_len, prompt_len + gen_len - 1):
         started = time.perf_counter()
+        if every and len(tokens) % every == 0:  # GRIFFIN's reselection, a part of decoding
+            decoded = torch.cat(tokens, dim=1)[:, dense_end - prompt_len : -1]
+            phases.rescore(model, decoded, torch.ones(batch, position, dtype=torch.long,
+                                                      device=device), cache)
+            dense_end = position
         positions = torch.full((batch, 1), position, device=device)
         logits = step(input_ids=token, position_ids=positions, use_cache=True,
                       logits_to_keep=1, **{name: cache}).logits

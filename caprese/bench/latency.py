@@ -9,6 +9,7 @@ those bytes imply at the memory bandwidth this machine measures for a matrix-vec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import statistics
 import time
@@ -34,13 +35,27 @@ PEER = "llama.cpp"  # timed by a bench.peer.LlamaCppPeer, not attached to our mo
 KERNELS = ":k"  # variant suffix: single-token products by caprese.kernels ("griffin:k")
 
 
+RESELECT = "@"  # variant suffix: GRIFFIN reselecting every RHO tokens ("griffin@32")
+
+
 def parse_variant(name: str) -> tuple[str, bool]:
-    """("griffin", True) for "griffin:k"; refuses unknown names."""
+    """("griffin", True) for "griffin:k" (and for "griffin@32:k"); refuses unknown names."""
     base, kernels = (name[: -len(KERNELS)], True) if name.endswith(KERNELS) else (name, False)
+    base, _, rho = base.partition(RESELECT)
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, each "
-                         f"optionally with {KERNELS} for the CPU decode kernels")
+                         f"optionally with {RESELECT}RHO (GRIFFIN's variants: reselect every "
+                         f"RHO tokens) and {KERNELS} (the CPU decode kernels)")
+    if rho and (not rho.isdigit() or method_of(base) != "griffin" or base == "full"):
+        raise ValueError(f"variant {name!r}: {RESELECT}RHO takes a whole number of tokens, on "
+                         "GRIFFIN's variants (griffin, caprese, lora) only")
     return base, kernels
+
+
+def reselect_every(name: str) -> int | None:
+    """RHO of a "griffin@RHO" variant (None: no reselection)."""
+    rho = name.removesuffix(KERNELS).partition(RESELECT)[2]
+    return int(rho) if rho else None
 
 
 def method_of(name: str) -> str:
@@ -54,6 +69,9 @@ def method_of(name: str) -> str:
 def refuse_kernels_when_compiled(variants, compile: str | None) -> None:
     """A compiled step generates its own code: caprese's CPU kernels would split its graph."""
     for name in variants:
+        if reselect_every(name) is not None and compile:
+            raise ValueError(f"compiled decoding runs fixed steps: {name!r} reselects GRIFFIN's "
+                             "neurons; drop the compile option or the reselection")
         if parse_variant(name)[1] and compile:
             raise ValueError(f"compiled decoding generates its own code: drop {KERNELS} from "
                              f"{name!r} (caprese's CPU kernels), or the compile option")
@@ -63,6 +81,7 @@ def refuse_kernels_when_compiled(variants, compile: str | None) -> None:
 def variant(model, name: str, density: float, rank: int, adapter: str | None,
             batch: int = 1):
     """The model as `name` for the duration of the block (weights shared, nothing copied)."""
+    rho = reselect_every(name)
     name, kernels = parse_variant(name)
     method = method_of(name)
     if name == "full":
@@ -73,11 +92,12 @@ def variant(model, name: str, density: float, rank: int, adapter: str | None,
             use_decode_kernels(model, False)
         return
     config = CapreseConfig(method=method, density=density,
-                           rank=rank if name.startswith("caprese") else None)
+                           rank=rank if name.startswith("caprese") else None,
+                           reselect_every=rho)
     if name == "lora":
         attach_lora(model, config, caprese_rank=rank)
     elif adapter and name.startswith("caprese") and read_config(adapter)[0].method == method:
-        attach(model, read_config(adapter)[0])
+        attach(model, dataclasses.replace(read_config(adapter)[0], reselect_every=rho))
         load_weights(model, adapter)
     else:  # an untrained path times the same as a trained one
         attach(model, config)
@@ -101,7 +121,7 @@ def kv_cache_bytes(model, batch: int, length: int) -> int:
 
 def bytes_per_token(model, name: str, density: float, rank: int, context: int) -> int:
     """Weight bytes read per decode token, plus the KV cache at `context` tokens."""
-    name = parse_variant(name)[0]
+    full_name, name = name, parse_variant(name)[0]
     text = text_config(model.config)
     method = method_of(name)
     config = CapreseConfig(method="none" if name == "full" else method, density=density,
@@ -113,10 +133,14 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
         params += 3 * matched_rank(d, d_ff, rank) * (d + d_ff) * len(counts.method_layers)
     element = next(model.parameters()).element_size()
     read = params * element
+    rho = reselect_every(full_name)
+    if rho:  # a dense pass over the last rho tokens reads every weight once per reselection
+        read += budget(model.config, CapreseConfig(method="none", rank=None)).active_full \
+            * element / rho
     if method == "nf4" and name != "full":  # the MLPs' weights in 4 bits plus block absmax
         mlp = 3 * d * d_ff * len(counts.method_layers)
         read += round(mlp * (0.5 + 4 / NF4_SETTINGS["blocksize"])) - mlp * element
-    return read + kv_cache_bytes(model, 1, context)
+    return round(read) + kv_cache_bytes(model, 1, context)
 
 
 def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,

@@ -77,7 +77,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--adapter", help="Caprese adapter to time (default: an untrained path)")
     p.add_argument("--variants", default="full,griffin,caprese,lora,cats",
                    help=f"comma list of {', '.join(VARIANTS)}; append {KERNELS} to decode "
-                   "single tokens with caprese's CPU kernels (e.g. full:k,griffin:k)")
+                   "single tokens with caprese's CPU kernels (e.g. full:k,griffin:k), and "
+                   "@RHO to a GRIFFIN variant to reselect its neurons every RHO tokens "
+                   "(e.g. griffin@32,caprese@128)")
     p.add_argument("--density", type=fraction, default=0.5)
     p.add_argument("--rank", type=count(1), default=256)
     p.add_argument("--prompt-len", type=count(1), default=256)

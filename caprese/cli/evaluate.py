@@ -28,6 +28,10 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
                    help="without --adapter: none = the full model")
     p.add_argument("--density", type=fraction, default=0.5)
     p.add_argument("--label", help="name of this variant in reports")
+    p.add_argument("--reselect-every", type=count(0), metavar="RHO",
+                   help="GRIFFIN: every RHO generated tokens, run them through the dense "
+                   "model (their KV entries replaced), add their neuron scores and select "
+                   "again (0: the full model; default: never)")
     p.add_argument("--stage", choices=STAGES,
                    help="the adapter's distillation stage (adapters record it since caprese "
                    "0.2; this overrides)")
@@ -35,7 +39,7 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
 
 def variant_from(args: argparse.Namespace) -> Variant:
     return Variant(args.model, method=args.method, density=args.density, adapter=args.adapter,
-                   stage=args.stage, label=args.label)
+                   stage=args.stage, label=args.label, reselect_every=args.reselect_every)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from caprese.adapter import attach, detach, load, read_adapter
+from caprese.adapter import attach, detach, load, read_adapter, set_reselection
 from caprese.config import CapreseConfig
 
 KINDS = ("full", "method", "layerwise", "e2e", "caprese")  # report order
@@ -31,6 +31,7 @@ class Variant:
     adapter: str | None = None
     stage: str | None = None
     label: str | None = None
+    reselect_every: int | None = None  # GRIFFIN's rho (None: never), the adapter's too
 
     def __post_init__(self) -> None:
         if self.method not in VARIANT_METHODS:
@@ -38,18 +39,29 @@ class Variant:
                              f"{', '.join(VARIANT_METHODS)}")
 
     def describe(self) -> dict:
-        """What results record: kind, method, density, rank, adapter, label."""
+        """What results record: kind, method, density, rank, adapter, label (and rho)."""
+        rho = {} if self.reselect_every is None else {"reselect_every": self.reselect_every}
         if self.adapter:
             config = read_adapter(self.adapter).config
+            if rho:
+                CapreseConfig(method=config.method, reselect_every=self.reselect_every)
             kind = self.stage or read_adapter(self.adapter).trained.get("stage") or "caprese"
             return {"kind": kind, "method": config.method, "density": config.density,
-                    "rank": config.rank, "adapter": str(self.adapter),
+                    "rank": config.rank, "adapter": str(self.adapter), **rho,
                     "label": self.label or f"Caprese {kind} ({config.method})"}
         if self.method == "none":
+            if rho:
+                raise ValueError("reselect_every is GRIFFIN's: the full model has no selection")
             return {"kind": "full", "method": "", "label": self.label or "full"}
+        self.config()  # a bad combination is refused before any model loads
         default = self.method if self.method == "nf4" else f"{self.method} {self.density:g}"
-        return {"kind": "method", "method": self.method, "density": self.density,
+        return {"kind": "method", "method": self.method, "density": self.density, **rho,
                 "label": self.label or default}
+
+    def config(self) -> CapreseConfig:
+        """The method alone's config."""
+        return CapreseConfig(method=self.method, density=self.density, rank=None,
+                             reselect_every=self.reselect_every)
 
 
 @contextlib.contextmanager
@@ -57,8 +69,10 @@ def applied(model, variant: Variant) -> Iterator[None]:
     """The loaded base model as `variant` for the duration of the block."""
     if variant.adapter:
         load(model, variant.adapter)
+        if variant.reselect_every is not None:
+            set_reselection(model, variant.reselect_every)
     elif variant.method != "none":
-        attach(model, CapreseConfig(method=variant.method, density=variant.density, rank=None))
+        attach(model, variant.config())
     try:
         yield
     finally:

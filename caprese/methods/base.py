@@ -31,6 +31,7 @@ class Method:
     per_sample_weights = False  # True: gather() builds each sample's own smaller matrices
     reads_down_rows = False  # True: a sparse kernel reads rows of W2^T (kept contiguous)
     quantizer: dict | None = None  # a quantizing method's settings (adapters record them)
+    reselects = False  # True: scores(hidden, valid) and select_top(scores) (GRIFFIN's rho)
 
     def __init__(self, density: float) -> None:
         self.density = density

@@ -28,16 +28,23 @@ def griffin_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class Griffin(Method):
     name = "griffin"
     per_sample_weights = True
+    reselects = True
 
     def kept(self, d_ff: int) -> int:
         return max(1, round(self.density * d_ff))
 
     def select(self, act_gate, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-        d_ff = hidden.shape[-1]
+        return self.select_top(griffin_scores(hidden, valid))
+
+    def scores(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-sample neuron scores (B, D_FF): reselection adds later tokens' in quadrature."""
+        return griffin_scores(hidden, valid)
+
+    def select_top(self, scores: torch.Tensor) -> torch.Tensor | None:
+        d_ff = scores.shape[-1]
         k = self.kept(d_ff)
         if k == d_ff:
             return None
-        scores = griffin_scores(hidden, valid)
         # Sorted indices keep the gathered matrices in the original neuron order.
         return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
