@@ -23,7 +23,9 @@ from caprese.adapter import (
     load_weights,
     read_adapter,
     read_config,
+    reselection,
     save,
+    set_reselection,
 )
 from caprese.block import DecodeOptions, Phase
 from caprese.config import CapreseConfig
@@ -62,9 +64,11 @@ __all__ = [
     "prepare_decode",
     "read_adapter",
     "read_config",
+    "reselection",
     "run_job",
     "save",
     "set_decode",
+    "set_reselection",
     "split",
     "teacher",
     "use_decode_kernels",

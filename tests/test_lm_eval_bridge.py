@@ -115,3 +115,31 @@ def test_cli_writes_results_for_a_saved_model(tmp_path):
     assert record["setup"]["command"].startswith("caprese lm-eval --model")
     assert main(["lm-eval", "--model", str(folder), "--tasks", "tiny_choice",
                  "--include-path", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_generation_tasks_reselect_like_the_lean_decode_loop(tmp_path):
+    from caprese.bench.decode import greedy_decode
+    from caprese.generation import end_ids
+
+    write_tasks(tmp_path)
+    longer = (tmp_path / "tiny_gen.yaml").read_text().replace("tiny_gen", "tiny_gen_long")
+    (tmp_path / "tiny_gen_long.yaml").write_text(longer.replace("max_gen_toks: 4",
+                                                                "max_gen_toks: 12"))
+    model, tokenizer = caprese_model(), word_tokenizer()
+    caprese.set_reselection(model, 2)  # GRIFFIN's rho: dense re-run and new neurons every 2
+    output = lm_eval.simple_evaluate(
+        model=CapreseLM(model, tokenizer, batch_size=4), tasks=["tiny_gen_long"],
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    ids = tokenizer.convert_tokens_to_ids
+    changed = 0
+    for sample in output["samples"]["tiny_gen_long"]:
+        prompt = torch.tensor([ids(sample["doc"]["query"].split())])
+        tokens = greedy_decode(model, prompt, 12, static_cache=False).tokens[0]
+        ends = [i for i, t in enumerate(tokens.tolist()) if t in end_ids(model, tokenizer)]
+        text = tokenizer.decode(tokens[: ends[0] if ends else None],
+                                skip_special_tokens=True).split("t50")[0]
+        assert sample["resps"][0][0] == text
+        caprese.set_reselection(model, None)
+        changed += not torch.equal(greedy_decode(model, prompt, 12).tokens[0], tokens)
+        caprese.set_reselection(model, 2)
+    assert changed  # reselection changed some answers: the comparison above means something
