@@ -194,7 +194,8 @@ class CapreseBlock(nn.Module):
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         act_gate, up, hidden = self._dense_parts(x)
         self._select(act_gate, hidden, self.phase_state.valid)
-        if self.phase_state.decode.fused and self._gathers_for_fused():
+        if (self.replacement is None and self.phase_state.decode.fused
+                and self._gathers_for_fused()):
             self.fast = self._fast_weights()  # gathering is part of time to first token
         return self.mlp.down_proj(hidden)
 

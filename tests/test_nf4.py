@@ -33,6 +33,8 @@ def test_prefill_is_dense_and_decode_runs_the_4bit_mlp_plus_the_path(family):
     ids = prompt_ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base(ids).logits)  # the prompt: dense weights
+        for block in caprese.blocks(model).values():  # no fused layout is built for it
+            assert block.fast is None and not block._moved
         x = torch.randn(2, 1, base.config.hidden_size)
         with caprese.forced_phase(model, caprese.Phase.DECODE):
             for block in caprese.blocks(model).values():
