@@ -107,7 +107,9 @@ def test_per_attach_work_happens_once_and_per_prompt_work_once_per_prompt(method
         return wrapper
 
     method_object = next(iter(blocks)).method
-    monkeypatch.setattr(method_object, "select", counted("select", method_object.select))
+    # a method that reselects selects from its stored scores (select_top), once per prompt
+    choose = "select_top" if method_object.reselects else "select"
+    monkeypatch.setattr(method_object, choose, counted("select", getattr(method_object, choose)))
     monkeypatch.setattr(method_object, "gather", counted("gather", method_object.gather))
     caprese.prepare_decode(model, batch=1)
     for block in blocks:  # W2 is stored as rows of W2^T, in place
