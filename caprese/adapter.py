@@ -11,6 +11,7 @@ together, so a half-updated or truncated adapter is refused instead of silently 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -38,7 +39,7 @@ from caprese.families import (
 from caprese.families import fingerprint as config_fingerprint
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 from caprese.methods import build_method
-from caprese.phases import PhaseHook, guarded_generate
+from caprese.phases import PhaseHook, guarded_generate, teacher
 from caprese.version import ADAPTER_FORMAT, __version__
 
 CONFIG_FILE = "caprese_config.json"
@@ -186,6 +187,20 @@ def reselection(model: nn.Module) -> int | None:
     nothing is attached."""
     handle = getattr(model, "_caprese", None)
     return None if handle is None else handle.config.reselect_every
+
+
+def decode_reselection(model: nn.Module, compile: str | None = None
+                       ) -> tuple[contextlib.AbstractContextManager, int | None]:
+    """How a decode loop reselects GRIFFIN's neurons: (the context to run it in, rho or None).
+    rho = 0 is the full model, so the loop runs as the teacher and reselects nothing; compiled
+    decoding runs fixed steps and cannot reselect."""
+    every = reselection(model)
+    if every is not None and compile:
+        raise ValueError("compiled decoding runs fixed steps: it cannot reselect GRIFFIN's "
+                         "neurons (reselect_every); drop one of the two")
+    if every == 0:
+        return teacher(model), None
+    return contextlib.nullcontext(), every
 
 
 def set_reselection(model: nn.Module, every: int | None) -> None:

@@ -3,7 +3,6 @@ the batch, stop strings."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from caprese import compiled, distributed, phases
-from caprese.adapter import reselection
+from caprese.adapter import decode_reselection
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
@@ -101,12 +100,8 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
     options = {"do_sample": sampling, "temperature": settings.temperature if sampling else None,
                "top_p": settings.top_p if sampling else None, "top_k": None,
                "pad_token_id": pad_id}
-    every = reselection(model)
-    if settings.compile and every is not None:
-        raise ValueError("compiled decoding runs fixed steps: it cannot reselect GRIFFIN's "
-                         "neurons (reselect_every); drop one of the two")
-    full = every == 0  # reselecting at every token is the full model
-    with phases.teacher(model) if full else contextlib.nullcontext():
+    context, every = decode_reselection(model, settings.compile)
+    with context:
         if settings.compile:  # transformers' generate compiles its decode steps given these
             compiled.compiled_forward(model, settings.compile)
             cache = compiled.static_cache(model, width + settings.max_new_tokens)
@@ -118,8 +113,7 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
             return out[:, width:].cpu().tolist()
         return _retiring_generate(model, ids.repeat_interleave(settings.samples, 0),
                                   mask.repeat_interleave(settings.samples, 0),
-                                  settings.max_new_tokens, options, ended, device,
-                                  None if full else every)
+                                  settings.max_new_tokens, options, ended, device, every)
 
 
 def end_ids(model, tokenizer) -> set[int]:

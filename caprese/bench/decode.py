@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from caprese import compiled, phases
-from caprese.adapter import reselection
+from caprese.adapter import decode_reselection
 
 
 @dataclass
@@ -43,15 +43,10 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
     run of a kind of variant compiles, so time a warm-up run apart. A model that reselects
     GRIFFIN's neurons (adapter.reselection) does so in the timed steps, on a dynamic cache
     (the dense model's entries replace the decoded ones)."""
-    every = reselection(model)
-    if every == 0:  # reselecting at every token: the full model
-        with phases.teacher(model):
-            return _greedy_decode(model, input_ids, gen_len, static_cache, compile, None)
-    if every is not None and compile:
-        raise ValueError("compiled decoding runs fixed steps: it cannot reselect GRIFFIN's "
-                         "neurons; drop one of the two")
-    return _greedy_decode(model, input_ids, gen_len, static_cache and every is None, compile,
-                          every)
+    context, every = decode_reselection(model, compile)
+    with context:
+        return _greedy_decode(model, input_ids, gen_len, static_cache and every is None,
+                              compile, every)
 
 
 def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every) -> DecodeRun:

@@ -37,19 +37,18 @@ class QuantizedLinear:
     """One nn.Linear's weight in NF4 (its bias kept as it is)."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        bnb = _bitsandbytes()
-        self.packed, self.state = bnb.functional.quantize_4bit(
+        self.bnb = _bitsandbytes()  # imported once, not at every decode step
+        self.packed, self.state = self.bnb.functional.quantize_4bit(
             linear.weight.detach(), blocksize=SETTINGS["blocksize"],
             quant_type=SETTINGS["quant_type"])
         self.bias = linear.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bnb = _bitsandbytes()
-        return bnb.matmul_4bit(x, self.packed.t(), quant_state=self.state, bias=self.bias)
+        return self.bnb.matmul_4bit(x, self.packed.t(), quant_state=self.state, bias=self.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the 4-bit product multiplies by (for tests and references)."""
-        return _bitsandbytes().functional.dequantize_4bit(self.packed, self.state)
+        return self.bnb.functional.dequantize_4bit(self.packed, self.state)
 
     def nbytes(self) -> int:
         """Bytes of the 4-bit copy: packed weights and per-block absmax."""
