@@ -3,8 +3,12 @@ the batch, stop strings."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +16,7 @@ from transformers import DynamicCache
 
 from caprese import compiled, distributed, phases
 from caprese.adapter import decode_reselection
+from caprese.io import atomic_write_text, remove_stale_temporaries
 
 # Sampling seeds: seed * BATCH_SEED_STRIDE + batch index, so every batch draws the same
 # numbers whichever rank (or process count) generates it.
@@ -42,15 +47,69 @@ class Completion:
     ids: tuple[int, ...] = ()  # those tokens (the text leaves the stop string out)
 
 
+@dataclass(frozen=True)
+class BatchJournal:
+    """A folder where generate() saves each batch's tokens as soon as the batch ends, so a
+    killed evaluation (hours on a CPU) resumes where it stopped and gives what an unbroken
+    run gives. A saved batch is reused only when its key matches: the same prompts, batch
+    position and settings, and the same `context` (what else decides the output: the model,
+    the variant, the adapter's bytes). The folder holds nothing but these files."""
+
+    folder: Path
+    context: str = ""
+
+    FILE = re.compile(r"batch-\d{5}\.json|\.batch-\d{5}\.json\..*\.tmp")
+
+    def check(self) -> None:
+        """Refuse a folder caprese did not write: resuming reads it, finishing removes it."""
+        if self.folder.exists() and (not self.folder.is_dir() or any(
+                not self.FILE.fullmatch(f.name) or not f.is_file()
+                for f in self.folder.iterdir())):
+            raise ValueError(f"{self.folder} exists and is not a folder of saved batches "
+                             "caprese wrote: move it away or choose another output path")
+
+    def saved(self) -> int:
+        return len(list(self.folder.glob("batch-*.json"))) if self.folder.is_dir() else 0
+
+    def key(self, index: int, batch: list[list[int]], settings: GenerationSettings) -> str:
+        text = json.dumps([self.context, index, batch, asdict(settings)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def load(self, index: int, key: str) -> list[list[int]] | None:
+        try:
+            saved = json.loads((self.folder / f"batch-{index:05d}.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return saved["sequences"] if isinstance(saved, dict) and saved.get("key") == key \
+            else None
+
+    def save(self, index: int, key: str, sequences: list[list[int]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / f"batch-{index:05d}.json",
+                          json.dumps({"key": key, "sequences": sequences}))
+
+    def remove(self) -> None:
+        """Once the result is written: the saved batches (and nothing else) go."""
+        if not self.folder.is_dir():
+            return
+        self.check()
+        for saved in self.folder.glob("batch-*.json"):
+            remove_stale_temporaries(saved)
+            saved.unlink()
+        self.folder.rmdir()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
              settings: GenerationSettings, desc: str = "generate",
-             progress: bool = True, shard: bool = True) -> list[list[Completion]]:
+             progress: bool = True, shard: bool = True,
+             journal: BatchJournal | None = None) -> list[list[Completion]]:
     """settings.samples completions for each prompt (text, or token ids used as they are), in
     the prompts' order. Prompts are batched by length; under torchrun (unless shard=False:
     this rank alone, on all the prompts) each rank generates whole batches (batch i on rank
     i % N) and every rank gets all the results, so greedy outputs equal a single process's.
-    Sampling draws from a seed per batch."""
+    Sampling draws from a seed per batch. With a journal, finished batches are saved there
+    and those saved by an earlier, interrupted call are read back instead of generated."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
@@ -73,9 +132,14 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
     for index, chunk in enumerate(chunks):
         if shard and not distributed.mine(index):
             continue
-        torch.manual_seed(settings.seed * BATCH_SEED_STRIDE + index)
-        outputs = _generate_batch(model, [encoded[i] for i in chunk], settings, pad_id,
-                                  ended, device)
+        batch = [encoded[i] for i in chunk]
+        key = journal.key(index, batch, settings) if journal else ""
+        outputs = journal.load(index, key) if journal else None
+        if outputs is None:
+            torch.manual_seed(settings.seed * BATCH_SEED_STRIDE + index)
+            outputs = _generate_batch(model, batch, settings, pad_id, ended, device)
+            if journal:
+                journal.save(index, key, outputs)
         for row, sequence in enumerate(outputs):
             done.append((chunk[row // settings.samples],
                          _completion(sequence, tokenizer, ends, settings)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from caprese.generation import GenerationSettings, generate
+from caprese.generation import BatchJournal, GenerationSettings, generate
 
 XSUM_STOP = ("###",)  # the 1-shot file's example separator ends a summary
 XSUM_MAX_NEW_TOKENS = 64
@@ -20,7 +20,8 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
             for name in ("rouge1", "rouge2", "rougeL")}
 
 
-def evaluate_xsum(model, tokenizer, records: Sequence, settings: GenerationSettings) -> dict:
+def evaluate_xsum(model, tokenizer, records: Sequence, settings: GenerationSettings,
+                  journal: BatchJournal | None = None) -> dict:
     """records: caprese.data.Record with the 1-shot prompt and the reference summary.
 
     The prompt is the GRIFFIN 1-shot file's (no chat template) plus a newline: the file's
@@ -29,7 +30,7 @@ def evaluate_xsum(model, tokenizer, records: Sequence, settings: GenerationSetti
     article. Generation stops at the "###" example separator.
     """
     prompts = [r.prompt + "\n" for r in records]
-    completions = generate(model, tokenizer, prompts, settings, desc="xsum")
+    completions = generate(model, tokenizer, prompts, settings, desc="xsum", journal=journal)
     outputs = [samples[0].text.strip() for samples in completions]
     references = [r.answer for r in records]
     rows = [{"id": r.id, "output": out, "reference": ref}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from caprese.evaluate.checker import Verdict, check
 from caprese.evaluate.protocols import final_answer
-from caprese.generation import GenerationSettings, generate
+from caprese.generation import BatchJournal, GenerationSettings, generate
 
 GSM_STYLE = ("gsm8k", "gsm-symbolic", "gsm8k-test")
 
@@ -35,10 +35,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_math(model, tokenizer, records: Sequence, prompt_fn, settings: GenerationSettings,
-                  task: str) -> dict:
+                  task: str, journal: BatchJournal | None = None) -> dict:
     """records: caprese.data.Record; prompt_fn(tokenizer, record) -> prompt text."""
     prompts = [prompt_fn(tokenizer, r) for r in records]
-    completions = generate(model, tokenizer, prompts, settings, desc=task)
+    completions = generate(model, tokenizer, prompts, settings, desc=task, journal=journal)
     numeric = any(task.startswith(s) for s in GSM_STYLE)
     rows = []
     for record, prompt, samples in zip(records, prompts, completions, strict=True):

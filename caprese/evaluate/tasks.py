@@ -7,6 +7,7 @@ generation, XSum ROUGE, or fidelity to the original model (one teacher-forced fo
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,8 +21,14 @@ from caprese.evaluate import protocols
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
 from caprese.evaluate.math import evaluate_math
-from caprese.generation import GenerationSettings
-from caprese.io import atomic_write_text, json_object_with, refuse_foreign, remove_stale_temporaries
+from caprese.generation import BatchJournal, GenerationSettings
+from caprese.io import (
+    atomic_write_text,
+    json_object_with,
+    refuse_foreign,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from caprese.samples import at_least
 
 MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm-symbolic-test", "gsm8k", "math500", "aime24",
@@ -99,8 +106,9 @@ class EvalTask:
         return settings
 
 
-def run_task(model, tokenizer, task: EvalTask) -> dict:
-    """{"summary", "records", "settings"} of `task` on the loaded model as it is."""
+def run_task(model, tokenizer, task: EvalTask, journal: BatchJournal | None = None) -> dict:
+    """{"summary", "records", "settings"} of `task` on the loaded model as it is (generated
+    batches saved to, and resumed from, `journal`)."""
     records = task.records()
     if task.task.startswith("fidelity"):
         samples = prompts.teacher_forced(tokenizer, records,
@@ -111,10 +119,10 @@ def run_task(model, tokenizer, task: EvalTask) -> dict:
                 "records": [], "settings": None}
     settings = task.generation()
     if task.task == "xsum":
-        result = evaluate_xsum(model, tokenizer, records, settings)
+        result = evaluate_xsum(model, tokenizer, records, settings, journal)
     else:
         result = evaluate_math(model, tokenizer, records, prompts.chat_prompt, settings,
-                               task.task)
+                               task.task, journal)
     return {**result, "settings": {**asdict(settings), "protocol": task.protocol}}
 
 
@@ -138,6 +146,24 @@ def check_output(out: Path) -> None:
                    f"the records file of the result {out.name}")
     for path in (out, records):
         remove_stale_temporaries(path)
+    BatchJournal(journal_folder(out)).check()
+
+
+def journal_folder(out: Path) -> Path:
+    """Where an evaluation saves its finished batches until its result is written."""
+    return out.with_suffix(".partial")
+
+
+def batch_journal(out: Path, variant: dict, setup: dict) -> BatchJournal:
+    """The journal of an evaluation into `out`: its batches are reused only by a run of the
+    same variant (an adapter's files included) on the same weights, dtype and device kind."""
+    adapter = variant.get("adapter")
+    files = sorted(Path(adapter).iterdir()) if adapter and Path(adapter).is_dir() else []
+    context = {"variant": {k: v for k, v in variant.items() if k != "label"},
+               "adapter_files": {f.name: sha256_file(f) for f in files if f.is_file()},
+               **{k: setup.get(k) for k in ("model", "weights", "dtype")},
+               "device": str(setup.get("device")).split(":")[0]}
+    return BatchJournal(journal_folder(out), json.dumps(context, sort_keys=True))
 
 
 def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
@@ -147,8 +173,12 @@ def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
     (model, weights, dtype, device, command), the time and thread count are added here."""
     out = Path(out)
     check_output(out)
+    journal = batch_journal(out, variant, setup)
+    if journal.saved() and distributed.is_main():
+        print(f"caprese: {journal.saved()} batches saved by an interrupted run in "
+              f"{journal.folder}: those that match this run are reused", file=sys.stderr)
     started = time.perf_counter()
-    result = run_task(model, tokenizer, task)
+    result = run_task(model, tokenizer, task, journal)
     per_problem = out.with_suffix(".jsonl") if result["records"] else None
     record = {
         "task": task.task, "variant": variant, "summary": result["summary"],
@@ -163,5 +193,7 @@ def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
             atomic_write_text(per_problem,
                               "".join(json.dumps(r) + "\n" for r in result["records"]))
         atomic_write_text(out, json.dumps(record, indent=2))
-    distributed.barrier()
+    distributed.barrier()  # every rank has saved its batches and read them all back
+    if distributed.is_main():
+        journal.remove()
     return record
