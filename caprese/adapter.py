@@ -39,6 +39,7 @@ from caprese.families import (
 from caprese.families import fingerprint as config_fingerprint
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 from caprese.methods import build_method
+from caprese.models import ready_adapters
 from caprese.phases import PhaseHook, guarded_generate, teacher
 from caprese.version import ADAPTER_FORMAT, __version__
 
@@ -262,7 +263,7 @@ def lowrank_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def read_adapter(directory: str | os.PathLike) -> AdapterInfo:
     """The adapter's config and record; format 1 (before caprese 0.2) had no version fields.
     Anything that is not a valid record is an AdapterError that names the file."""
-    path = Path(directory) / CONFIG_FILE
+    path = ready_adapters.resolve(directory) / CONFIG_FILE  # a folder, or builtin:MODEL/METHOD
     if not path.is_file():
         raise AdapterError(f"{path} not found: is {directory} a caprese adapter directory?")
     try:
@@ -350,7 +351,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"model: it has {', '.join(f'{name}={getattr(config, name)}' for name in differs)}; "
             "attach the same config (CLI: the same --method, --density, --rank, --layers, model)"
         )
-    weights = Path(directory) / WEIGHTS_FILE
+    weights = ready_adapters.resolve(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights} not found: the adapter directory is incomplete")
     if sha256_file(weights) != checksum:

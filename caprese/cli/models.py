@@ -16,6 +16,7 @@ from caprese.models import (
     list_models,
     model_dir,
     prepare,
+    ready_adapters,
     weights_description,
 )
 
@@ -25,6 +26,11 @@ def run_list(args: argparse.Namespace) -> int:
         folder = model_dir(model.name)
         state = str(folder) if (folder / PROVENANCE_FILE).is_file() else "not prepared"
         print(f"{model.name:30} {model.architecture:20} {model.license.split(' (')[0]:18} {state}")
+    ready = ready_adapters.list_ready()
+    if ready:
+        print("\nready-made adapters (--adapter NAME):")
+        for name in ready:
+            print(f"  {ready_adapters.PREFIX}{name}")
     return 0
 
 

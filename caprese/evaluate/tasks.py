@@ -29,6 +29,7 @@ from caprese.io import (
     remove_stale_temporaries,
     sha256_file,
 )
+from caprese.models import ready_adapters
 from caprese.samples import at_least
 
 MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm-symbolic-test", "gsm8k", "math500", "aime24",
@@ -158,7 +159,8 @@ def batch_journal(out: Path, variant: dict, setup: dict) -> BatchJournal:
     """The journal of an evaluation into `out`: its batches are reused only by a run of the
     same variant (an adapter's files included) on the same weights, dtype and device kind."""
     adapter = variant.get("adapter")
-    files = sorted(Path(adapter).iterdir()) if adapter and Path(adapter).is_dir() else []
+    folder = ready_adapters.resolve(adapter) if adapter else None
+    files = sorted(folder.iterdir()) if folder and folder.is_dir() else []
     context = {"variant": {k: v for k, v in variant.items() if k != "label"},
                "adapter_files": {f.name: sha256_file(f) for f in files if f.is_file()},
                **{k: setup.get(k) for k in ("model", "weights", "dtype")},

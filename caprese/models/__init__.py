@@ -2,8 +2,10 @@
 
     builtin.py  the built-in model table; install, assemble, verify, convert, cache
     load.py     load_model(name_or_path, dtype="auto", device=None)
+    ready_adapters.py  the shipped default-recipe adapters, named builtin:MODEL/METHOD
 """
 
+from caprese.models import ready_adapters
 from caprese.models.builtin import (
     BUILTIN_MODELS,
     PROVENANCE_FILE,
@@ -26,6 +28,7 @@ __all__ = [
     "load_model",
     "model_dir",
     "prepare",
+    "ready_adapters",
     "provenance",
     "weights_description",
 ]
