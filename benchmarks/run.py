@@ -78,7 +78,7 @@ DEFAULTS = {
                            dtypes=["auto"], variants=["full", "griffin", "caprese", "lora",
                                                       "cats", "caprese-cats"],
                            setups=["256+64"], repeats=3, rank=256, batch=1, peer=False,
-                           compile=""),
+                           compile="", prefill_chunk=0),
     "decode_overhead": dict(model="qwen2.5-coder-1.5b-instruct", dtype="bf16", prompt_len=256,
                             gen_len=32, repeats=3),
     "general_share": dict(model="qwen2.5-coder-0.5b-instruct", dtype="auto",
@@ -324,7 +324,8 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                         gguf_path, torch.get_num_threads(), prompt_len + gen_len))
                 result = run_bench(model, ex["variants"], prompt_len, gen_len, ex["repeats"],
                                    ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
-                                   peer=peer, compile=ex["compile"] or None)
+                                   peer=peer, compile=ex["compile"] or None,
+                                   prefill_chunk=ex["prefill_chunk"] or None)
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

@@ -58,6 +58,7 @@ class PhaseState:
     boundary: torch.Tensor | None = None  # (B,) first continuation position (SPLIT)
     forced: Phase | None = None
     teacher_depth: int = 0
+    prompt_chunks: bool = False  # phases.prefill: PREFILL forwards are chunks of one prompt
     # CAPTURE: observer(block, x, FF(x) - FFhat(x)) on continuation rows
     observer: Callable | None = None
     decode: DecodeOptions = field(default_factory=DecodeOptions)
@@ -125,6 +126,7 @@ class CapreseBlock(nn.Module):
         self.replacement = method.replacement(mlp)
         self.selection: torch.Tensor | None = None  # per-sample method state from the prompt
         self.scores: torch.Tensor | None = None  # (B, D_FF), for a method that reselects
+        self.stream = None  # a prompt in chunks: what the method has seen of it so far
         self.batch_size: int | None = None
         self.fast: FastWeights | None = None  # the fused form's weights for this prompt
         self._shared_fast: tuple[tuple, FastWeights] | None = None
@@ -193,11 +195,25 @@ class CapreseBlock(nn.Module):
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         act_gate, up, hidden = self._dense_parts(x)
-        self._select(act_gate, hidden, self.phase_state.valid)
+        if self.phase_state.prompt_chunks:  # phases.prefill calls finish_prompt at the end
+            self.stream = self.method.accumulate(self.stream, act_gate, hidden,
+                                                 self.phase_state.valid)
+            self.batch_size = hidden.shape[0]
+        else:
+            self._select(act_gate, hidden, self.phase_state.valid)
+            self._gather_for_prompt()
+        return self.mlp.down_proj(hidden)
+
+    def finish_prompt(self) -> None:
+        """After a prompt's last chunk: select from all of it, as one PREFILL would."""
+        self.scores, self.selection = self.method.finish(self.stream)
+        self.stream, self.fast = None, None
+        self._gather_for_prompt()
+
+    def _gather_for_prompt(self) -> None:
         if (self.replacement is None and self.phase_state.decode.fused
                 and self._gathers_for_fused()):
             self.fast = self._fast_weights()  # gathering is part of time to first token
-        return self.mlp.down_proj(hidden)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_size is None:

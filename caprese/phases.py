@@ -139,6 +139,54 @@ def keep_samples(model: nn.Module, index: torch.Tensor) -> None:
             module.keep_samples(index)
 
 
+def _blocks(model: nn.Module) -> list[CapreseBlock]:
+    return [m for m in model.modules() if isinstance(m, CapreseBlock)]
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk: int | None = None,
+            attention_mask: torch.Tensor | None = None):
+    """The prompt into an empty `cache` (the output of its last forward: logits of the last
+    token only). With `chunk`, it goes in pieces of that many tokens, so a long prompt's
+    activations take chunk/S of the memory; every block's method sees all the pieces before
+    it selects (GRIFFIN adds scores, CATS counts 16-bit magnitudes), so decoding then equals
+    a one-piece prefill's. A method that cannot (CATS in fp32: its quantile needs every
+    value at once) gets the prompt in one piece."""
+    blocks = _blocks(model)
+    width = input_ids.shape[1]
+    name = cache_argument(model)
+    dtype = next(model.parameters()).dtype
+    if chunk is None or width <= chunk or not all(b.method.streams(dtype) for b in blocks):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                     logits_to_keep=1, **{name: cache})
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
+    positions = None if attention_mask is None else \
+        (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    state = state_of(model) if blocks else None
+    if state is not None:
+        state.prompt_chunks = True
+    for block in blocks:
+        block.stream = None  # left over only by a prefill that raised
+    try:
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            with forced_phase(model, Phase.PREFILL) if state is not None \
+                    else contextlib.nullcontext():
+                output = model(
+                    input_ids=input_ids[:, start:end],
+                    attention_mask=None if attention_mask is None else attention_mask[:, :end],
+                    position_ids=None if positions is None else positions[:, start:end],
+                    cache_position=torch.arange(start, end, device=input_ids.device),
+                    use_cache=True, logits_to_keep=1, **{name: cache})
+    finally:
+        if state is not None:
+            state.prompt_chunks = False
+    for block in blocks:
+        block.finish_prompt()
+    return output
+
+
 @torch.no_grad()
 def rescore(model: nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor,
             cache) -> None:

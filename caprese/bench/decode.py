@@ -37,19 +37,23 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, gen_len: int,
-                  static_cache: bool = True, compile: str | None = None) -> DecodeRun:
+                  static_cache: bool = True, compile: str | None = None,
+                  prefill_chunk: int | None = None) -> DecodeRun:
     """Greedy-generate gen_len tokens for unpadded prompts, timing every step. `compile` (a
     caprese.compiled backend) runs the decode steps compiled, with a static cache: the first
     run of a kind of variant compiles, so time a warm-up run apart. A model that reselects
     GRIFFIN's neurons (adapter.reselection) does so in the timed steps, on a dynamic cache
-    (the dense model's entries replace the decoded ones)."""
+    (the dense model's entries replace the decoded ones). `prefill_chunk` feeds the prompt
+    in pieces of that many tokens (phases.prefill), as llama.cpp does, to bound the memory
+    of a long prompt's activations."""
     context, every = decode_reselection(model, compile)
     with context:
         return _greedy_decode(model, input_ids, gen_len, static_cache and every is None,
-                              compile, every)
+                              compile, every, prefill_chunk)
 
 
-def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every) -> DecodeRun:
+def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every, prefill_chunk
+                   ) -> DecodeRun:
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if compile:
@@ -61,8 +65,7 @@ def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every) -> D
     name = phases.cache_argument(model)
     _sync(device)
     started = time.perf_counter()
-    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                   **{name: cache}).logits
+    logits = phases.prefill(model, input_ids, cache, prefill_chunk).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     ttft = time.perf_counter() - started

@@ -198,12 +198,13 @@ def gathered_bytes(model) -> int:
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
               seed: int = 0, baseline_rss: int | None = None, peer=None,
-              compile: str | None = None) -> dict:
+              compile: str | None = None, prefill_chunk: int | None = None) -> dict:
     """Time every variant (interleaved repeats, medians). With `baseline_rss`, the RSS the
     process held before the model loaded, each variant's peak memory is measured too. A
     `peer` (bench.peer.LlamaCppPeer) is timed as one more variant, on the same prompt. With
     `compile` (a caprese.compiled backend), decode steps run compiled; each variant compiles
-    in its warm-up run, reported as "warm-up s" and left out of the medians."""
+    in its warm-up run, reported as "warm-up s" and left out of the medians. With
+    `prefill_chunk`, every variant takes the prompt in pieces of that many tokens."""
     refuse_kernels_when_compiled(variants, compile)
     if peer is not None:
         if batch != 1:
@@ -242,7 +243,8 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
             with variant(model, name, density, rank, adapter, batch):
                 prepare = time.perf_counter() - started
                 started = time.perf_counter()
-                run = greedy_decode(model, prompt, gen_len, compile=compile)
+                run = greedy_decode(model, prompt, gen_len, compile=compile,
+                                    prefill_chunk=prefill_chunk)
                 total = time.perf_counter() - started
                 attached = parse_variant(name)[0] != "full"
                 held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
@@ -297,7 +299,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                   "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
                   "dtype": str(next(model.parameters()).dtype), "device": str(device),
                   "threads": torch.get_num_threads(), "machine": machine(device),
-                  "compiled": compile},
+                  "compiled": compile, "prefill_chunk": prefill_chunk},
         "bandwidth_gb_s": bandwidth / 1e9,
         "weights_bytes": weights,
         "kv_cache_bytes": kv_cache,
@@ -333,7 +335,9 @@ def format_table(result: dict) -> str:
              f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
              f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
              + (f"; decode compiled by {s['compiled']} (warm-up s: the first run, "
-                "compiling included)" if compiled else ""),
+                "compiling included)" if compiled else "")
+             + (f"; prompt fed in pieces of {s['prefill_chunk']} tokens"
+                if s.get("prefill_chunk") else ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
              + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
              "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         peer = stack.enter_context(_peer(args, model)) if args.peer else None
         result = run_bench(model, variants, args.prompt_len, args.gen_len, args.repeats,
                            args.batch, args.density, args.rank, args.adapter,
-                           baseline_rss=baseline_rss, peer=peer, compile=args.compile)
+                           baseline_rss=baseline_rss, peer=peer, compile=args.compile,
+                           prefill_chunk=args.prefill_chunk)
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
                            command=setup["command"])
     print(format_table(result))
@@ -89,6 +90,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--peer", choices=[PEER], help="also time llama.cpp on the same weights "
                    "and precision, interleaved with our variants (built-in models; needs "
                    "pip install 'caprese[peer]')")
+    p.add_argument("--prefill-chunk", type=count(1), metavar="TOKENS",
+                   help="feed the prompt in pieces of this many tokens (llama.cpp's default "
+                   "is 512): a long prompt's activations then take TOKENS/P of the memory, "
+                   "and each method still selects from the whole prompt (default: one piece)")
     p.add_argument("--compile", nargs="?", const="inductor", choices=BACKENDS,
                    help="decode steps compiled by torch.compile with this backend (inductor "
                    "if none is named; CUDA graphs on GPUs), each variant compiling in its "

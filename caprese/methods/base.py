@@ -42,6 +42,20 @@ class Method:
         """Per-sample state from prompt positions where `valid` (B, S) is True."""
         raise NotImplementedError
 
+    def streams(self, dtype: torch.dtype) -> bool:
+        """Whether select() can be taken over a prompt seen in chunks (accumulate, then
+        finish), with the very result it gives on the whole prompt at once."""
+        return False
+
+    def accumulate(self, stream, act_gate: torch.Tensor, hidden: torch.Tensor,
+                   valid: torch.Tensor):
+        """Fold one chunk of the prompt into `stream` (None before the first chunk)."""
+        raise NotImplementedError(f"{self.name} cannot take a prompt in chunks")
+
+    def finish(self, stream) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scores, selection) from a whole prompt's stream; scores only if reselects."""
+        raise NotImplementedError(f"{self.name} cannot take a prompt in chunks")
+
     def keep_mask(self, state: torch.Tensor | None, act_gate: torch.Tensor) -> torch.Tensor | None:
         """Reference form: a 0/1 mask broadcastable to act_gate (None keeps everything)."""
         raise NotImplementedError

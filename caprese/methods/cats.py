@@ -52,6 +52,20 @@ def _bf16_order_statistic(values: torch.Tensor, rank: int) -> torch.Tensor:
     return pattern.to(torch.int16).view(torch.bfloat16)
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # 2^15 magnitudes: an exact histogram
+
+
+def abs_histograms(act_gate: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 2^15) counts of each 16-bit magnitude pattern of |act| over valid positions: a
+    prompt's chunks add up, and the counts give CATS' threshold exactly (the bit pattern of a
+    non-negative float, read as an integer, orders like its value)."""
+    counts = []
+    for sample_act, sample_valid in zip(act_gate, valid, strict=True):
+        bits = sample_act[sample_valid].abs().flatten().view(torch.int16).long()
+        counts.append(torch.bincount(bits, minlength=1 << 15))
+    return torch.stack(counts)
+
+
 class Cats(Method):
     name = "cats"
     reads_down_rows = True
@@ -60,6 +74,28 @@ class Cats(Method):
         if self.density >= 1.0:
             return None
         return cats_threshold(act_gate, valid, self.density)
+
+    def streams(self, dtype: torch.dtype) -> bool:
+        """In 16 bits the magnitudes fit a histogram; an fp32 quantile needs every value."""
+        return dtype in SIXTEEN_BIT or self.density >= 1.0
+
+    def accumulate(self, stream, act_gate, hidden, valid) -> tuple | None:
+        """(dtype, counts): the threshold comes out in the activations' dtype."""
+        if self.density >= 1.0:
+            return None
+        counts = abs_histograms(act_gate, valid)
+        return (act_gate.dtype, counts if stream is None else stream[1] + counts)
+
+    def finish(self, stream: tuple | None) -> tuple[None, torch.Tensor | None]:
+        if stream is None:
+            return None, None
+        dtype, counts = stream
+        totals = counts.sum(dim=-1)
+        if (totals == 0).any():
+            raise ValueError("CATS needs at least one prompt token per sample to set tau")
+        ranks = ((1.0 - self.density) * (totals - 1).double()).long()  # as cats_threshold
+        patterns = torch.searchsorted(counts.cumsum(-1), (ranks + 1)[:, None])[:, 0]
+        return None, patterns.to(torch.int16).view(dtype)
 
     def keep_mask(self, state, act_gate: torch.Tensor) -> torch.Tensor | None:
         if state is None:

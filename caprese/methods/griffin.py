@@ -13,6 +13,13 @@ import torch
 from caprese.methods.base import FastWeights, Method
 
 
+def squared_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """griffin_scores squared: a sum over tokens, so chunks of a prompt add up exactly."""
+    squares = hidden.float().square()
+    weights = valid / squares.sum(dim=-1).clamp_min(1e-24)  # (B, S)
+    return torch.bmm(weights[:, None, :].to(squares.dtype), squares)[:, 0]
+
+
 def griffin_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Neuron scores (B, D_FF) from z (B, S, D_FF), ignoring positions where valid is False.
 
@@ -39,6 +46,17 @@ class Griffin(Method):
     def scores(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-sample neuron scores (B, D_FF): reselection adds later tokens' in quadrature."""
         return griffin_scores(hidden, valid)
+
+    def streams(self, dtype: torch.dtype) -> bool:
+        return True
+
+    def accumulate(self, stream, act_gate, hidden, valid) -> torch.Tensor:
+        squares = squared_scores(hidden, valid)
+        return squares if stream is None else stream + squares
+
+    def finish(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores = stream.sqrt()
+        return scores, self.select_top(scores)
 
     def select_top(self, scores: torch.Tensor) -> torch.Tensor | None:
         d_ff = scores.shape[-1]

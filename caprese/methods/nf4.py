@@ -78,6 +78,15 @@ class Nf4(Method):
     def select(self, act_gate, hidden, valid) -> None:
         return None
 
+    def streams(self, dtype: torch.dtype) -> bool:
+        return True  # nothing is selected
+
+    def accumulate(self, stream, act_gate, hidden, valid) -> None:
+        return None
+
+    def finish(self, stream) -> tuple[None, None]:
+        return None, None
+
     def keep_mask(self, state, act_gate: torch.Tensor) -> None:
         return None
 
