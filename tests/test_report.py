@@ -154,3 +154,28 @@ def test_bad_result_file_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(bad), "--out", str(tmp_path / "r.md")]) == 2
     assert "is not a caprese eval result" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_runs_are_compared_by_their_mean_over_samples(tmp_path):
+    """With several samples per problem (the thinking protocol), the recovery table pairs
+    each problem's share of correct samples, and its accuracies are the means over runs."""
+    def sampled(name, variant, correct):  # correct: problem -> verdicts of its 4 samples
+        rows = [{"id": f"p{i}", "level": None, "correct": verdict, "tokens": [50] * 4,
+                 "truncated": [False] * 4} for i, verdict in enumerate(correct)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"task": "aime24", "variant": variant,
+                                    "summary": summarize(rows, 4),
+                                    "records_file": f"{name}.jsonl", "setup": {}}))
+        return path
+
+    first_wrong = [False, True, True, True]  # the first sample alone would say 0%
+    paths = [sampled("full", FULL, [first_wrong] * 8 + [[True] * 4] * 2),
+             sampled("griffin", GRIFFIN, [[False] * 4] * 10),
+             sampled("caprese", CAPRESE, [[False, False, True, True]] * 10)]
+    report = build_report(paths, tmp_path / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| aime24 | GRIFFIN"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[3:6] == ["80.0", "0.0", "50.0"]  # means over the 4 runs
+    assert cells[6].startswith("80.0 [") and cells[7].startswith("+50.0 [50.0, 50.0]")
+    assert cells[8] == "62%"

@@ -25,9 +25,16 @@ from caprese.evaluate.variant import KINDS
 CAPRESE_KINDS = KINDS[2:]  # layerwise, e2e, caprese (an adapter of unrecorded stage)
 
 
-def verdicts(result: dict, path: str | Path) -> dict[str, bool] | None:
-    """Per-problem first-sample verdicts from the records file beside a result JSON (or its
-    gzip-compressed copy, FILE.gz, as results kept in a repository are)."""
+def accuracy(summary: dict) -> float:
+    """The accuracy a comparison uses: the mean over runs when several samples were drawn
+    per problem (the thinking protocol's 4 runs), else the greedy answer's."""
+    return summary.get("mean_accuracy", summary["accuracy"])
+
+
+def verdicts(result: dict, path: str | Path) -> dict[str, float] | None:
+    """Per-problem scores from the records file beside a result JSON (or its gzip-compressed
+    copy, FILE.gz, as results kept in a repository are): the share of the problem's samples
+    answered correctly (1 or 0 for one sample), so that their mean is accuracy()."""
     if not result.get("records_file"):
         return None
     records = Path(path).with_name(result["records_file"])
@@ -39,7 +46,7 @@ def verdicts(result: dict, path: str | Path) -> dict[str, bool] | None:
     else:
         return None
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {str(row["id"]): bool(row["correct"][0]) for row in rows}
+    return {str(row["id"]): sum(map(bool, row["correct"])) / len(row["correct"]) for row in rows}
 
 
 BOOTSTRAP_DRAWS = 10_000
@@ -52,7 +59,7 @@ def problem_group(problem_id: str) -> str:
     return "/".join(parts[:2]) if parts[0] == "gsm-symbolic" and len(parts) > 1 else problem_id
 
 
-def paired_bootstrap(a: dict[str, bool], b: dict[str, bool], draws: int = BOOTSTRAP_DRAWS,
+def paired_bootstrap(a: dict[str, float], b: dict[str, float], draws: int = BOOTSTRAP_DRAWS,
                      seed: int = 0) -> tuple[float, float, float, int]:
     """mean(a - b) over shared problems with a 95% percentile interval from a bootstrap over
     problem groups (problem_group): (diff, low, high, n). Seeded: a report is reproducible."""
@@ -61,7 +68,7 @@ def paired_bootstrap(a: dict[str, bool], b: dict[str, bool], draws: int = BOOTST
         raise ValueError("a paired difference needs at least two shared problems")
     groups: dict[str, list[int]] = defaultdict(list)
     for key in shared:
-        groups[problem_group(key)].append(int(a[key]) - int(b[key]))
+        groups[problem_group(key)].append(float(a[key]) - float(b[key]))
     sums = [(sum(diffs), len(diffs)) for diffs in groups.values()]
     rng = random.Random(seed)
     means = []
@@ -85,12 +92,12 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
         if not full:
             continue
         full_verdicts = verdicts(*full[0])
-        full_accuracy = full[0][0]["summary"]["accuracy"]
+        full_accuracy = accuracy(full[0][0]["summary"])
         for method_result, method_path in entries:
             variant = method_result["variant"]
             if variant.get("kind") != "method":
                 continue
-            method_accuracy = method_result["summary"]["accuracy"]
+            method_accuracy = accuracy(method_result["summary"])
             method_verdicts = verdicts(method_result, method_path)
             drop = None
             if full_verdicts and method_verdicts:
@@ -105,11 +112,12 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
                 if method_verdicts and caprese_verdicts:
                     versus = paired_bootstrap(caprese_verdicts, method_verdicts)
                 gap = full_accuracy - method_accuracy
-                gained = caprese_result["summary"]["accuracy"] - method_accuracy
+                caprese_accuracy = accuracy(caprese_result["summary"])
+                gained = caprese_accuracy - method_accuracy
                 rows.append({
                     "task": task, "method": variant["label"], "caprese": caprese_variant["label"],
                     "full": full_accuracy, "method_accuracy": method_accuracy,
-                    "caprese_accuracy": caprese_result["summary"]["accuracy"],
+                    "caprese_accuracy": caprese_accuracy,
                     "drop": gap, "drop_ci95": None if drop is None else [drop[1], drop[2]],
                     "drop_significant": None if drop is None else drop[1] > 0,
                     "versus_method": gained,

@@ -123,9 +123,14 @@ def plot_accuracy(results: list[dict], path: Path) -> bool:
             if not found:
                 continue
             s = found[0]["summary"]
-            acc, (low, high) = 100 * s["accuracy"], s["ci95"]
+            if "mean_accuracy" in s:  # several runs: their mean ± std, as in the table
+                acc, spread = 100 * s["mean_accuracy"], 100 * s["accuracy_std"]
+                error = [[spread], [spread]]
+            else:
+                acc, (low, high) = 100 * s["accuracy"], s["ci95"]
+                error = [[acc - 100 * low], [100 * high - acc]]
             ax.bar(j + i * width, acc, width, color=f"C{i}", label=label if j == 0 else None,
-                   yerr=[[acc - 100 * low], [100 * high - acc]], capsize=3)
+                   yerr=error, capsize=3)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
     return _save(plt, fig, ax, path, legend_size=8)
