@@ -16,7 +16,7 @@ PACKAGE = ROOT / "caprese"
 FLOORS = {
     **dict.fromkeys(["version", "config", "families", "io", "dtypes"], 0),
     **dict.fromkeys(["samples", "extract", "prompts", "data", "models"], 1),
-    **dict.fromkeys(["methods", "kernels", "block"], 2),
+    **dict.fromkeys(["methods", "kernels", "fused", "block"], 2),
     **dict.fromkeys(["phases", "adapter", "info"], 3),
     **dict.fromkeys(["capture", "generation", "compiled", "distributed", "divergence"], 4),
     **dict.fromkeys(["distillation", "evaluate", "bench"], 5),
