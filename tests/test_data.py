@@ -313,7 +313,7 @@ def test_xsum_generation_starts_on_the_line_after_the_instruction(monkeypatch):
 
     seen = []
 
-    def fake_generate(model, tokenizer, prompts, settings, desc=""):
+    def fake_generate(model, tokenizer, prompts, settings, desc="", journal=None):
         seen.extend(prompts)
         return [[Completion("A summary.", 3, False)] for _ in prompts]
 
