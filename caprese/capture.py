@@ -6,6 +6,8 @@ with x the layer's input in the ORIGINAL model (no error propagation between lay
 CAPTURE forward is dense, so every block sees original inputs; each block computes its
 sample's selection from the prompt positions and reports x and Y_i (for a masking method the
 dropped activations times W2; for a quantizing one the dense output minus the 4-bit one).
+The pass stops after the last Caprese block: the layers above it feed no regression (with
+the paper's first-half GRIFFIN that halves the cost of every statistics pass).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from caprese.adapter import blocks
 from caprese.block import Phase
 from caprese.families import decoder
 from caprese.phases import split
@@ -31,8 +34,24 @@ def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> No
 
     device = next(model.parameters()).device
     batch = batch.to(device)
-    with split(model, batch.boundary, Phase.CAPTURE, observer):
-        # The decoder stack alone: the LM head is not needed and is costly for big vocabularies.
-        decoder(model)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )
+    last = blocks(model)[max(blocks(model))]
+    stop = last.register_forward_hook(_stop_pass)
+    try:
+        with split(model, batch.boundary, Phase.CAPTURE, observer):
+            # The decoder stack alone: the LM head is not needed and is costly for big
+            # vocabularies.
+            decoder(model)(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+    except _PassComplete:
+        pass
+    finally:
+        stop.remove()
+
+
+class _PassComplete(Exception):
+    """Raised by the last Caprese block's hook: everything the capture needs is reported."""
+
+
+def _stop_pass(module, args, output) -> None:
+    raise _PassComplete

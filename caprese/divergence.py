@@ -14,22 +14,38 @@ from caprese.phases import split, teacher
 from caprese.samples import Batch
 
 
-@torch.no_grad()
-def batch_divergence(model: torch.nn.Module, batch: Batch) -> dict:
-    """Sums over the batch's predicted positions: KL(teacher || student) ("kl"), the
-    log-likelihood of the actual next token under each ("log_likelihood": teacher, student),
-    top-1 agreements ("agree"), and the count of positions ("tokens"). Positions are the
-    continuation tokens that still have a next token (the prediction made at the last prompt
-    position is prefill, identical by design)."""
-    stack = decoder(model)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  use_cache=False)
+def _predicted(batch: Batch) -> torch.Tensor:
+    """The continuation positions that still have a next token (the prediction made at the
+    last prompt position is prefill, identical by design)."""
     predicts = batch.continuation & batch.continuation.roll(-1, dims=1)
     predicts[:, -1] = False
+    return predicts
+
+
+def _inputs(batch: Batch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+
+@torch.no_grad()
+def teacher_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The original model's final hidden states at the scored positions: computed once when
+    several students (say, with and without the path) are scored on one batch."""
     with teacher(model):
-        target_hidden = stack(**inputs).last_hidden_state[predicts]
+        return decoder(model)(**_inputs(batch)).last_hidden_state[_predicted(batch)]
+
+
+@torch.no_grad()
+def batch_divergence(model: torch.nn.Module, batch: Batch,
+                     target_hidden: torch.Tensor | None = None) -> dict:
+    """Sums over the batch's predicted positions: KL(teacher || student) ("kl"), the
+    log-likelihood of the actual next token under each ("log_likelihood": teacher, student),
+    top-1 agreements ("agree"), and the count of positions ("tokens"). `target_hidden`:
+    teacher_hidden of this batch when already computed."""
+    predicts = _predicted(batch)
+    if target_hidden is None:
+        target_hidden = teacher_hidden(model, batch)
     with split(model, batch.boundary):
-        student_hidden = stack(**inputs).last_hidden_state[predicts]
+        student_hidden = decoder(model)(**_inputs(batch)).last_hidden_state[predicts]
     following = batch.input_ids.roll(-1, dims=1)[predicts][:, None]
     kl, agree = 0.0, 0
     log_likelihood = torch.zeros(2, dtype=torch.float64)

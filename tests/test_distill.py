@@ -15,7 +15,7 @@ from helpers import kill_and_resume_job, randomize_lowrank
 import caprese
 from caprese.capture import capture
 from caprese.distillation import DistillSettings, TrainingDiverged, distill
-from caprese.distillation.checkpoint import load_checkpoint
+from caprese.distillation.checkpoint import CheckpointClock, load_checkpoint
 from caprese.distillation.layerwise import collect_stats, residual_report, solve_closed_form
 from caprese.distillation.settings import TrainSettings
 from caprese.distillation.stats import RegressionStats
@@ -88,6 +88,30 @@ def test_capture_sees_the_original_models_inputs():
     capture(model, batch, lambda i, x, y: captured.__setitem__(i, x))
     for index, x in captured.items():
         torch.testing.assert_close(x, seen[index][batch.continuation])
+
+
+def test_capture_stops_after_the_last_caprese_block():
+    """Layers above the last Caprese block feed no regression: they never run, and the
+    captured data equal what a pass through the whole stack reports."""
+    base = tiny_model("llama")
+    model = caprese.attach(copy.deepcopy(base), caprese.CapreseConfig(method="griffin", rank=4))
+    assert sorted(caprese.blocks(model)) == [0, 1]  # GRIFFIN's default: the first half
+    batch = collate(tiny_samples(3))
+    ran = []
+    handles = [layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+               for i, layer in enumerate(model.model.layers)]
+    captured = {}
+    capture(model, batch, lambda i, x, y: captured.__setitem__(i, (x, y)))
+    assert ran == [0] and sorted(captured) == [0, 1]  # layer 1 stops inside its MLP
+    seen = original_mlp_inputs(base, batch)
+    for index, (x, _) in captured.items():
+        torch.testing.assert_close(x, seen[index][batch.continuation])
+    ran.clear()
+    with torch.no_grad():  # the stop is gone afterwards: a normal forward runs every layer
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert ran == [0, 1, 2, 3]
+    for handle in handles:
+        handle.remove()
 
 
 def test_a_batch_on_another_device_keeps_its_continuation_mask_there():
@@ -273,6 +297,62 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path):
         distill(model, tiny_samples(8), tmp_path, DistillSettings(ridge=1e-3), resume=True)
     with pytest.raises(ValueError, match="unknown solver"):
         DistillSettings(solver="adam")
+
+
+def test_a_resumed_run_may_change_only_its_checkpoint_cadence(tmp_path):
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(rank=4))
+    distill(model, tiny_samples(8), tmp_path, DistillSettings())
+    distill(model, tiny_samples(8), tmp_path, DistillSettings(
+        checkpoint_every=7, checkpoint_minutes=0.5), resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(\['settings'\]\)"):
+        distill(model, tiny_samples(8), tmp_path, DistillSettings(
+            checkpoint_every=7, capture_batch=3), resume=True)
+    with pytest.raises(ValueError, match="checkpoint_minutes must be a positive number"):
+        DistillSettings(checkpoint_minutes=0)
+
+
+def test_the_checkpoint_clock_saves_by_count_at_the_end_and_by_time(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("caprese.distillation.checkpoint.time.monotonic", lambda: now[0])
+    clock = CheckpointClock(every=5, minutes=10)
+    assert [done for done in range(1, 13) if clock.due(done, 12)] == [5, 10, 12]
+    clock = CheckpointClock(every=50, minutes=10)
+    saved = []
+    for done in range(1, 13):
+        now[0] += 4 * 60  # four minutes per unit of work
+        if clock.due(done, 12):
+            saved.append(done)
+    assert saved == [3, 6, 9, 12]
+
+
+def test_statistics_killed_between_timed_checkpoints_resume_to_the_same_sums(tmp_path,
+                                                                            monkeypatch):
+    """A pass slower than its batch cadence still saves (here after every batch, minutes ~ 0)
+    and a resumed pass reads the saved sums back and ends with the uninterrupted ones."""
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    samples = tiny_samples(20)
+    straight = collect_stats(model, samples, 4, tmp_path / "straight", "stats", 10**9, 0, 1e-9)
+    import caprese.distillation.layerwise as layerwise
+
+    real_capture, calls = layerwise.capture, []
+
+    def dies_on_the_fourth_batch(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_capture(*args)
+
+    monkeypatch.setattr(layerwise, "capture", dies_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        collect_stats(model, samples, 4, tmp_path / "killed", "stats", 10**9, 0, 1e-9)
+    _, meta = load_checkpoint(tmp_path / "killed" / "checkpoints", "stats")
+    assert meta["batches"] == 3
+    calls.clear()
+    resumed = collect_stats(model, samples, 4, tmp_path / "killed", "stats", 10**9, 0, 1e-9)
+    assert len(calls) == 2  # only the batches after the checkpoint ran again
+    for index, stats in straight.items():
+        assert torch.equal(stats.xx, resumed[index].xx) and torch.equal(stats.xy, resumed[index].xy)
+        assert stats.tokens == resumed[index].tokens
 
 
 def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):

@@ -12,6 +12,7 @@ from distill_job import tiny_samples
 from helpers import randomize_lowrank, word_tokenizer
 
 import caprese
+import caprese.distillation.harm as harm
 import caprese.distillation.layerwise as layerwise
 from caprese import data
 from caprese.capture import capture
@@ -19,11 +20,12 @@ from caprese.cli import main
 from caprese.data import general, gsm_symbolic
 from caprese.data.mixture import build_mixture
 from caprese.distillation import DistillJob, DistillSettings, distill
+from caprese.distillation.checkpoint import load_checkpoint
 from caprese.distillation.harm import adapter_check, keep_helpful, path_off, rank_candidates
 from caprese.distillation.stats import RegressionStats
 from caprese.divergence import batch_divergence
 from caprese.evaluate.tasks import EvalTask
-from caprese.samples import collate
+from caprese.samples import TrainingSample, collate
 
 
 def test_rank_candidates_halve_an_ordered_fit_and_always_offer_none():
@@ -105,6 +107,42 @@ def test_adapter_check_compares_with_the_method_alone_and_restores_the_path():
         alone = batch_divergence(model, collate(held[:4]))
     zero = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="griffin", rank=4))
     assert batch_divergence(zero, collate(held[:4]))["kl"] == pytest.approx(alone["kl"])
+
+
+def test_a_killed_adapter_check_resumes_to_the_same_verdict(tmp_path, monkeypatch):
+    """One teacher pass per batch serves both students; the sums are checkpointed (here after
+    every batch: minutes ~ 0) and a rerun scores only the batches after the checkpoint."""
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    randomize_lowrank(model, scale=0.5)
+    held = tiny_samples(6, seed=5) + [TrainingSample(s.input_ids, s.boundary, general.SOURCE)
+                                      for s in tiny_samples(6, seed=6)]
+    straight = adapter_check(model, held, batch_size=4)
+    assert set(straight) == {"math", "general", "worse_than_method"}
+    real_teacher, calls = harm.teacher_hidden, []
+
+    def dies_on_the_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_teacher(*args)
+
+    monkeypatch.setattr(harm, "teacher_hidden", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        adapter_check(model, held, 4, run_dir=tmp_path, checkpoint_minutes=1e-9)
+    assert load_checkpoint(tmp_path / "checkpoints", harm.CHECK)[1]["batches"] == 2
+    calls.clear()
+    resumed = adapter_check(model, held, 4, run_dir=tmp_path, checkpoint_minutes=1e-9)
+    assert len(calls) == 2  # math: 2 batches, general: 2 batches; two were saved
+    assert resumed == straight
+
+
+def test_only_the_last_stage_is_checked_against_the_method(tmp_path):
+    model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
+    summary = distill(model, tiny_samples(16), tmp_path, DistillSettings(
+        stages=("layerwise", "e2e"), e2e_batch=8), held_out=tiny_samples(4, seed=3))
+    assert "adapter_check" not in summary["stages"]["layerwise"]
+    assert summary["adapter_check"] == summary["stages"]["e2e"]["adapter_check"]
+    assert not list((tmp_path / "checkpoints").glob(f"{harm.CHECK}*"))  # removed at the end
 
 
 def test_general_text_is_drawn_from_articles_500_to_999_only():

@@ -34,7 +34,8 @@ def job_from(args: argparse.Namespace) -> DistillJob:
         micro_batch=args.micro_batch, warmup=args.warmup,
         min_warmup_steps=args.min_warmup_steps,
         gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, seed=args.seed)
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+        seed=args.seed)
     config = CapreseConfig(method=args.method, density=args.density, rank=args.rank,
                            layers=parse_layers(args.layers))
     return DistillJob(config, settings, data=tuple(args.data.split(",")), samples=args.samples,
@@ -121,6 +122,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--min-warmup-steps", type=count(0), default=defaults.min_warmup_steps,
                    help="warm up at least this many steps (short runs)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=count(1), default=defaults.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=count(1), default=defaults.checkpoint_every,
+                   help="steps (or statistics batches) between checkpoints")
+    p.add_argument("--checkpoint-minutes", type=positive, default=defaults.checkpoint_minutes,
+                   help="also checkpoint when this many minutes have passed since the last "
+                        "one (a kill loses at most that much work)")
     p.add_argument("--seed", type=count(0), default=defaults.seed)
     p.set_defaults(func=run)

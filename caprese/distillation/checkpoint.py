@@ -15,11 +15,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from caprese import distributed
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be trusted."""
+
+
+class CheckpointClock:
+    """When a loop saves: every `every` units of work, at the end, and whenever `minutes`
+    have passed since the last save, so a kill never loses more than that much work however
+    slow a unit is (a 1.5B teacher pass of 8 sequences takes 1.5 minutes on a 2-core CPU;
+    50 of them would be 80 minutes). Under torchrun rank 0's clock decides for every rank."""
+
+    def __init__(self, every: int, minutes: float) -> None:
+        self.every, self.seconds = every, minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, done: int, total: int) -> bool:
+        late = time.monotonic() - self.last >= self.seconds
+        if distributed.world_size() > 1:
+            late = bool(distributed.broadcast(late))
+        if done % self.every == 0 or done == total or late:
+            self.last = time.monotonic()
+            return True
+        return False
 
 
 def save_checkpoint(

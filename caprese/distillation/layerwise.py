@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from caprese import distributed
 from caprese.adapter import blocks
 from caprese.capture import capture
-from caprese.distillation.checkpoint import load_checkpoint, save_checkpoint
+from caprese.distillation.checkpoint import CheckpointClock, load_checkpoint, save_checkpoint
 from caprese.distillation.harm import keep_helpful
 from caprese.distillation.settings import DistillSettings
 from caprese.distillation.stats import RegressionStats
@@ -42,6 +42,7 @@ def collect_stats(
     name: str,
     checkpoint_every: int = 50,
     pad_id: int = 0,
+    checkpoint_minutes: float = 10.0,
 ) -> dict[int, RegressionStats]:
     """Per-layer statistics over `samples`, in one resumable teacher pass. Under torchrun
     each rank takes whole batches (batch i on rank i % N) and the sums are all-reduced in
@@ -62,13 +63,14 @@ def collect_stats(
     progress = tqdm(total=total, initial=start, desc=name, unit="batch",
                     disable=not distributed.is_main())
     reduced = stats
+    clock = CheckpointClock(checkpoint_every, checkpoint_minutes)
     for index in range(start, total):
         if distributed.mine(index):
             batch = collate(samples[index * batch_size:(index + 1) * batch_size], pad_id)
             capture(model, batch, lambda i, x, y: stats[i].add(x, y))
         progress.update()
         done = index + 1
-        if done % checkpoint_every == 0 or done == total:
+        if clock.due(done, total):
             reduced = {i: layer_stats.all_reduced() for i, layer_stats in stats.items()}
             if distributed.is_main():
                 tensors = {}
@@ -170,7 +172,9 @@ def run_layerwise(
     solver, batch_size, every = settings.solver, settings.capture_batch, settings.checkpoint_every
     timings = {}
     started = time.perf_counter()
-    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train", every, pad_id)
+    minutes = settings.checkpoint_minutes
+    train_stats = collect_stats(model, samples, batch_size, run_dir, "stats-train", every, pad_id,
+                                minutes)
     timings["stats_s"] = time.perf_counter() - started
     if solver in ("closed_form", "closed_form+sgd"):
         started = time.perf_counter()
@@ -182,7 +186,7 @@ def run_layerwise(
         timings["sgd_s"] = time.perf_counter() - started
     started = time.perf_counter()
     held_stats = (collect_stats(model, held_out, batch_size, run_dir, "stats-held-out", every,
-                                pad_id) if held_out else {})
+                                pad_id, minutes) if held_out else {})
     timings["held_out_stats_s"] = time.perf_counter() - started
     kept = keep_helpful(model, held_stats, ordered=solver == "closed_form") if held_stats else []
     report = residual_report(model, train_stats, held_stats)

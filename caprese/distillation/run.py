@@ -26,7 +26,7 @@ from caprese import distributed
 from caprese.adapter import blocks, config_of, load_weights, save
 from caprese.distillation.checkpoint import remove_checkpoint
 from caprese.distillation.e2e import e2e_loss
-from caprese.distillation.harm import adapter_check, drop_harmful, kept_summary
+from caprese.distillation.harm import CHECK, adapter_check, drop_harmful, kept_summary
 from caprese.distillation.layerwise import run_layerwise
 from caprese.distillation.sequential import CHECKPOINT as SEQUENTIAL_CHECKPOINT
 from caprese.distillation.sequential import check_supported, run_sequential
@@ -35,7 +35,7 @@ from caprese.distillation.trainer import train
 from caprese.io import atomic_write_text
 from caprese.samples import Sample
 
-CHECKPOINTS = ("stats-train", "stats-held-out", "sgd", "e2e", SEQUENTIAL_CHECKPOINT)
+CHECKPOINTS = ("stats-train", "stats-held-out", "sgd", "e2e", SEQUENTIAL_CHECKPOINT, CHECK)
 RUN_FILE = "run.json"
 
 
@@ -87,8 +87,9 @@ def start_run(out: Path, record: dict, resume: bool) -> None:
             raise ValueError(f"cannot resume {out} with {record.get('processes', 1)} "
                              f"process(es): it was started with {saved.get('processes', 1)}; "
                              "resume it with the same torchrun --nproc-per-node")
-        if saved != record:
-            changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+        if _identity(saved) != _identity(record):
+            changed = sorted(k for k in set(saved) | set(record)
+                             if _identity(saved).get(k) != _identity(record).get(k))
             raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes in it
     if distributed.is_main():
@@ -101,6 +102,14 @@ def start_run(out: Path, record: dict, resume: bool) -> None:
                 stale.unlink()
             atomic_write_text(run_file, json.dumps(record, indent=2, sort_keys=True))
     distributed.barrier()
+
+
+def _identity(record: dict) -> dict:
+    """run.json without the checkpoint cadence: how often a run saves changes nothing it
+    computes, so a resumed run may save more or less often (or predate a cadence setting)."""
+    settings = {k: v for k, v in record.get("settings", {}).items()
+                if k not in ("checkpoint_every", "checkpoint_minutes")}
+    return {**record, "settings": settings}
 
 
 def run_record(model: torch.nn.Module, settings: DistillSettings, samples: int, held_out: int,
@@ -188,9 +197,14 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
 
 
 def _run_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
+    """Fit one stage; the last one also scores the whole adapter against the method alone
+    (an earlier stage's adapter is not what the user gets, and the check costs about three
+    teacher passes over the held-out samples)."""
     result = _fit_stage(model, stage, samples, held_out, settings, out, pad_id)
-    if held_out:
-        result["adapter_check"] = adapter_check(model, held_out, settings.capture_batch, pad_id)
+    if held_out and stage == settings.stages[-1]:
+        result["adapter_check"] = adapter_check(
+            model, held_out, settings.capture_batch, pad_id, out, settings.checkpoint_every,
+            settings.checkpoint_minutes)
     return result
 
 

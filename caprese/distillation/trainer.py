@@ -3,8 +3,8 @@
 One optimizer step = `batch_size` sequences, processed `micro_batch` at a time (gradient
 accumulation). Linear warm-up over the first `warmup` fraction of steps (at least
 `min_warmup_steps`), then linear decay to zero (the paper's schedule). Checkpoints every
-`checkpoint_every` steps and at the end; a resumed run replays the same seeded data order and
-ends with the same adapter.
+`checkpoint_every` steps or `checkpoint_minutes`, whichever comes first, and at the end; a
+resumed run replays the same seeded data order and ends with the same adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from caprese import distributed
 from caprese.adapter import blocks
 from caprese.distillation.checkpoint import (
+    CheckpointClock,
     load_checkpoint,
     optimizer_tensors,
     restore_optimizer,
@@ -74,6 +75,7 @@ def train(
     steps_per_epoch = math.ceil(len(samples) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     step = _resume(run_dir, settings.name, params, optimizer)
+    clock = CheckpointClock(settings.checkpoint_every, settings.checkpoint_minutes)
     losses: list[float] = []
     progress = tqdm(total=total, initial=step, desc=settings.name, unit="step",
                     disable=not distributed.is_main())
@@ -107,7 +109,7 @@ def train(
                 "tokens": tokens, "tokens_per_s": tokens / seconds, "time": time.time()})
         progress.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / seconds:.0f}")
         progress.update()
-        if (step % settings.checkpoint_every == 0 or step == total) and distributed.is_main():
+        if clock.due(step, total) and distributed.is_main():
             _checkpoint(run_dir, settings.name, params, optimizer, step)
         if on_step is not None:
             on_step(step)
