@@ -34,8 +34,8 @@ def capture(model: torch.nn.Module, batch: Batch, on_layer: LayerCallback) -> No
 
     device = next(model.parameters()).device
     batch = batch.to(device)
-    last = blocks(model)[max(blocks(model))]
-    stop = last.register_forward_hook(_stop_pass)
+    layers = blocks(model)
+    stop = layers[max(layers)].register_forward_hook(_stop_pass)
     try:
         with split(model, batch.boundary, Phase.CAPTURE, observer):
             # The decoder stack alone: the LM head is not needed and is costly for big

@@ -87,9 +87,9 @@ def start_run(out: Path, record: dict, resume: bool) -> None:
             raise ValueError(f"cannot resume {out} with {record.get('processes', 1)} "
                              f"process(es): it was started with {saved.get('processes', 1)}; "
                              "resume it with the same torchrun --nproc-per-node")
-        if _identity(saved) != _identity(record):
-            changed = sorted(k for k in set(saved) | set(record)
-                             if _identity(saved).get(k) != _identity(record).get(k))
+        saved, wanted = _identity(saved), _identity(record)
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ValueError(f"cannot resume {out}: its run used other settings ({changed})")
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes in it
     if distributed.is_main():
