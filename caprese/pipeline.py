@@ -19,7 +19,7 @@ import torch
 from caprese import distributed
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, run_job
-from caprese.dtypes import resolve_dtype
+from caprese.dtypes import cpu_has_amx, resolve_dtype
 from caprese.evaluate.report import build_report
 from caprese.evaluate.tasks import EvalTask, evaluate
 from caprese.evaluate.variant import Variant, applied
@@ -49,17 +49,16 @@ class Preset:
 PRESETS = {
     # Sized for under 45 minutes on 2 CPU cores (7 variants x 4 tasks + 2 distillations);
     # wall times in the README, measured with `time bash scripts/main.sh`.
-    # Where bf16 runs in hardware (GPUs, CPUs with AVX512_BF16 or AMX):
+    # Where matrix products are fast (GPUs, CPUs with AMX tiles running bf16):
     "default": Preset("qwen2.5-coder-0.5b-instruct", samples=256, held_out=32, max_length=384,
                       e2e_samples=64, e2e_epochs=1, math_problems=40, max_new_tokens=256,
                       xsum_articles=24, fidelity_samples=24, language_samples=8),
-    # On other CPUs the model runs in fp32: twice the bytes per decode step and no bf16 unit
-    # for prefill and training, so the same sizes took ~85 min (estimated from per-step
-    # costs) on a 2-core AVX-512 Xeon; these fit 45 minutes with room for slower AVX2 cores.
-    "default-fp32": Preset("qwen2.5-coder-0.5b-instruct", samples=64, held_out=16,
-                           max_length=256,
-                           e2e_samples=16, e2e_epochs=1, math_problems=20, max_new_tokens=192,
-                           xsum_articles=4, fidelity_samples=4, language_samples=2),
+    # Every other CPU: fp32 anywhere, or bf16 through AVX512_BF16 alone, whose matrix products
+    # ran at about half fp32's rate. `default` took over 112 min on such a 2-core Xeon and
+    # ~85 min (estimated from per-step costs) in fp32 on a 2-core AVX-512 Xeon.
+    "compact": Preset("qwen2.5-coder-0.5b-instruct", samples=64, held_out=16, max_length=256,
+                      e2e_samples=16, e2e_epochs=1, math_problems=20, max_new_tokens=192,
+                      xsum_articles=4, fidelity_samples=4, language_samples=2),
     # A smoke run of every step (7 min on a bf16 CPU, 23 in fp32; README): the numbers mean
     # nothing (128 new tokens truncate most GSM8K solutions, 48 samples overfit the fit).
     "quick": Preset("qwen2.5-coder-0.5b-instruct", samples=48, held_out=8, max_length=256,
@@ -159,12 +158,14 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
 
 
 def preset_name(quick: bool, dtype: str, device: str | None) -> str:
-    """quick, default, or default-fp32 where the model runs in fp32 on a CPU."""
+    """quick; default on a GPU or a CPU running bf16 on AMX tiles; compact on other CPUs."""
     if quick:
         return "quick"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    slow = torch.device(device).type == "cpu" and resolve_dtype(dtype, device).name == "fp32"
-    return "default-fp32" if slow else "default"
+    if torch.device(device).type != "cpu":
+        return "default"
+    fast = resolve_dtype(dtype, device).name == "bf16" and cpu_has_amx()
+    return "default" if fast else "compact"
 
 
 def preset_for(quick: bool, model: str | None, dtype: str = "auto",

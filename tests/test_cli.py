@@ -65,16 +65,23 @@ def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
             "caprese pipeline --quick")
 
 
-def test_the_default_preset_follows_the_dtype(monkeypatch):
-    """CPUs without a bf16 unit run fp32 (twice the bytes, no bf16 unit): a smaller preset."""
-    from caprese import dtypes
+def test_the_default_preset_needs_fast_matrix_products(monkeypatch):
+    """Only bf16 on AMX tiles (or a GPU) gets `default`; AVX512_BF16 alone and fp32 are slower
+    at the products distillation spends its time in, so they get `compact`."""
+    from caprese import dtypes, pipeline
     from caprese.pipeline import PRESETS, preset_for
 
-    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: False)
-    assert preset_for(False, None, "auto", "cpu") == PRESETS["default-fp32"]
-    monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda: True)
-    assert preset_for(False, None, "auto", "cpu") == PRESETS["default"]
-    assert preset_for(False, None, "fp32", "cpu") == PRESETS["default-fp32"]
+    for has_unit, has_amx, dtype, expected in [(False, False, "auto", "compact"),
+                                               (True, False, "auto", "compact"),
+                                               (True, True, "auto", "default"),
+                                               (True, True, "bf16", "default"),
+                                               (True, True, "fp32", "compact"),
+                                               (False, False, "bf16", "compact")]:
+        monkeypatch.setattr(dtypes, "cpu_has_bf16_unit", lambda u=has_unit: u)
+        monkeypatch.setattr(pipeline, "cpu_has_amx", lambda a=has_amx: a)
+        assert preset_for(False, None, dtype, "cpu") == PRESETS[expected], (has_unit, has_amx,
+                                                                             dtype)
+    assert pipeline.preset_name(False, "fp32", "cuda") == "default"
     assert preset_for(True, "my-model", "auto", "cpu") == PRESETS["quick"].__class__(
         **{**PRESETS["quick"].__dict__, "model": "my-model"})
 

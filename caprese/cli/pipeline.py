@@ -23,7 +23,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default="caprese-run")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run of every step; without it the sizes depend on the dtype: "
-                   "'default' where bf16 runs in hardware, smaller 'default-fp32' elsewhere")
+                   "'default' on GPUs and on CPUs with AMX (bf16), smaller 'compact' on "
+                   "other CPUs")
     p.add_argument("--model", help="override the preset's model (built-in name, folder, Hub id)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
