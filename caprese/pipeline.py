@@ -128,9 +128,6 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
     device = distributed.init(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = _Model(preset, dtype, device)
     choice = resolve_dtype(dtype, device)
-    setup = {"model": preset.model, "weights": weights_description(preset.model),
-             "dtype": choice.name, "dtype_reason": choice.reason, "device": device,
-             "command": command}
     for method, job in distill_jobs(preset, out).items():
         run_dir = out / f"adapter-{method}"
         if not _skip(run_dir / "summary.json", f"distill {method} into {run_dir}"):
@@ -147,6 +144,11 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
             if _skip(result, f"evaluate {name} on {task.task}"):
                 continue
             model, tokenizer = base.get()
+            # Described once loaded: a built-in model is then prepared, and named by its
+            # provenance note rather than by a machine's cache folder.
+            setup = {"model": preset.model, "weights": weights_description(preset.model),
+                     "dtype": choice.name, "dtype_reason": choice.reason, "device": device,
+                     "command": command}
             with applied(model, variant):
                 evaluate(model, tokenizer, variant.describe(), task, result, setup)
     report = out / "report.md"

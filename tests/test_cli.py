@@ -39,14 +39,22 @@ def test_info_bad_input_is_a_clear_error(tmp_path, capsys):
 
 def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
     """`caprese pipeline --dtype fp32` loads the model once, in fp32 on the device, and every
-    distill and eval step runs on it and records them."""
+    distill and eval step runs on it and records them, with the provenance that preparing
+    the model wrote (not the machine's folder)."""
     import contextlib
+    import json
 
     import caprese.pipeline as pipeline
+    from caprese.models.builtin import PROVENANCE_FILE
+
+    def prepare_and_load(model, dtype, device):
+        loads.append((model, dtype, device))
+        note = {"upstream": "Org/Model", "dequantized_from_gguf": {"file_type": "Q4_K_M"}}
+        (tmp_path / PROVENANCE_FILE).write_text(json.dumps(note))
+        return "model", "tokenizer"
 
     loads, jobs, evaluations = [], [], []
-    monkeypatch.setattr(pipeline, "load_model", lambda model, dtype, device: loads.append(
-        (model, dtype, device)) or ("model", "tokenizer"))
+    monkeypatch.setattr(pipeline, "load_model", prepare_and_load)
     monkeypatch.setattr(pipeline, "run_job", lambda model, tokenizer, job, out, resume,
                         run_info: jobs.append((model, job, run_info)))
     monkeypatch.setattr(pipeline, "applied", lambda model, variant: contextlib.nullcontext())
@@ -63,6 +71,7 @@ def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
         assert model == "model" and (setup["dtype"], setup["device"]) == ("fp32", "cpu")
         assert setup["model"] == str(tmp_path) and setup["command"].startswith(
             "caprese pipeline --quick")
+        assert setup["weights"] == "Org/Model, weights dequantized from GGUF Q4_K_M"
 
 
 def test_the_default_preset_needs_fast_matrix_products(monkeypatch):

@@ -22,7 +22,7 @@ from caprese.bench import memory
 from caprese.bench.decode import greedy_decode
 from caprese.bench.lora import attach_lora, matched_rank
 from caprese.config import CapreseConfig
-from caprese.dtypes import cpu_has_bf16_unit
+from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
 from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
@@ -309,7 +309,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
 
 def machine(device: torch.device | str = "cpu") -> str:
     """The hardware a number was measured on: GPU name, or CPU model with the SIMD level
-    PyTorch uses and whether it has a bf16 unit (it decides which dtype is fast)."""
+    PyTorch uses and its bf16 unit (they decide which dtype is fast)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -319,7 +319,8 @@ def machine(device: torch.device | str = "cpu") -> str:
                           if line.startswith("model name")), "")
     except OSError:
         model = ""
-    bf16 = "bf16 unit" if cpu_has_bf16_unit() else "no bf16 unit"
+    bf16 = ("AMX" if cpu_has_amx() else "AVX512_BF16, no AMX" if cpu_has_bf16_unit()
+            else "no bf16 unit")
     return (f"{model or platform.processor() or platform.machine()} "
             f"({torch.backends.cpu.get_cpu_capability()}, {bf16})")
 
