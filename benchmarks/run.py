@@ -17,7 +17,8 @@ Kinds:
   "sequential" (the distillation stages as `caprese distill` runs them).
 - decode_latency: `caprese bench`'s variants side by side (interleaved, medians), per dtype
   and prompt + generation length, on a built-in model or on random weights shaped by a
-  public config (the paper's Table 5 on a GPU).
+  public config (the paper's Table 5 on a GPU). A named model's peak memory per variant comes
+  from a process of its own (memory = "alone"; "together": between the timed runs).
 - decode_overhead: time per token of HF `generate`, of the lean decode loop, and of the lean
   loop with the CPU kernels (full model, batch 1).
 - general_share: the default recipe (`caprese distill` with size flags only) at several
@@ -45,6 +46,7 @@ import transformers
 
 import caprese
 from caprese import data
+from caprese.bench.alone import peaks_alone
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import bytes_per_token, format_table, measure_bandwidth, run_bench
 from caprese.bench.latency import machine as bench_machine
@@ -78,7 +80,7 @@ DEFAULTS = {
                            dtypes=["auto"], variants=["full", "griffin", "caprese", "lora",
                                                       "cats", "caprese-cats"],
                            setups=["256+64"], repeats=3, rank=256, batch=1, peer=False,
-                           compile="", prefill_chunk=0),
+                           compile="", prefill_chunk=0, memory="alone"),
     "decode_overhead": dict(model="qwen2.5-coder-1.5b-instruct", dtype="bf16", prompt_len=256,
                             gen_len=32, repeats=3),
     "general_share": dict(model="qwen2.5-coder-0.5b-instruct", dtype="auto",
@@ -299,8 +301,19 @@ def decode_latency(ex: dict) -> Iterator[dict]:
     models: it reads a GGUF of the same weights in the same dtype)."""
     device = "cuda" if torch.cuda.is_available() and not ex["tiny"] else "cpu"
     report = {"runs": {}}
+    # memory = "alone": each variant's peak from a `caprese bench` process of its own (built-in
+    # or Hub models on the CPU; random-weight configs are measured in this process).
+    alone_memory = ex["memory"] == "alone" and not ex["config"] and device == "cpu"
     for dtype in ex["dtypes"]:
         choice = resolve_dtype(dtype, device)
+        alone = {}  # setup -> variant -> peak bytes, measured before our model loads
+        for setup in ex["setups"] if alone_memory else ():
+            prompt_len, gen_len = (int(n) for n in setup.split("+"))
+            alone[setup] = peaks_alone(
+                {"model": ex["model"], "dtype": dtype, "device": device, "rank": ex["rank"],
+                 "prompt_len": prompt_len, "gen_len": gen_len, "batch": ex["batch"],
+                 "prefill_chunk": ex["prefill_chunk"] or None, "compile": ex["compile"] or None},
+                ex["variants"])
         free_large_blocks_at_once()
         if ex["config"]:
             config = load_config(str(ROOT / ex["config"]))
@@ -310,7 +323,7 @@ def decode_latency(ex: dict) -> Iterator[dict]:
             model = random_model(config, choice.dtype, device)
         else:
             import_model_code(ex["model"])
-            baseline_rss = settled_rss()
+            baseline_rss = None if alone_memory else settled_rss()
             model, tokenizer = load_model(ex["model"], dtype=dtype, device=device)
             del tokenizer  # not a variant's memory
             report["weights"] = weights_description(ex["model"])
@@ -326,6 +339,9 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                                    ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
                                    peer=peer, compile=ex["compile"] or None,
                                    prefill_chunk=ex["prefill_chunk"] or None)
+            for row in result["variants"]:
+                row["peak_bytes"] = alone.get(setup, {}).get(row["variant"], row["peak_bytes"])
+            result["setup"]["memory"] = "alone" if alone_memory else "together"
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

@@ -329,6 +329,10 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
+MEMORY_NOTES = {"alone": "; peak MiB: each variant in a process of its own",
+                "together": "; peak MiB: in this process, after the variants before it"}
+
+
 def format_table(result: dict) -> str:
     s = result["setup"]
     compiled = bool(s.get("compiled"))
@@ -338,7 +342,8 @@ def format_table(result: dict) -> str:
              + (f"; decode compiled by {s['compiled']} (warm-up s: the first run, "
                 "compiling included)" if compiled else "")
              + (f"; prompt fed in pieces of {s['prefill_chunk']} tokens"
-                if s.get("prefill_chunk") else ""),
+                if s.get("prefill_chunk") else "")
+             + MEMORY_NOTES.get(s.get("memory"), ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
              + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
              "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",

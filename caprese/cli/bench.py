@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from caprese.bench.alone import FORWARDED, peaks_alone
 from caprese.bench.latency import (
     KERNELS,
     PEER,
@@ -24,6 +25,8 @@ from caprese.compiled import BACKENDS
 from caprese.io import atomic_write_text, json_object_with, refuse_foreign
 from caprese.models.builtin import BUILTIN_MODELS
 from caprese.models.load import import_model_code
+
+MEMORY_MODES = ("alone", "together", "off")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--peer {PEER} is timed at --batch 1, not {args.batch}")
     free_large_blocks_at_once()
     import_model_code(args.model)  # memory is measured above the code, before the weights
-    baseline_rss = settled_rss()
+    memory_mode = args.memory if args.device.startswith("cpu") else "off"  # RSS: CPU only
+    # The children before our model loads: never two models in memory at once.
+    alone = (peaks_alone({name: getattr(args, name) for name in FORWARDED}, variants)
+             if memory_mode == "alone" else {})
+    baseline_rss = settled_rss() if memory_mode == "together" else None
     model, tokenizer, setup = load_for(args)
     del tokenizer  # the bench feeds token ids: the tokenizer's memory is no variant's
     with contextlib.ExitStack() as stack:
@@ -50,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
                            args.batch, args.density, args.rank, args.adapter,
                            baseline_rss=baseline_rss, peer=peer, compile=args.compile,
                            prefill_chunk=args.prefill_chunk)
+    for row in result["variants"]:
+        row["peak_bytes"] = alone.get(row["variant"], row["peak_bytes"])
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
-                           command=setup["command"])
+                           command=setup["command"], memory=memory_mode)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -98,5 +107,10 @@ def add_cli(subparsers) -> None:
                    help="decode steps compiled by torch.compile with this backend (inductor "
                    "if none is named; CUDA graphs on GPUs), each variant compiling in its "
                    "warm-up run")
+    p.add_argument("--memory", choices=MEMORY_MODES, default="alone",
+                   help="each variant's peak RSS (CPU only): alone measures it in a process of "
+                   "its own per variant, before the timed runs (one more model load and run "
+                   "each); together, in this process between the timed runs, where later "
+                   "variants also count heap the earlier ones left")
     p.add_argument("--out", help="write the results JSON here")
     p.set_defaults(func=run)

@@ -1,0 +1,65 @@
+"""Each variant's peak memory in a process of its own.
+
+One process that runs several variants carries heap from the earlier ones into the later
+ones' peaks: glibc keeps freed blocks in its arenas, and no trim hands all of them back. On
+the 1.5B model that put later variants up to 250 MiB over their allowance while each, run
+alone, stayed within it. So `caprese bench --memory alone` (the default on a CPU) runs
+`caprese bench` once more per variant, on that variant alone, and reports those peaks.
+A forked child would save loading the model again, but OpenMP's thread pool does not survive
+a fork (the child hangs in its first parallel product), so each child starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+# `caprese bench` options a child takes from its parent, as attribute names. The child gets its
+# own --variants, one timed run after the warm-up and in-process memory; it never starts the
+# peer (llama.cpp measures its own memory in a worker of its own) and writes to a folder of
+# ours.
+FORWARDED = ("model", "dtype", "device", "threads", "adapter", "density", "rank", "prompt_len",
+             "gen_len", "batch", "prefill_chunk", "compile")
+NOT_FORWARDED = ("variants", "repeats", "peer", "memory", "out")
+
+
+def child_arguments(options: dict, variant: str, out: Path) -> list[str]:
+    """The `caprese bench` arguments that measure `variant` alone with `options` (attribute
+    name -> value, as the parent parsed them; None: not given)."""
+    unknown = set(options) - set(FORWARDED)
+    if unknown:
+        raise ValueError(f"not bench options a child takes: {sorted(unknown)}")
+    argv = ["bench", "--variants", variant, "--repeats", "1", "--memory", "together",
+            "--out", str(out)]
+    for name in FORWARDED:
+        value = options.get(name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+def peaks_alone(options: dict, variants: list[str]) -> dict[str, int]:
+    """{variant: peak bytes above the child's RSS before its model loaded}, one child process
+    per variant, one after the other (never two models in memory beside ours at once)."""
+    peaks = {}
+    with tempfile.TemporaryDirectory(prefix="caprese-memory-") as work:
+        for variant in tqdm(variants, desc="memory alone", unit="variant"):
+            out = Path(work) / "result.json"
+            argv = [sys.executable, "-m", "caprese", *child_arguments(options, variant, out)]
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+                raise RuntimeError(
+                    f"measuring {variant}'s memory alone failed (exit {done.returncode}); "
+                    f"rerun with --memory together to skip it. Its last output:\n{tail}")
+            row = json.loads(out.read_text())["variants"][0]
+            if row["peak_bytes"] is None:
+                raise RuntimeError(f"{variant}'s process measured no peak: this system does "
+                                   "not let a process reset its peak RSS (Linux does)")
+            peaks[variant] = row["peak_bytes"]
+    return peaks

@@ -1,0 +1,86 @@
+"""`caprese bench --memory alone`: each variant's peak measured in a process of its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from caprese.bench.alone import FORWARDED, NOT_FORWARDED, child_arguments
+from caprese.cli import build_parser
+
+
+def bench_dests() -> set[str]:
+    parsed = build_parser().parse_args(["bench", "--model", "m"])
+    return set(vars(parsed)) - {"command", "func"}
+
+
+def test_a_child_gets_every_bench_option_but_its_own():
+    """A bench option added later must be forwarded to the children or named as theirs."""
+    assert bench_dests() == set(FORWARDED) | set(NOT_FORWARDED)
+    parent = build_parser().parse_args([
+        "bench", "--model", "some/model", "--dtype", "fp32", "--device", "cpu", "--threads", "3",
+        "--adapter", "run/adapter", "--density", "0.3", "--rank", "64", "--prompt-len", "100",
+        "--gen-len", "7", "--batch", "2", "--prefill-chunk", "32", "--compile", "inductor",
+        "--variants", "full,griffin", "--repeats", "5", "--out", "mine.json"])
+    options = {name: getattr(parent, name) for name in FORWARDED}
+    child = build_parser().parse_args(child_arguments(options, "griffin", "theirs.json"))
+    assert {name: getattr(child, name) for name in FORWARDED} == options
+    assert (child.variants, child.repeats, child.memory, child.out, child.peer) == \
+        ("griffin", 1, "together", "theirs.json", None)
+
+
+def test_unset_options_stay_unset_and_unknown_ones_are_refused():
+    options = {name: None for name in FORWARDED} | {"model": "m"}
+    child = build_parser().parse_args(child_arguments(options, "full", "r.json"))
+    assert child.adapter is None and child.prefill_chunk is None and child.compile is None
+    with pytest.raises(ValueError, match="not bench options"):
+        child_arguments({"model": "m", "peer": "llama.cpp"}, "full", "r.json")
+
+
+def test_bench_reports_each_variants_peak_from_its_own_process(tiny_dir, tmp_path, capsys):
+    from caprese.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "full,griffin",
+                 "--prompt-len", "8", "--gen-len", "3", "--repeats", "1", "--rank", "4",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["memory"] == "alone"
+    for row in result["variants"]:
+        assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] > 0
+        # the timed runs in this process did not measure memory: every peak is a child's
+        assert all(run["peak"] is None for run in row["runs"])
+    assert "each variant in a process of its own" in capsys.readouterr().out
+
+
+def test_a_failing_child_says_which_variant_and_what_to_do(tmp_path, monkeypatch):
+    import caprese.bench.alone as alone
+
+    def broken(argv, **kwargs):
+        class Done:
+            returncode, stdout, stderr = 1, "", "Killed: out of memory"
+        return Done()
+
+    monkeypatch.setattr(alone.subprocess, "run", broken)
+    with pytest.raises(RuntimeError, match=r"(?s)measuring cats's memory.*--memory together"
+                       r".*out of memory"):
+        alone.peaks_alone({"model": "m"}, ["cats"])
+
+
+def test_the_benchmark_driver_measures_a_named_models_memory_alone(tiny_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    results = driver.main([str(root / "benchmarks" / "configs" / "decode_latency_cpu.toml"),
+                           f"model={tiny_dir}", 'dtypes=["fp32"]', 'setups=["8+3"]',
+                           'variants=["griffin"]', "repeats=1", "rank=4",
+                           f"out={tmp_path / 'latency.json'}"])
+    run = results["runs"]["fp32 8+3"]
+    assert run["setup"]["memory"] == "alone"
+    assert all(isinstance(row["peak_bytes"], int) and row["peak_bytes"] > 0
+               and all(r["peak"] is None for r in row["runs"]) for row in run["variants"])
