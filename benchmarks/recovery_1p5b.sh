@@ -14,10 +14,13 @@ MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
 LOW=${LOW:-0.3}          # the lower CATS density, where CATS alone should drop >= 10 points
 PROBLEMS=${PROBLEMS:-200}
 ARTICLES=${ARTICLES:-200}  # XSum ROUGE
-# Rows decoded together: on a 2-core CPU a bf16 step at 32 rows costs about what one at 20
-# does (oneDNN's blocking), so 32 gets ~1.5x more tokens per second for evaluation and teacher
-# text alike. The full model's result in git was decoded at 20.
+# Rows decoded together. The teacher text was generated at 32 rows. The math evaluations take
+# 100 rows (200 problems in two batches): `python benchmarks/matmul_rate.py` on an AVX512_BF16
+# Xeon without AMX gives the up projection's bf16 rate at 102-117 GFLOPS for 20-32 rows and
+# 139-145 for 128, so a step of 100 rows costs much less than 3 steps of 32. Ended rows
+# leave the batch every 32 tokens. The full model's result in git was decoded at 20.
 BATCH=${BATCH:-32}
+EVAL_BATCH=${EVAL_BATCH:-100}
 LANGUAGE=${LANGUAGE:-32}   # plain-text fidelity (reserved XSum articles as plain text)
 KEEP=${KEEP:-benchmarks/results/recovery_1p5b}
 mkdir -p "$OUT/results" "$KEEP"
@@ -47,7 +50,7 @@ math_step() {  # math_step NAME
     local out="$OUT/results/math-$1.json"
     # shellcheck disable=SC2086
     step "$out" eval --model "$MODEL" ${VARIANT[$1]} --task gsm-symbolic-test \
-        --limit "$PROBLEMS" --batch-size "$BATCH" --max-new-tokens 512 --out "$out"
+        --limit "$PROBLEMS" --batch-size "$EVAL_BATCH" --max-new-tokens 512 --out "$out"
     keep "$out"
 }
 eval_step() {  # eval_step TASK NAME LIMIT BATCH

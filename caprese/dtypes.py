@@ -41,7 +41,7 @@ def cpu_has_bf16_unit() -> bool:
 
 def cpu_has_amx() -> bool:
     """True when torch reports AMX tiles: the one CPU unit that makes bf16 matrix products
-    faster than fp32 (without it, AVX512_BF16 alone ran a 2048-token product at 142 GFLOPS
+    faster than fp32 (without it, AVX512_BF16 alone ran a 2048-token product at 140 GFLOPS
     against fp32's 234 on a 2-core Xeon; benchmarks/matmul_rate.py)."""
     return _torch_reports("_is_amx_tile_supported")
 
