@@ -1,7 +1,13 @@
 """End-to-end distillation: the Caprese model's outputs chase the teacher's.
 
 Both come from the same weights: the teacher is the model under caprese.teacher (dense), the
-student runs teacher-forced in SPLIT phase (prompt dense, continuation compressed + x L R).
+student runs teacher-forced (prompt dense, continuation compressed + x L R). A prompt runs
+dense in both, so its KV cache is the teacher's and the student's alike: one no-grad pass
+fills it (and makes each sample's selection), then the teacher and the student each run only
+the continuation on top of a copy. The student's forward and backward over the prompt are
+saved: about a fifth of a step when prompts are a third of the tokens. Activation
+checkpointing recomputes layers, which would append to the cache twice, so with it both run
+the whole sequence in one SPLIT forward instead.
 Two objectives, summed over continuation tokens; only L and R receive gradients:
 - "mse" (the paper's): the per-token mean squared error of the final hidden states (after
   the final norm, before the LM head);
@@ -13,12 +19,16 @@ Two objectives, summed over continuation tokens; only L and R receive gradients:
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers import DynamicCache
 
 from caprese.distillation.settings import OBJECTIVES
 from caprese.distillation.trainer import LossFn
 from caprese.families import LOGIT_ROWS, decoder, logits
-from caprese.phases import split, teacher
+from caprese.phases import cache_argument, set_decode, split, teacher
+from caprese.samples import Batch
 
 
 def _kl_backward(model, hidden: torch.Tensor, target: torch.Tensor, scale: float) -> float:
@@ -36,14 +46,48 @@ def _kl_backward(model, hidden: torch.Tensor, target: torch.Tensor, scale: float
     return total
 
 
-def e2e_loss(model: torch.nn.Module, objective: str = "mse") -> LossFn:
+def regrouped(batch: Batch) -> tuple[dict, dict, torch.Tensor]:
+    """A right-padded batch as (prompt inputs, continuation inputs, continuation mask): the
+    prompts left-padded to end together, the continuations right-padded after them, every
+    token at the position it has in its own sequence."""
+    lengths, bounds = batch.attention_mask.sum(1).tolist(), batch.boundary.tolist()
+    rows, width = len(bounds), max(bounds)
+    cont_width = max(n - b for n, b in zip(lengths, bounds, strict=True))
+    ids = batch.input_ids
+    prompt = ids.new_zeros(rows, width)
+    prompt_mask = ids.new_zeros(rows, width)
+    cont = ids.new_zeros(rows, cont_width)
+    cont_mask = ids.new_zeros(rows, cont_width)
+    for row, (n, b) in enumerate(zip(lengths, bounds, strict=True)):
+        prompt[row, width - b:], prompt_mask[row, width - b:] = ids[row, :b], 1
+        cont[row, : n - b], cont_mask[row, : n - b] = ids[row, b:n], 1
+    positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
+    cont_positions = batch.boundary[:, None].to(ids.device) + torch.arange(cont_width,
+                                                                            device=ids.device)
+    return (dict(input_ids=prompt, attention_mask=prompt_mask, position_ids=positions),
+            dict(input_ids=cont, attention_mask=torch.cat([prompt_mask, cont_mask], 1),
+                 position_ids=cont_positions),
+            cont_mask.bool())
+
+
+def e2e_loss(model: torch.nn.Module, objective: str = "mse",
+             prompt_once: bool = True) -> LossFn:
+    """The loss function for trainer.train; prompt_once=False runs each sequence whole in
+    one SPLIT forward (what activation checkpointing needs; the same loss otherwise)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown E2E objective {objective!r}; choose one of {OBJECTIVES}")
     stack = decoder(model)
     device = next(model.parameters()).device
+    cache_name = cache_argument(stack)
 
-    def loss_fn(batch, scale):
-        batch = batch.to(device)
+    def objective_backward(hidden, target, scale) -> float:
+        if objective == "kl":
+            return _kl_backward(model, hidden, target, scale)
+        loss = (hidden.float() - target.float()).pow(2).mean(dim=-1).sum()
+        (loss * scale).backward()
+        return loss.item()
+
+    def whole(batch, scale):
         inputs = dict(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         )
@@ -53,12 +97,27 @@ def e2e_loss(model: torch.nn.Module, objective: str = "mse") -> LossFn:
         # backward inside the context: activation checkpointing re-runs the layers then
         with split(model, batch.boundary):
             hidden = stack(**inputs).last_hidden_state
-            if objective == "kl":
-                total = _kl_backward(model, hidden[keep], target[keep], scale)
-            else:
-                loss = (hidden[keep].float() - target[keep].float()).pow(2).mean(dim=-1).sum()
-                (loss * scale).backward()
-                total = loss.item()
+            total = objective_backward(hidden[keep], target[keep], scale)
         return total, int(keep.sum())
+
+    def shared_prompt(batch, scale):
+        prompt, cont, keep = regrouped(batch)
+        cache = DynamicCache(config=model.config)
+        previous = set_decode(model, fused=False)  # the differentiable form, nothing gathered
+        try:
+            with torch.no_grad():  # an empty cache: PREFILL, exactly the original's output
+                stack(**prompt, use_cache=True, **{cache_name: cache})
+                with teacher(model):
+                    target = stack(**cont, use_cache=True,
+                                   **{cache_name: copy.deepcopy(cache)}).last_hidden_state
+            # a filled cache: DECODE, compressed + x L R
+            hidden = stack(**cont, use_cache=True, **{cache_name: cache}).last_hidden_state
+            total = objective_backward(hidden[keep], target[keep], scale)
+        finally:
+            set_decode(model, **vars(previous))
+        return total, int(keep.sum())
+
+    def loss_fn(batch, scale):
+        return (shared_prompt if prompt_once else whole)(batch.to(device), scale)
 
     return loss_fn

@@ -237,7 +237,9 @@ def _fit_stage(model, stage, samples, held_out, settings, out, pad_id) -> dict:
         _set_activation_checkpointing(model, True)
     try:
         subset = samples[: settings.e2e_samples] if settings.e2e_samples else samples
-        losses = train(model, subset, e2e_loss(model, settings.e2e_objective),
+        loss = e2e_loss(model, settings.e2e_objective,
+                        prompt_once=not settings.gradient_checkpointing)
+        losses = train(model, subset, loss,
                        settings.train_settings("e2e"), out, pad_id)
     finally:
         if settings.gradient_checkpointing:
