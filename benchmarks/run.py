@@ -46,7 +46,7 @@ import transformers
 
 import caprese
 from caprese import data
-from caprese.bench.alone import peaks_alone
+from caprese.bench.alone import peaks_alone, record_peaks
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import bytes_per_token, format_table, measure_bandwidth, run_bench
 from caprese.bench.latency import machine as bench_machine
@@ -339,9 +339,7 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                                    ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
                                    peer=peer, compile=ex["compile"] or None,
                                    prefill_chunk=ex["prefill_chunk"] or None)
-            for row in result["variants"]:
-                row["peak_bytes"] = alone.get(setup, {}).get(row["variant"], row["peak_bytes"])
-            result["setup"]["memory"] = "alone" if alone_memory else "together"
+            record_peaks(result, alone.get(setup, {}), "alone" if alone_memory else "together")
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

@@ -53,6 +53,11 @@ def _cache_argument(arguments: dict):
     return None
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own sequence under left padding (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
     if attention_mask is not None and attention_mask.dim() == 2:
         return attention_mask[:, -shape[1] :].to(device=device, dtype=torch.bool)
@@ -161,8 +166,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk: int | None 
                      logits_to_keep=1, **{name: cache})
     if chunk < 1:
         raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
-    positions = None if attention_mask is None else \
-        (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = None if attention_mask is None else mask_positions(attention_mask)
     state = state_of(model) if blocks else None
     if state is not None:
         state.prompt_chunks = True
@@ -196,7 +200,7 @@ def rescore(model: nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor
     whole sequence up to and including `tokens` (left padding as in generation)."""
     width = tokens.shape[1]
     cache.crop(-width)  # a negative count removes that many of the last entries
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -width:]
+    positions = mask_positions(attention_mask)[:, -width:]
     with forced_phase(model, Phase.RESCORE):
         model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
               use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})

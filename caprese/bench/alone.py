@@ -63,3 +63,11 @@ def peaks_alone(options: dict, variants: list[str]) -> dict[str, int]:
                                    "not let a process reset its peak RSS (Linux does)")
             peaks[variant] = row["peak_bytes"]
     return peaks
+
+
+def record_peaks(result: dict, peaks: dict[str, int], memory: str) -> None:
+    """Put the children's peaks into a run_bench result (rows they did not measure, like the
+    peer's, keep their own) and record how memory was measured."""
+    for row in result["variants"]:
+        row["peak_bytes"] = peaks.get(row["variant"], row["peak_bytes"])
+    result["setup"]["memory"] = memory

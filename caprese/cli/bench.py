@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from caprese.bench.alone import FORWARDED, peaks_alone
+from caprese.bench.alone import FORWARDED, peaks_alone, record_peaks
 from caprese.bench.latency import (
     KERNELS,
     PEER,
@@ -57,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
                            args.batch, args.density, args.rank, args.adapter,
                            baseline_rss=baseline_rss, peer=peer, compile=args.compile,
                            prefill_chunk=args.prefill_chunk)
-    for row in result["variants"]:
-        row["peak_bytes"] = alone.get(row["variant"], row["peak_bytes"])
+    record_peaks(result, alone, memory_mode)
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
-                           command=setup["command"], memory=memory_mode)
+                           command=setup["command"])
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from caprese.distillation.settings import OBJECTIVES
 from caprese.distillation.trainer import LossFn
 from caprese.families import LOGIT_ROWS, decoder, logits
-from caprese.phases import cache_argument, set_decode, split, teacher
+from caprese.phases import cache_argument, mask_positions, set_decode, split, teacher
 from caprese.samples import Batch
 
 
@@ -61,10 +61,9 @@ def regrouped(batch: Batch) -> tuple[dict, dict, torch.Tensor]:
     for row, (n, b) in enumerate(zip(lengths, bounds, strict=True)):
         prompt[row, width - b:], prompt_mask[row, width - b:] = ids[row, :b], 1
         cont[row, : n - b], cont_mask[row, : n - b] = ids[row, b:n], 1
-    positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
-    cont_positions = batch.boundary[:, None].to(ids.device) + torch.arange(cont_width,
-                                                                            device=ids.device)
-    return (dict(input_ids=prompt, attention_mask=prompt_mask, position_ids=positions),
+    cont_positions = batch.boundary[:, None] + torch.arange(cont_width, device=ids.device)
+    return (dict(input_ids=prompt, attention_mask=prompt_mask,
+                 position_ids=mask_positions(prompt_mask)),
             dict(input_ids=cont, attention_mask=torch.cat([prompt_mask, cont_mask], 1),
                  position_ids=cont_positions),
             cont_mask.bool())
