@@ -8,8 +8,8 @@ Capture needs shapes that stay the same from step to step, and caprese's decode 
 - GRIFFIN's gathered matrices keep k rows per sample and are written in place by every
   prompt (`prepare_decode`), CATS' weights are the shared layout: the same tensors, at the
   same addresses, in every step;
-- CATS' sparse product runs as its Triton kernel on GPUs; on CPUs the step takes PyTorch's
-  masked form, which inductor fuses (caprese's C++ kernels are opaque to the compiler).
+- CATS' sparse product runs as its Triton kernel on GPUs and as its C++ kernel on CPUs: the
+  CPU kernels are torch operators (torch.ops.caprese.*), nodes of the graph like any other.
 Prefill stays eager: its selection depends on the prompt, and it runs once per prompt. The
 phase hook knows a forward being compiled as a decode step, so the compiled graph never reads
 the cache's length.
@@ -29,6 +29,7 @@ from transformers import StaticCache
 from transformers.generation import CompileConfig
 
 from caprese.block import CapreseBlock
+from caprese.kernels import cpu
 
 # The static cache's length is rounded up to a multiple of this, so that batches of prompts
 # of different lengths share one compiled step instead of compiling one each.
@@ -44,8 +45,11 @@ BACKENDS = ("inductor", "cudagraphs")
 
 def compile_config(device: torch.device | str, backend: str = "inductor") -> CompileConfig:
     """torch.compile's settings for decode steps: static shapes, and one graph (a graph break
-    would split the capture and hide a slow Python path)."""
+    would split the capture and hide a slow Python path). On a CPU this also loads caprese's
+    kernels, which a step being traced cannot build."""
     device = torch.device(device)
+    if device.type == "cpu":
+        cpu.module()
     if backend not in BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; choose one of "
                          f"{', '.join(BACKENDS)}")

@@ -120,16 +120,45 @@ def test_generate_with_compile_gives_the_eager_texts():
                                                               for row in eager]
 
 
-def test_the_bench_compiles_in_the_warm_up_and_refuses_the_cpu_kernels():
-    model = variant_model(None, 1.0, None)
-    result = run_bench(model, ["full", "lora", "caprese-cats"], prompt_len=16, gen_len=4,
-                       repeats=1, rank=8,
-                       compile="inductor")
+def test_the_bench_compiles_in_the_warm_up_and_refuses_reselection():
+    model = variant_model(None, 1.0, None, dtype=torch.bfloat16)
+    result = run_bench(model, ["full", "lora", "caprese-cats:k"], prompt_len=16, gen_len=4,
+                       repeats=1, rank=8, compile="inductor")
     assert result["setup"]["compiled"] and compiled_graphs() >= 1
     for row in result["variants"]:
         assert row["warmup"] > row["total"]  # the warm-up compiled; the timed run did not
-    with pytest.raises(ValueError, match="CPU kernels"):
-        run_bench(model, ["full:k"], prompt_len=16, gen_len=4, repeats=1, compile="inductor")
+    with pytest.raises(ValueError, match="reselects"):
+        run_bench(model, ["griffin@4"], prompt_len=16, gen_len=4, repeats=1, compile="inductor")
+
+
+def kernel_calls(run) -> dict[str, int]:
+    """How often each caprese operator ran during run()."""
+    with torch.profiler.profile() as profiler:
+        run()
+    calls: dict[str, int] = {}
+    for event in profiler.events():
+        if event.name.startswith("caprese::"):
+            calls[event.name] = calls.get(event.name, 0) + 1
+    return calls
+
+
+@pytest.mark.parametrize("method, rank", [(None, None), ("griffin", 8), ("cats", 8)])
+def test_a_compiled_step_keeps_the_cpu_kernels(method, rank):
+    """The kernels are torch operators: the compiled step calls them in one graph, and
+    generates what the eager step with the same kernels generates."""
+    model = variant_model(method, 0.5, rank, dtype=torch.bfloat16)
+    phases.use_decode_kernels(model)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    eager = greedy_decode(model, prompt, 8)
+    greedy_decode(model, prompt, 8, compile="inductor")  # compiles
+    calls = kernel_calls(lambda: greedy_decode(model, prompt, 8, compile="inductor"))
+    assert compiled_graphs() == 1
+    assert torch.equal(greedy_decode(model, prompt, 8, compile="inductor").tokens, eager.tokens)
+    decode_steps, layers = 7, model.config.num_hidden_layers
+    products = calls.get("caprese::linear", 0) + calls.get("caprese::rows_product", 0)
+    assert products >= decode_steps * (layers * 4 + 1)  # q, k, v, o of each layer, LM head
+    if method == "cats":
+        assert calls.get("caprese::cats_decode", 0) == decode_steps * layers
 
 
 def test_compile_backends_are_checked():
@@ -142,7 +171,7 @@ def test_compile_backends_are_checked():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["bench", "--compile", "--variants", "full,cats:k"], "drop :k"),
+    (["bench", "--compile", "--variants", "full,griffin@4:k"], "reselects"),
     (["bench", "--compile", "xla"], "invalid choice"),
     (["eval", "--task", "gsm8k", "--out", "OUT", "--compile", "xla"], "invalid choice"),
 ])

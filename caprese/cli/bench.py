@@ -16,7 +16,7 @@ from caprese.bench.latency import (
     VARIANTS,
     format_table,
     parse_variant,
-    refuse_kernels_when_compiled,
+    refuse_reselection_when_compiled,
     run_bench,
 )
 from caprese.bench.memory import free_large_blocks_at_once, settled_rss
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     variants = args.variants.split(",")
     for name in variants:
         parse_variant(name)
-    refuse_kernels_when_compiled(variants, args.compile)  # before the model loads
+    refuse_reselection_when_compiled(variants, args.compile)  # before the model loads
     if args.out:
         refuse_foreign(Path(args.out), json_object_with(Path(args.out), ("setup", "variants")),
                        "a caprese bench result")

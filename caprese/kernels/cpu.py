@@ -16,6 +16,9 @@ AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCH
   only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop. PyTorch
   has no fused gather + matrix-vector product (index_select copies the rows first, which
   costs more than it saves).
+
+The three are torch operators (torch.ops.caprese.linear, ...), so a decode step compiled by
+torch.compile calls them inside its one graph.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def module():
-    """The compiled module, or None (disabled, or no compiler on this machine)."""
+    """The compiled module, or None (disabled, or no compiler on this machine). Loading it
+    also registers the decode kernels as torch.ops.caprese.*."""
     global _module, _failed
     if disabled() or _failed:
         return None
@@ -73,10 +77,35 @@ def module():
                     name=f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
+                _register_shapes()
             except Exception as error:  # no compiler, no headers: the dense form still works
                 log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
                 _failed = True
     return _module
+
+
+def _register_shapes() -> None:
+    """The operators' output shapes, which torch.compile traces with instead of running them."""
+    @torch.library.register_fake("caprese::linear")
+    def _(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("caprese::rows_product")
+    def _(x, rows):
+        return x.new_empty((rows.shape[1],))
+
+    @torch.library.register_fake("caprese::cats_decode")
+    def _(act, tau, up, down, x):
+        return x.new_empty((up.shape[1],))
+
+
+def ready() -> bool:
+    """Whether the decode kernels can run. A step being traced cannot build them (a lock and a
+    compiler run), so there it asks whether eager code already did: caprese.compiled loads
+    them before it compiles a step on a CPU."""
+    if torch.compiler.is_compiling():
+        return _module is not None
+    return module() is not None
 
 
 def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
@@ -86,11 +115,11 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
     up_rows (D_FF + r, D) and down_rows (D_FF + r, D) are contiguous; rows past D_FF are the
     low-rank path (L^T and R), always kept, multiplied by 1 instead of the gate.
     """
-    compiled = module()
-    if compiled is None:
+    if not ready():
         return None
     act = act_gate.reshape(-1).float().contiguous()
-    out = compiled.cats_decode(act, float(tau), up_rows, down_rows, x.reshape(-1).float())
+    out = torch.ops.caprese.cats_decode(act, tau, up_rows, down_rows,
+                                        x.reshape(-1).float().contiguous())
     return out.to(x.dtype).reshape(x.shape)
 
 
@@ -131,19 +160,18 @@ def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> to
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> torch.Tensor | None:
     """x W^T + b for one token (weight (out, in)), or None where the kernel does not apply."""
-    compiled = module() if _applies(x, weight) else None
-    if compiled is None:
+    if not (_applies(x, weight) and ready()):
         return None
-    return _finish(compiled.linear(x.reshape(1, -1).float(), weight), bias, x)
+    return _finish(torch.ops.caprese.linear(x.reshape(1, -1).float(), weight), bias, x)
 
 
 def rows_product(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None
                  ) -> torch.Tensor | None:
     """x @ rows + b for one token (rows (K, D)), or None where the kernel does not apply."""
-    compiled = module() if _applies(x, rows) else None
-    if compiled is None:
+    if not (_applies(x, rows) and ready()):
         return None
-    return _finish(compiled.rows_product(x.reshape(-1).float().contiguous(), rows), bias, x)
+    return _finish(torch.ops.caprese.rows_product(x.reshape(-1).float().contiguous(), rows),
+                   bias, x)
 
 
 def _kernel_forward(layer: torch.nn.Linear):

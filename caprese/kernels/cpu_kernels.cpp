@@ -6,6 +6,9 @@
 //                             one token through a CATS MLP reading only the kept rows
 //   abs_order_statistic(values, valid, rank)
 //                             CATS' threshold: the rank-th smallest |value| of valid rows
+// The three decode kernels are registered as the operators torch.ops.caprese.*: a decode step
+// compiled by torch.compile calls them as nodes of its graph instead of breaking it there
+// (their output shapes for tracing are registered in cpu.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
@@ -250,8 +253,9 @@ static void cats_mlp(const float* act, float tau, const T* up, const T* down, in
   weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
 }
 
-torch::Tensor cats_decode(torch::Tensor act, double tau, torch::Tensor up, torch::Tensor down,
-                          torch::Tensor x) {
+torch::Tensor cats_decode(torch::Tensor act, torch::Tensor tau, torch::Tensor up,
+                          torch::Tensor down, torch::Tensor x) {
+  TORCH_CHECK(tau.numel() == 1, "tau must hold one threshold");
   TORCH_CHECK(up.dim() == 2 && up.is_contiguous() && down.is_contiguous() &&
               up.sizes() == down.sizes() && up.scalar_type() == down.scalar_type(),
               "up and down rows must be contiguous (rows x dim) tensors of one shape");
@@ -262,10 +266,11 @@ torch::Tensor cats_decode(torch::Tensor act, double tau, torch::Tensor up, torch
   TORCH_CHECK(x.numel() == up.size(1) && act.numel() <= up.size(0), "shape mismatch");
   auto out = torch::empty({up.size(1)}, x.options());
   if (up.scalar_type() == at::kFloat)
-    cats_mlp(act.data_ptr<float>(), float(tau), up.data_ptr<float>(), down.data_ptr<float>(),
+    cats_mlp(act.data_ptr<float>(), tau.item<float>(), up.data_ptr<float>(),
+             down.data_ptr<float>(),
              up.size(0), act.numel(), x.data_ptr<float>(), up.size(1), out.data_ptr<float>());
   else
-    cats_mlp(act.data_ptr<float>(), float(tau), up.data_ptr<at::BFloat16>(),
+    cats_mlp(act.data_ptr<float>(), tau.item<float>(), up.data_ptr<at::BFloat16>(),
              down.data_ptr<at::BFloat16>(), up.size(0), act.numel(), x.data_ptr<float>(),
              up.size(1), out.data_ptr<float>());
   return out;
@@ -396,7 +401,16 @@ double abs_order_statistic(torch::Tensor values, torch::Tensor valid, int64_t ra
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("abs_order_statistic", &abs_order_statistic);
-  m.def("cats_decode", &cats_decode);
-  m.def("linear", &linear);
-  m.def("rows_product", &rows_product);
+}
+
+TORCH_LIBRARY(caprese, m) {
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("rows_product(Tensor x, Tensor rows) -> Tensor");
+  m.def("cats_decode(Tensor act, Tensor tau, Tensor up, Tensor down, Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(caprese, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("rows_product", &rows_product);
+  m.impl("cats_decode", &cats_decode);
 }

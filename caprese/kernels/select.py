@@ -106,13 +106,13 @@ def _triton_installed() -> bool:
 
 def select_backend(device: torch.device, kernels: str = "auto") -> TorchBackend:
     """The backend for a block on `device` (see KERNELS); CAPRESE_NO_KERNELS=1 turns "auto"
-    into "torch", and so does a CPU step being compiled (the C++ kernels are opaque to
-    torch.compile: each call would split the graph)."""
+    into "torch". A compiled step keeps the CPU kernels: they are torch operators, nodes of
+    its graph."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
     if kernels == "auto":
-        if cpu.disabled() or (device.type == "cpu" and torch.compiler.is_compiling()):
-            kernels = "torch"  # a compiled step: inductor writes its own CPU code
+        if cpu.disabled():
+            kernels = "torch"
         elif device.type == "cpu":
             kernels = "cpu-sparse"
         elif device.type == "cuda" and _triton_installed():
