@@ -87,3 +87,14 @@ def kill_and_resume_job(tmp_path: Path, options: list[str], marker: str, count: 
     subprocess.run([*job, str(killed), "--resume", *options], env=env, check=True,
                    capture_output=True)
     return straight, killed
+
+
+class RecordedPeer:
+    """Stands in for bench.peer.LlamaCppPeer: greedy tokens given in advance, fixed timings."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def decode(self, prompt: list[int], gen_len: int) -> dict:
+        return {"tokens": self.tokens[:gen_len], "ttft": 0.5, "steps": [0.01] * (gen_len - 1),
+                "peak": None}

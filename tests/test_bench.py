@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from helpers import attached_copy, randomize_lowrank, set_fused
+from helpers import RecordedPeer, attached_copy, randomize_lowrank, set_fused
 
 import caprese
 from caprese.bench.decode import greedy_decode
@@ -146,17 +146,6 @@ def test_bench_kernel_variants_compare_against_full_on_the_same_path():
     assert parse_variant("cats:k") == ("cats", True)
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         parse_variant("fast")
-
-
-class RecordedPeer:
-    """Stands in for bench.peer.LlamaCppPeer: greedy tokens given in advance, fixed timings."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens = tokens
-
-    def decode(self, prompt: list[int], gen_len: int) -> dict:
-        return {"tokens": self.tokens[:gen_len], "ttft": 0.5, "steps": [0.01] * (gen_len - 1),
-                "peak": None}
 
 
 @pytest.mark.parametrize("full", ["full", "full:k"])

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import tiny_model
-from helpers import randomize_lowrank, word_tokenizer
+from helpers import RecordedPeer, randomize_lowrank, word_tokenizer
 
 import caprese
 from caprese import compiled, phases
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import run_bench
+from caprese.bench.latency import format_table, run_bench
 from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
 
@@ -129,6 +129,19 @@ def test_the_bench_compiles_in_the_warm_up_and_refuses_reselection():
         assert row["warmup"] > row["total"]  # the warm-up compiled; the timed run did not
     with pytest.raises(ValueError, match="reselects"):
         run_bench(model, ["griffin@4"], prompt_len=16, gen_len=4, repeats=1, compile="inductor")
+
+
+def test_a_compiled_bench_times_the_peer_warm_up_too():
+    """The peer runs uncompiled beside compiled variants; its row still fills every column
+    of the compiled table (its warm-up is its first run)."""
+    model = variant_model(None, 1.0, None)
+    prompt = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    eager = greedy_decode(model, prompt, 4)
+    result = run_bench(model, ["full"], prompt_len=12, gen_len=4, repeats=1,
+                       compile="inductor", peer=RecordedPeer(eager.tokens[0].tolist()))
+    peer = next(r for r in result["variants"] if r["variant"] == "llama.cpp")
+    assert peer["warmup"] == pytest.approx(0.5 + 0.01 * 3)
+    assert "| llama.cpp | " in format_table(result)
 
 
 def kernel_calls(run) -> dict[str, int]:

@@ -228,6 +228,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                 result = peer.decode(prompt[0].tolist(), gen_len)
                 tokens[name] = torch.tensor([result["tokens"]])
                 held[name] = {"adapter": 0, "gathered": 0, "quantized": 0}
+                warmup.setdefault(name, result["ttft"] + sum(result["steps"]))
                 if repeat:
                     steps = result["steps"]
                     runs[name].append({"total": result["ttft"] + sum(steps),

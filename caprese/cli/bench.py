@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     record_peaks(result, alone, memory_mode)
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
                            command=setup["command"])
-    print(format_table(result))
-    if args.out:
+    if args.out:  # before the table: minutes of measurements never hang on its printing
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    print(format_table(result))
     return 0
 
 
