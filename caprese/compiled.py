@@ -48,8 +48,6 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
     would split the capture and hide a slow Python path). On a CPU this also loads caprese's
     kernels, which a step being traced cannot build."""
     device = torch.device(device)
-    if device.type == "cpu":
-        cpu.module()
     if backend not in BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; choose one of "
                          f"{', '.join(BACKENDS)}")
@@ -61,6 +59,8 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
     else:
         config = CompileConfig(fullgraph=True, dynamic=False,
                                mode="reduce-overhead" if device.type == "cuda" else "default")
+    if device.type == "cpu":
+        cpu.module()
     config._compile_all_devices = True  # transformers' generate compiles only on GPUs unless told
     return config
 

@@ -250,7 +250,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                               "quantized": quantized_bytes(model) if attached else 0}
                 peak = memory.peak_bytes() if measured else None
             tokens[name] = run.tokens
-            warmup[name] = warmup.get(name, total)
+            warmup.setdefault(name, total)
             if repeat:
                 runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
                                    "prepare": prepare,

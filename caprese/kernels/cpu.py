@@ -66,6 +66,8 @@ def module():
     global _module, _failed
     if disabled() or _failed:
         return None
+    if _module is not None:  # every decode product asks: no lock once it is loaded
+        return _module
     with _lock:
         if _module is None and not _failed:
             try:
