@@ -165,3 +165,32 @@ def test_the_kernel_cache_is_per_cpu_kind(tmp_path):
     assert cpu_tag(str(avx2)) == cpu_tag(str(avx2))
     assert cpu_tag(str(avx2)) != cpu_tag(str(avx512))
     assert cpu_tag(str(tmp_path / "missing"))  # no /proc: still a tag
+
+
+@pytest.mark.parametrize("method", ["none", "griffin"])
+def test_eval_decodes_with_the_kernels_when_asked(method, tmp_path, tiny_dir, monkeypatch):
+    """`caprese eval --cpu-kernels`: the result records it, its single-token products run
+    through the kernels, and its answers are those of PyTorch's products (bf16, tiny model)."""
+    import json
+
+    from caprese.cli import main
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"problem": f"t{i} t{i + 1}", "answer": str(i)}) + "\n"
+                            for i in range(4, 7)))
+    argv = ["eval", "--model", str(tiny_dir), "--method", method, "--dtype", "bf16",
+            "--task", str(task), "--batch-size", "1", "--max-new-tokens", "5"]
+    assert main([*argv, "--out", str(tmp_path / "torch.json")]) == 0
+    calls = count_kernel_calls(monkeypatch)
+    assert main([*argv, "--cpu-kernels", "--out", str(tmp_path / "kernels.json")]) == 0
+    assert calls.count("decode_linear") >= 3 * 4 * 4  # q, k, v, o of 4 layers, 4 steps, 3 problems
+    plain, fast = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("torch", "kernels"))
+    assert fast["variant"]["cpu_kernels"] is True and "cpu_kernels" not in plain["variant"]
+    outputs = [[json.loads(line)["outputs"] for line in (tmp_path / f"{n}.jsonl").open()]
+               for n in ("torch", "kernels")]
+    assert outputs[0] == outputs[1]
+    model = torch.nn.Linear(2, 2)
+    from caprese.evaluate.variant import Variant, applied
+    with pytest.raises(ValueError, match="drop --cpu-kernels"):
+        with applied(model.to("meta"), Variant("m", cpu_kernels=True)):
+            pass

@@ -32,6 +32,10 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
                    help="GRIFFIN: every RHO generated tokens, run them through the dense "
                    "model (their KV entries replaced), add their neuron scores and select "
                    "again (0: the full model; default: never)")
+    p.add_argument("--cpu-kernels", action="store_true",
+                   help="decode single tokens with caprese's CPU kernels (bf16 on a CPU, "
+                   "where PyTorch's one-token products are slow: docs/BENCHMARKS.md); they "
+                   "apply when one row is left to decode, so use them with --batch-size 1")
     p.add_argument("--stage", choices=STAGES,
                    help="the adapter's distillation stage (adapters record it since caprese "
                    "0.2; this overrides)")
@@ -39,7 +43,8 @@ def add_variant_options(p: argparse.ArgumentParser) -> None:
 
 def variant_from(args: argparse.Namespace) -> Variant:
     return Variant(args.model, method=args.method, density=args.density, adapter=args.adapter,
-                   stage=args.stage, label=args.label, reselect_every=args.reselect_every)
+                   stage=args.stage, label=args.label, reselect_every=args.reselect_every,
+                   cpu_kernels=args.cpu_kernels)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from caprese.adapter import attach, detach, load, read_adapter, set_reselection
 from caprese.config import CapreseConfig
+from caprese.phases import use_decode_kernels
 
 KINDS = ("full", "method", "layerwise", "e2e", "caprese")  # report order
 VARIANT_METHODS = ("none", "griffin", "cats", "nf4")
@@ -32,6 +33,9 @@ class Variant:
     stage: str | None = None
     label: str | None = None
     reselect_every: int | None = None  # GRIFFIN's rho (None: never), the adapter's too
+    # single decode tokens by caprese's CPU kernels (phases.use_decode_kernels): bf16 on a
+    # CPU, where PyTorch's one-token products are slow; rounds apart from PyTorch's products
+    cpu_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in VARIANT_METHODS:
@@ -39,24 +43,26 @@ class Variant:
                              f"{', '.join(VARIANT_METHODS)}")
 
     def describe(self) -> dict:
-        """What results record: kind, method, density, rank, adapter, label (and rho)."""
+        """What results record: kind, method, density, rank, adapter, label (and rho, and
+        whether the CPU kernels decode)."""
         rho = {} if self.reselect_every is None else {"reselect_every": self.reselect_every}
+        kernels = {"cpu_kernels": True} if self.cpu_kernels else {}
         if self.adapter:
             config = read_adapter(self.adapter).config
             if rho:
                 CapreseConfig(method=config.method, reselect_every=self.reselect_every)
             kind = self.stage or read_adapter(self.adapter).trained.get("stage") or "caprese"
             return {"kind": kind, "method": config.method, "density": config.density,
-                    "rank": config.rank, "adapter": str(self.adapter), **rho,
+                    "rank": config.rank, "adapter": str(self.adapter), **rho, **kernels,
                     "label": self.label or f"Caprese {kind} ({config.method})"}
         if self.method == "none":
             if rho:
                 raise ValueError("reselect_every is GRIFFIN's: the full model has no selection")
-            return {"kind": "full", "method": "", "label": self.label or "full"}
+            return {"kind": "full", "method": "", **kernels, "label": self.label or "full"}
         self.config()  # a bad combination is refused before any model loads
         default = self.method if self.method == "nf4" else f"{self.method} {self.density:g}"
         return {"kind": "method", "method": self.method, "density": self.density, **rho,
-                "label": self.label or default}
+                **kernels, "label": self.label or default}
 
     def config(self) -> CapreseConfig:
         """The method alone's config."""
@@ -67,14 +73,22 @@ class Variant:
 @contextlib.contextmanager
 def applied(model, variant: Variant) -> Iterator[None]:
     """The loaded base model as `variant` for the duration of the block."""
+    device = next(model.parameters()).device
+    if variant.cpu_kernels and device.type != "cpu":
+        raise ValueError(f"the CPU kernels decode on the CPU; this model is on {device}: drop "
+                         "--cpu-kernels (on a GPU, --compile makes decode steps fast)")
     if variant.adapter:
         load(model, variant.adapter)
         if variant.reselect_every is not None:
             set_reselection(model, variant.reselect_every)
     elif variant.method != "none":
         attach(model, variant.config())
+    if variant.cpu_kernels:
+        use_decode_kernels(model)
     try:
         yield
     finally:
+        if variant.cpu_kernels:
+            use_decode_kernels(model, False)
         if variant.adapter or variant.method != "none":
             detach(model)
