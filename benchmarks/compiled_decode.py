@@ -101,7 +101,7 @@ def main() -> None:
                      "same_tokens": same[name], "cycle_medians_ms": cycle_ms[name],
                      "steps": steps[name]})
         method = {"caprese": "griffin", "caprese-cats": "cats"}.get(name)
-        if method in names:  # paired by cycle: the two ran minutes apart, not a cycle apart
+        if method in names:  # paired by cycle: a minute or two apart, not a whole cycle
             pairs = zip(cycle_ms[name]["inductor"], cycle_ms[method]["inductor"],
                         strict=True)
             rows[-1]["compiled_vs_method"] = statistics.median(a / b for a, b in pairs)
@@ -115,8 +115,9 @@ def main() -> None:
           f"|---|---|---|---|---|---|---|")
     for row in rows:
         each = ", ".join(f"{ms:.1f}" for ms in row["cycle_medians_ms"]["inductor"])
+        against = row.get("compiled_vs_method")
         print(f"| {row['variant']} | {row['eager_ms']:.1f} | {row['compiled_ms']:.1f} | "
-              f"{row['ratio']:.3f} | {each} | {row.get('compiled_vs_method', float('nan')):.3f} "
+              f"{row['ratio']:.3f} | {each} | {'-' if against is None else f'{against:.3f}'} "
               f"| {row['same_tokens']} |")
     print(f"(medians of {count} steps each; against its method: the median over cycles of "
           "the ratio of the two variants' compiled medians)")
