@@ -73,8 +73,7 @@ class Variant:
 @contextlib.contextmanager
 def applied(model, variant: Variant) -> Iterator[None]:
     """The loaded base model as `variant` for the duration of the block."""
-    device = next(model.parameters()).device
-    if variant.cpu_kernels and device.type != "cpu":
+    if variant.cpu_kernels and (device := next(model.parameters()).device).type != "cpu":
         raise ValueError(f"the CPU kernels decode on the CPU; this model is on {device}: drop "
                          "--cpu-kernels (on a GPU, --compile makes decode steps fast)")
     if variant.adapter:
