@@ -31,10 +31,20 @@ step() {  # step OUTPUT caprese-args...
     echo "[recovery] caprese $*"
     caprese "$@"
 }
+restore() {  # restore RESULT_JSON: a result kept in git by an earlier session, back into $OUT
+    local kept="$KEEP/$(basename "$1")" records=${1%.json}.jsonl
+    if [ -e "$1" ] || [ ! -e "$kept" ]; then return; fi
+    if [ -e "$KEEP/$(basename "$records").gz" ]; then
+        gunzip -c "$KEEP/$(basename "$records").gz" > "$records.tmp" && mv "$records.tmp" "$records"
+    fi
+    cp "$kept" "$1.tmp" && mv "$1.tmp" "$1"
+    echo "[recovery] restored from $KEEP: $1"
+}
 keep() {  # keep RESULT_JSON: the summary and its compressed records, into git's folder
+    if cmp -s "$1" "$KEEP/$(basename "$1")"; then return; fi  # kept already (or restored)
     cp "$1" "$KEEP/"
     local records=${1%.json}.jsonl
-    if [ -e "$records" ]; then gzip -9 -c "$records" > "$KEEP/$(basename "$records").gz"; fi
+    if [ -e "$records" ]; then gzip -9 -n -c "$records" > "$KEEP/$(basename "$records").gz"; fi
 }
 
 declare -A VARIANT=(
@@ -48,6 +58,7 @@ declare -A VARIANT=(
 )
 math_step() {  # math_step NAME
     local out="$OUT/results/math-$1.json"
+    restore "$out"
     # shellcheck disable=SC2086
     step "$out" eval --model "$MODEL" ${VARIANT[$1]} --task gsm-symbolic-test \
         --limit "$PROBLEMS" --batch-size "$EVAL_BATCH" --max-new-tokens 512 --out "$out"
@@ -55,6 +66,7 @@ math_step() {  # math_step NAME
 }
 eval_step() {  # eval_step TASK NAME LIMIT BATCH
     local out="$OUT/results/$1-$2.json"
+    restore "$out"
     # shellcheck disable=SC2086
     step "$out" eval --model "$MODEL" ${VARIANT[$2]} --task "$1" --limit "$3" \
         --batch-size "$4" --out "$out"
