@@ -8,9 +8,17 @@
 #       model of that config, tokenizer and chat template and random weights
 #       (tests/hub_cache.py); the accuracies mean nothing. Measured on one H200 (2026-11-27):
 #       setup ~20 s, pipeline 146 s, Triton tests 5 s.
+#   bash scripts/gpu_checks.sh tests         (part of pipeline; ~40 s with setup) Triton's CATS
+#       kernel tests and the compiled-decode tests on CUDA: each step as a CUDA graph generates
+#       the eager tokens. PYTEST_ADDOPTS='-k "cudagraphs or triton"' keeps the fast ones (14
+#       tests in 19 s on an H200, 2026-12-04); the inductor ones take minutes.
 #   bash scripts/gpu_checks.sh table5        the paper's Table 5 (+ CATS by Triton) on a
 #       Qwen2.5-14B-shaped random bf16 model at 2048 + 256, decode steps compiled
-#       (`compile = "cudagraphs"`: one CUDA graph per step, traced in seconds), 2 repeats.
+#       (`compile = "cudagraphs"`: one CUDA graph per step), 2 repeats: 18 runs, about 6 min
+#       on an H200 (2026-12-04: warm-ups with compiling 23-61 s per variant, timed runs 8-15 s;
+#       benchmarks/results/gpu_table5_cutoff.txt). Give it CALL_SECONDS=420 and nothing else
+#       in the call: at 330 s it was cut off in its last run, and its table, printed when the
+#       setup ends, was lost; each run's TTFT and TTNT are now logged as it ends.
 #   bash scripts/gpu_checks.sh table5-long   optional: the same at 2048 + 2048, one repeat.
 # Why the first Table-5 attempt printed nothing in 240 s (2026-11-27): it decoded eagerly,
 # which for a 48-layer model at batch 1 is bound by kernel launches (tens of ms per token,
@@ -33,14 +41,14 @@ if [[ "${1:-}" == "--prepare" ]]; then
         math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
         nltk==3.10.4
     python -m pip wheel -q --no-deps rouge_score==0.1.2 -w .whl  # published as sdist only
-    folder=$(caprese models prepare "$MODEL" | head -1)
+    folder=$(caprese models prepare "$MODEL" | sed -n 1p)  # sed reads on: no broken pipe
     mkdir -p .gpu/model
     cp "$folder"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} \
         "$folder"/chat_template.jinja .gpu/model/
     du -sh .whl .gpu
     exit 0
 fi
-step=${1:?which step: pipeline, table5 or table5-long (or --prepare, here)}
+step=${1:?which step: pipeline, tests, table5 or table5-long (or --prepare, here)}
 seconds=${CALL_SECONDS:-420}
 work=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python \
@@ -57,6 +65,14 @@ table5() {  # $1: setup, $2: repeats, $3: output name
         "setups=[\"$1\"]" "repeats=$2" "out=$OUT/$3.json" 2>&1 | tee "$OUT/$3.log"
 }
 
+gpu_tests() {  # Triton's CATS kernel, and compiled decode (CUDA graphs) against eager
+    local status=0
+    timeout "${TESTS_SECONDS:-150}" python3 -m pytest -q -p no:cacheprovider \
+        tests/test_kernels_triton.py tests/test_compiled.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
+    tail -3 "$OUT/gpu_tests.log"
+    return "$status"
+}
+
 case "$step" in
 pipeline)
     python3 -m tests.hub_cache --like .gpu/model --repo-id "$HUB_ID" --cache "$work/hub" \
@@ -68,12 +84,11 @@ pipeline)
     echo "pipeline exit $status after $(($(date +%s) - start)) s" | tee -a "$OUT/gpu.txt"
     tail -5 "$OUT/gpu_pipeline.log"
     cp "$work/run/report.md" "$OUT/gpu_pipeline_report.md" 2>/dev/null || true
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
-        tests/test_compiled.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
-    tail -3 "$OUT/gpu_tests.log"
+    gpu_tests || status=$?
     exit "$status"
     ;;
+tests) gpu_tests ;;
 table5) table5 2048+256 2 gpu_table5 ;;
 table5-long) table5 2048+2048 1 gpu_table5_long ;;
-*) echo "unknown step $step: pipeline, table5 or table5-long" >&2; exit 2 ;;
+*) echo "unknown step $step: pipeline, tests, table5 or table5-long" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ from helpers import RecordedPeer, randomize_lowrank, word_tokenizer
 import caprese
 from caprese import compiled, phases
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import format_table, run_bench
+from caprese.bench.latency import cudagraph_skips, format_table, run_bench
 from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
 
@@ -59,6 +59,26 @@ def test_compiled_decode_generates_the_eager_tokens(method, density, rank, batch
     assert compiled_graphs() >= 1  # it did compile, as one graph (fullgraph=True)
     assert torch.equal(first.tokens, eager.tokens)
     assert torch.equal(again.tokens, eager.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU "
+                    "(scripts/gpu_checks.sh runs this on one)")
+@pytest.mark.parametrize("method, density, rank", VARIANTS)
+@pytest.mark.parametrize("backend", compiled.BACKENDS)
+def test_cuda_graph_decode_generates_the_eager_tokens(method, density, rank, backend):
+    """On a GPU: each step replayed as a CUDA graph (CATS by its Triton kernel) decodes what
+    the eager step decodes, and a second prompt replays the same graph."""
+    model = tiny_model("qwen2", max_position_embeddings=512).cuda()
+    if method is not None:  # attached on the device, as a user does
+        caprese.attach(model, caprese.CapreseConfig(method=method, density=density, rank=rank))
+        if rank:
+            randomize_lowrank(model, scale=0.3)
+    generator = torch.Generator().manual_seed(3)
+    for prompt in [torch.randint(3, 96, (1, 12), generator=generator).cuda() for _ in range(2)]:
+        eager = greedy_decode(model, prompt, 10)
+        assert torch.equal(greedy_decode(model, prompt, 10, compile=backend).tokens, eager.tokens)
+    assert compiled_graphs() == 1
+    assert cudagraph_skips() == 0  # replayed as CUDA graphs, not run eagerly behind our back
 
 
 def test_a_second_prompt_reuses_the_compiled_step():

@@ -88,3 +88,24 @@ def test_block_routes_batched_cats_decode_through_triton(rank):
         ref_tokens, ref_logits = generate_with_logits(model, ids, steps=5)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_triton_cats_decode_compiles_as_one_operator():
+    """A compiled decode step holds the launch as an opaque operator (CUDA graphs replay it),
+    with the eager values."""
+    generator = torch.Generator().manual_seed(2)
+    x, act_gate = torch.randn(2, 1, 64, generator=generator), torch.randn(2, 1, 96,
+                                                                          generator=generator)
+    tau = torch.tensor([0.5, 0.9])
+    up_rows, down_rows = (torch.randn(100, 64, generator=generator) for _ in range(2))
+    args = [t.to(DEVICE) for t in (x, act_gate, tau, up_rows, down_rows)]
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    got = torch.compile(cats_decode, fullgraph=True, backend=backend)(*args)
+    assert torch.equal(got, cats_decode(*args))
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert torch.ops.caprese_triton.cats_decode.default in targets

@@ -192,6 +192,13 @@ def gathered_bytes(model) -> int:
     return storage_bytes(tensors)
 
 
+def cudagraph_skips() -> int:
+    """How many compiled graphs torch.compile has run without CUDA graphs, in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
               seed: int = 0, baseline_rss: int | None = None, peer=None,
@@ -222,6 +229,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     # A bar per run, with the last run's time: a run cut off at a time limit still shows how
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
+    skips_before = cudagraph_skips()
     for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
         for name in variants:
             if name == PEER:
@@ -256,6 +264,9 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                                    "prepare": prepare,
                                    "peak": None if peak is None else peak - baseline_rss})
             progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
+            progress.write(f"{name} ({'warm-up' if not repeat else f'repeat {repeat}'}): "
+                           f"TTFT {run.ttft:.3f} s, TTNT {run.ttnt * 1e3:.2f} ms, "
+                           f"total {total:.2f} s")  # a log cut off at a time limit keeps these
             progress.update()
     progress.close()
     # The machine's read rate, measured after the runs and compared with the one before
@@ -297,7 +308,10 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                   "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
                   "dtype": str(next(model.parameters()).dtype), "device": str(device),
                   "threads": torch.get_num_threads(), "machine": machine(device),
-                  "compiled": compile, "prefill_chunk": prefill_chunk},
+                  "compiled": compile, "prefill_chunk": prefill_chunk,
+                  # graphs that torch.compile ran without CUDA graphs (its log says why)
+                  "cudagraph_skips": (cudagraph_skips() - skips_before
+                                      if compile and device.type == "cuda" else None)},
         "bandwidth_gb_s": bandwidth / 1e9,
         "weights_bytes": weights,
         "kv_cache_bytes": kv_cache,
@@ -341,6 +355,8 @@ def format_table(result: dict) -> str:
                 "compiling included)" if compiled else "")
              + (f"; prompt fed in pieces of {s['prefill_chunk']} tokens"
                 if s.get("prefill_chunk") else "")
+             + (f"; CUDA graphs SKIPPED for {s['cudagraph_skips']} compiled graph(s): those "
+                "steps ran eagerly (torch's log says why)" if s.get("cudagraph_skips") else "")
              + MEMORY_NOTES.get(s.get("memory"), ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
              + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "

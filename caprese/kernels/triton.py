@@ -10,6 +10,11 @@ sample). Two kernels:
 Rows are read in blocks of at least 64 elements, so a skipped row skips whole memory
 transactions. Triton comes with CUDA builds of PyTorch; the tests run these kernels on the
 CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+The launch is a torch operator (torch.ops.caprese_triton.cats_decode), so a compiled decode
+step holds it as one opaque node: the cudagraphs backend cannot take dynamo's own wrapping
+of a raw Triton launch (torch 2.11 fails on its dict-valued output), and a CUDA graph
+replays the operator's two launches like any other kernel.
 """
 
 from __future__ import annotations
@@ -64,17 +69,31 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
     down_rows (D_FF + r, D), contiguous. Returns (B, 1, D) in x's dtype.
     """
     batch, dim = x.shape[0], x.shape[-1]
-    rows, d_ff = up_rows.shape[0], act_gate.shape[-1]
     if not (up_rows.is_contiguous() and down_rows.is_contiguous()
             and up_rows.shape == down_rows.shape and up_rows.shape[1] == dim):
         raise ValueError("up_rows and down_rows must be contiguous (D_FF + r, D) matrices")
     x = x.reshape(batch, dim).contiguous()
-    act = act_gate.reshape(batch, d_ff).contiguous()
+    act = act_gate.reshape(batch, act_gate.shape[-1]).contiguous()
     tau = tau.reshape(batch).float().contiguous()
+    out = _cats_decode_op(x, act, tau, up_rows, down_rows, block_j, block_d)
+    return out.reshape(batch, 1, dim)
+
+
+@torch.library.custom_op("caprese_triton::cats_decode", mutates_args=())
+def _cats_decode_op(x: torch.Tensor, act: torch.Tensor, tau: torch.Tensor,
+                    up_rows: torch.Tensor, down_rows: torch.Tensor, block_j: int,
+                    block_d: int) -> torch.Tensor:
+    """x (B, D), act (B, D_FF), tau (B,) float32, all contiguous: (B, D) in x's dtype."""
+    (batch, dim), (rows, d_ff) = x.shape, (up_rows.shape[0], act.shape[-1])
     hidden = torch.empty(batch, rows, device=x.device, dtype=torch.float32)
     out = torch.empty(batch, dim, device=x.device, dtype=torch.float32)
     _up_kernel[(batch, triton.cdiv(rows, block_j))](
         x, act, tau, up_rows, hidden, rows, d_ff, dim, BLOCK_J=block_j, BLOCK_D=block_d)
     _down_kernel[(batch, triton.cdiv(dim, block_d))](
         hidden, down_rows, out, rows, dim, BLOCK_J=block_j, BLOCK_D=block_d)
-    return out.to(x.dtype).reshape(batch, 1, dim)
+    return out.to(x.dtype)
+
+
+@_cats_decode_op.register_fake
+def _(x, act, tau, up_rows, down_rows, block_j, block_d):
+    return x.new_empty(x.shape)
