@@ -330,6 +330,43 @@ static float radix_select(const T* values, const bool* valid, int64_t rows, int6
 
 static float from_bits(uint32_t bits) { float out; std::memcpy(&out, &bits, 4); return out; }
 
+// The bracket pass over one row, 16 values at a time with AVX-512: a compare and a
+// popcount for the values below lo, a compress-store for those inside [lo, hi] (no branch
+// per value: the scalar loop spent ~3 ns a value, 55 ms per layer of the 1.5B model at 2048
+// tokens). Returns how many leading values it covered; the caller does the rest.
+#if defined(__AVX512F__)
+static inline __m512i abs_bits16(const float* p) {
+  return _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(0x7fffffff));
+}
+static inline __m512i abs_bits16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_and_si512(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16),
+                          _mm512_set1_epi32(0x7fffffff));
+}
+#endif
+template <typename T>
+static int64_t bracket_row(const T* row, int64_t cols, uint32_t lo, uint32_t hi,
+                           int64_t& under, std::vector<uint32_t>& inside) {
+#if defined(__AVX512F__)
+  const __m512i low = _mm512_set1_epi32(int(lo)), high = _mm512_set1_epi32(int(hi));
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m512i bits = abs_bits16(row + c);  // non-negative: signed compares order them
+    under += __builtin_popcount(_mm512_cmplt_epi32_mask(bits, low));
+    const __mmask16 in = _mm512_cmpge_epi32_mask(bits, low) & _mm512_cmple_epi32_mask(bits, high);
+    if (in) {
+      const size_t size = inside.size();
+      inside.resize(size + 16);
+      _mm512_mask_compressstoreu_epi32(inside.data() + size, in, bits);
+      inside.resize(size + __builtin_popcount(in));
+    }
+  }
+  return c;
+#else
+  return 0;
+#endif
+}
+
 // Bracket, then select: a strided sample of ~16K values gives bounds [lo, hi] that hold the
 // wanted rank with near certainty; one pass counts the values below lo and keeps those in
 // [lo, hi] (a few percent), and nth_element finds the rank among them. One streaming
@@ -366,8 +403,9 @@ static float order_statistic(const T* values, const bool* valid, int64_t rows, i
     int64_t under = 0;
     for (int64_t j = first; j < last; ++j) {
       const T* row = values + valid_rows[j] * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        const uint32_t bits = abs_bits(row[c]);
+      const int64_t c = bracket_row(row, cols, lo, hi, under, inside[t]);
+      for (int64_t tail = c; tail < cols; ++tail) {
+        const uint32_t bits = abs_bits(row[tail]);
         under += bits < lo;
         if (bits >= lo && bits <= hi) inside[t].push_back(bits);
       }
