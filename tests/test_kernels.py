@@ -74,6 +74,23 @@ def test_abs_order_statistic_equals_kthvalue(rows, cols, quantile, bf16, seed, t
     assert got == kept.kthvalue(rank + 1).values
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), fp16=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_abs_histogram_equals_bincount(rows, cols, fp16, seed):
+    """The counts CATS' streamed threshold adds up: those of torch.bincount over the 16-bit
+    magnitudes of the valid rows (signed zeros and infinities included; a NaN lands above
+    infinity in both, in the bin of its own payload where torch.abs makes it canonical)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = (torch.randn(rows, cols, generator=generator) * 4).round(decimals=1)
+    every = values.view(-1)[:: max(1, cols // 3)]
+    every.copy_(torch.tensor([-0.0, float("inf"), float("-inf")])[torch.arange(len(every)) % 3])
+    values = values.to(torch.float16 if fp16 else torch.bfloat16)
+    valid = torch.rand(rows, generator=generator) < 0.7
+    bits = values[valid].abs().flatten().view(torch.int16).long()
+    assert torch.equal(cpu.abs_histogram(values, valid), torch.bincount(bits, minlength=1 << 15))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["normal", "ties", "misleading sample"])
 def test_abs_order_statistic_on_prompts_large_enough_to_bracket(dtype, case):

@@ -143,6 +143,18 @@ def abs_order_statistic(values: torch.Tensor, valid: torch.Tensor, rank: int
     return torch.tensor(tau, dtype=values.dtype)
 
 
+def abs_histogram(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    """(2^15,) int64 counts of each 16-bit |value| pattern over the rows (S, N) of `values`
+    where `valid` (S,) is True; None where the kernel does not apply. CATS' threshold for a
+    prompt fed in pieces comes from these counts at every layer; torch.bincount took 147 ms
+    per layer of the 1.5B model at 2048 bf16 tokens (it widens every value to int64)."""
+    compiled = module()
+    if (compiled is None or values.device.type != "cpu" or values.dim() != 2
+            or values.dtype not in (torch.bfloat16, torch.float16)):
+        return None
+    return compiled.abs_histogram(values.contiguous(), valid.contiguous())
+
+
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One token, bf16 contiguous weights, on the CPU, no autograd (the kernels compute values,
     not gradients). fp32 stays with PyTorch: its fp32 product already runs at 83% of the
