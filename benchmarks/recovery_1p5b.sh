@@ -31,9 +31,13 @@ step() {  # step OUTPUT caprese-args...
     echo "[recovery] caprese $*"
     caprese "$@"
 }
-restore() {  # restore RESULT_JSON: a result kept in git by an earlier session, back into $OUT
+restore() {  # restore RESULT_JSON NAME: a result kept in git by an earlier session, into $OUT
     local kept="$KEEP/$(basename "$1")" records=${1%.json}.jsonl
     if [ -e "$1" ] || [ ! -e "$kept" ]; then return; fi
+    if [[ $2 == caprese-* ]]; then  # only for the very adapter it measured, not a new one
+        local method=${2#caprese-}
+        cmp -s "$OUT/adapter-$method/summary.json" "$KEEP/distill-$method.json" || return 0
+    fi
     if [ -e "$KEEP/$(basename "$records").gz" ]; then
         gunzip -c "$KEEP/$(basename "$records").gz" > "$records.tmp" && mv "$records.tmp" "$records"
     fi
@@ -58,7 +62,7 @@ declare -A VARIANT=(
 )
 math_step() {  # math_step NAME
     local out="$OUT/results/math-$1.json"
-    restore "$out"
+    restore "$out" "$1"
     # shellcheck disable=SC2086
     step "$out" eval --model "$MODEL" ${VARIANT[$1]} --task gsm-symbolic-test \
         --limit "$PROBLEMS" --batch-size "$EVAL_BATCH" --max-new-tokens 512 --out "$out"
@@ -66,7 +70,7 @@ math_step() {  # math_step NAME
 }
 eval_step() {  # eval_step TASK NAME LIMIT BATCH
     local out="$OUT/results/$1-$2.json"
-    restore "$out"
+    restore "$out" "$2"
     # shellcheck disable=SC2086
     step "$out" eval --model "$MODEL" ${VARIANT[$2]} --task "$1" --limit "$3" \
         --batch-size "$4" --out "$out"
