@@ -343,6 +343,8 @@ def decode_latency(ex: dict) -> Iterator[dict]:
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report
+            if result["setup"]["cut_off"]:  # interrupted: what ran is written, nothing more
+                return
         del model
 
 

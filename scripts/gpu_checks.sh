@@ -18,7 +18,8 @@
 #       on an H200 (2026-12-04: warm-ups with compiling 23-61 s per variant, timed runs 8-15 s;
 #       benchmarks/results/gpu_table5_cutoff.txt). Give it CALL_SECONDS=420 and nothing else
 #       in the call: at 330 s it was cut off in its last run, and its table, printed when the
-#       setup ends, was lost; each run's TTFT and TTNT are now logged as it ends.
+#       setup ends, was lost. Now the limit interrupts the bench, which writes the medians
+#       of the runs that ended, and each run's TTFT and TTNT are logged as it ends.
 #   bash scripts/gpu_checks.sh table5-long   optional: the same at 2048 + 2048, one repeat.
 # Why the first Table-5 attempt printed nothing in 240 s (2026-11-27): it decoded eagerly,
 # which for a 48-layer model at batch 1 is bound by kernel launches (tens of ms per token,
@@ -61,7 +62,8 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 table5() {  # $1: setup, $2: repeats, $3: output name
-    timeout "$seconds" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
+    # SIGINT at the limit: the bench writes the runs that ended (marked cut off), then stops
+    timeout -s INT -k 60 "$seconds" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
         "setups=[\"$1\"]" "repeats=$2" "out=$OUT/$3.json" 2>&1 | tee "$OUT/$3.log"
 }
 

@@ -114,13 +114,7 @@ def test_the_4bit_variants_read_fewer_bytes_and_show_their_copy():
 
 def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
     """The Table-5 experiment through the one driver, with tiny shapes on the CPU."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    driver, root = _load_driver()
     out = tmp_path / "t5.json"
     results = driver.main([str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
                            'setups=["16+4"]', "repeats=1", "rank=8", f"out={out}",
@@ -129,6 +123,52 @@ def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
     assert set(rows) == {"full", "griffin", "lora", "caprese", "cats", "caprese-cats"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
     assert out.is_file() and results["experiment"]["tiny"] is True
+
+
+def _load_driver():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    return driver, root
+
+
+@pytest.mark.parametrize("interrupt_at", [15, 3])  # in the second timed round; in warm-up
+def test_an_interrupted_bench_writes_the_runs_that_ended(tmp_path, monkeypatch, interrupt_at):
+    """A time limit (`timeout -s INT`) or Ctrl-C keeps the medians of the runs that ended,
+    marked cut off, and runs no further setup; interrupted before any timed run, it stops."""
+    import caprese.bench.latency as latency
+
+    calls = []
+
+    def decode_until_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return greedy_decode(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "greedy_decode", decode_until_interrupted)
+    driver, root = _load_driver()
+    out = tmp_path / "t5.json"
+    argv = [str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
+            'setups=["16+4", "24+4"]', "repeats=2", "rank=8", f"out={out}", 'compile=""']
+    if interrupt_at <= 6:  # six variants warm up first: nothing timed yet
+        with pytest.raises(KeyboardInterrupt):
+            driver.main(argv)
+        assert not out.exists()
+        return
+    results = driver.main(argv)
+    assert list(results["runs"]) == ["bf16 16+4"]  # the second setup never started
+    run = results["runs"]["bf16 16+4"]
+    assert run["setup"]["cut_off"] is True
+    timed = {r["variant"]: len(r["runs"]) for r in run["variants"]}
+    assert timed == {"full": 2, "griffin": 2, "lora": 1, "caprese": 1, "cats": 1,
+                     "caprese-cats": 1}
+    assert "CUT OFF" in latency.format_table(run)
+    assert out.is_file() and len(calls) == interrupt_at
 
 
 def test_bench_kernel_variants_compare_against_full_on_the_same_path():

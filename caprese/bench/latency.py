@@ -230,44 +230,54 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
     skips_before = cudagraph_skips()
-    for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
-        for name in variants:
-            if name == PEER:
-                result = peer.decode(prompt[0].tolist(), gen_len)
-                tokens[name] = torch.tensor([result["tokens"]])
-                held[name] = {"adapter": 0, "gathered": 0, "quantized": 0}
-                warmup.setdefault(name, result["ttft"] + sum(result["steps"]))
-                if repeat:
-                    steps = result["steps"]
-                    runs[name].append({"total": result["ttft"] + sum(steps),
-                                       "ttft": result["ttft"], "ttnt": sum(steps) / len(steps),
-                                       "prepare": 0.0, "peak": result["peak"]})
-                progress.update()
-                continue
-            measured = measure_memory and memory.reset_peak()
-            started = time.perf_counter()
-            with variant(model, name, density, rank, adapter, batch):
-                prepare = time.perf_counter() - started
-                started = time.perf_counter()
-                run = greedy_decode(model, prompt, gen_len, compile=compile,
-                                    prefill_chunk=prefill_chunk)
-                total = time.perf_counter() - started
-                attached = parse_variant(name)[0] != "full"
-                held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
-                              "gathered": gathered_bytes(model) if attached else 0,
-                              "quantized": quantized_bytes(model) if attached else 0}
-                peak = memory.peak_bytes() if measured else None
-            tokens[name] = run.tokens
-            warmup.setdefault(name, total)
+
+    def time_one(name: str, repeat: int) -> None:
+        if name == PEER:
+            result = peer.decode(prompt[0].tolist(), gen_len)
+            tokens[name] = torch.tensor([result["tokens"]])
+            held[name] = {"adapter": 0, "gathered": 0, "quantized": 0}
+            warmup.setdefault(name, result["ttft"] + sum(result["steps"]))
             if repeat:
-                runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
-                                   "prepare": prepare,
-                                   "peak": None if peak is None else peak - baseline_rss})
-            progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
-            progress.write(f"{name} ({'warm-up' if not repeat else f'repeat {repeat}'}): "
-                           f"TTFT {run.ttft:.3f} s, TTNT {run.ttnt * 1e3:.2f} ms, "
-                           f"total {total:.2f} s")  # a log cut off at a time limit keeps these
-            progress.update()
+                steps = result["steps"]
+                runs[name].append({"total": result["ttft"] + sum(steps),
+                                   "ttft": result["ttft"], "ttnt": sum(steps) / len(steps),
+                                   "prepare": 0.0, "peak": result["peak"]})
+            return
+        measured = measure_memory and memory.reset_peak()
+        started = time.perf_counter()
+        with variant(model, name, density, rank, adapter, batch):
+            prepare = time.perf_counter() - started
+            started = time.perf_counter()
+            run = greedy_decode(model, prompt, gen_len, compile=compile,
+                                prefill_chunk=prefill_chunk)
+            total = time.perf_counter() - started
+            attached = parse_variant(name)[0] != "full"
+            held[name] = {"adapter": storage_bytes(model.parameters()) - weights,
+                          "gathered": gathered_bytes(model) if attached else 0,
+                          "quantized": quantized_bytes(model) if attached else 0}
+            peak = memory.peak_bytes() if measured else None
+        tokens[name] = run.tokens
+        warmup.setdefault(name, total)
+        if repeat:
+            runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
+                               "prepare": prepare,
+                               "peak": None if peak is None else peak - baseline_rss})
+        progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
+        progress.write(f"{name} ({'warm-up' if not repeat else f'repeat {repeat}'}): "
+                       f"TTFT {run.ttft:.3f} s, TTNT {run.ttnt * 1e3:.2f} ms, "
+                       f"total {total:.2f} s")  # a log cut off at a time limit keeps these
+
+    cut_off = False
+    try:
+        for repeat in range(repeats + 1):  # repeat 0 warms up every variant and is dropped
+            for name in variants:
+                time_one(name, repeat)
+                progress.update()
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit (`timeout -s INT`): keep what ran
+        cut_off = True
+        variants = [name for name in variants if runs[name]]
+        if not variants:
+            raise
     progress.close()
     # The machine's read rate, measured after the runs and compared with the one before
     # them: the better of the two, since a shared machine reads slower while it is busy.
@@ -308,7 +318,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                   "repeats": repeats, "density": density, "rank": rank, "adapter": adapter,
                   "dtype": str(next(model.parameters()).dtype), "device": str(device),
                   "threads": torch.get_num_threads(), "machine": machine(device),
-                  "compiled": compile, "prefill_chunk": prefill_chunk,
+                  "compiled": compile, "prefill_chunk": prefill_chunk, "cut_off": cut_off,
                   # graphs that torch.compile ran without CUDA graphs (its log says why)
                   "cudagraph_skips": (cudagraph_skips() - skips_before
                                       if compile and device.type == "cuda" else None)},
@@ -355,6 +365,8 @@ def format_table(result: dict) -> str:
                 "compiling included)" if compiled else "")
              + (f"; prompt fed in pieces of {s['prefill_chunk']} tokens"
                 if s.get("prefill_chunk") else "")
+             + ("; CUT OFF before its last run: medians of the runs that ended"
+                if s.get("cut_off") else "")
              + (f"; CUDA graphs SKIPPED for {s['cudagraph_skips']} compiled graph(s): those "
                 "steps ran eagerly (torch's log says why)" if s.get("cudagraph_skips") else "")
              + MEMORY_NOTES.get(s.get("memory"), ""),
