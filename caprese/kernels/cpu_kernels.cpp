@@ -439,31 +439,16 @@ double abs_order_statistic(torch::Tensor values, torch::Tensor valid, int64_t ra
 }
 
 // Counts of each 15-bit magnitude pattern (sign dropped) of 16-bit floats over valid rows:
-// CATS' threshold for a prompt fed in pieces (the counts of the pieces add up). One pass,
-// a histogram per thread, where torch.bincount first widened every value to int64.
+// CATS' threshold for a prompt fed in pieces (the counts of the pieces add up). The radix
+// select's first histogram, read as bf16 whatever the 16-bit type: only bits are counted.
 torch::Tensor abs_histogram(torch::Tensor values, torch::Tensor valid) {
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous(), "values must be a contiguous matrix");
   TORCH_CHECK(values.element_size() == 2, "values must be a 16-bit float type");
   TORCH_CHECK(valid.scalar_type() == at::kBool && valid.is_contiguous() &&
               valid.numel() == values.size(0), "valid must hold one bool per row");
-  const int64_t rows = values.size(0), cols = values.size(1), bins = 1 << 15;
-  const uint16_t* data = reinterpret_cast<const uint16_t*>(values.data_ptr());
-  const bool* keep = valid.data_ptr<bool>();
-  const int64_t threads = at::get_num_threads();
-  std::vector<int64_t> partial(threads * bins, 0);
-  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
-    int64_t* counts = partial.data() + at::get_thread_num() * bins;
-    for (int64_t r = first; r < last; ++r) {
-      if (!keep[r]) continue;
-      const uint16_t* row = data + r * cols;
-      for (int64_t c = 0; c < cols; ++c) counts[row[c] & 0x7fffu]++;
-    }
-  });
-  torch::Tensor out = torch::zeros({bins}, torch::kInt64);
-  int64_t* total = out.data_ptr<int64_t>();
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t b = 0; b < bins; ++b) total[b] += partial[t * bins + b];
-  return out;
+  const auto counts = histogram(reinterpret_cast<const at::BFloat16*>(values.data_ptr()),
+                                valid.data_ptr<bool>(), values.size(0), values.size(1), 16, -1);
+  return torch::from_blob(const_cast<int64_t*>(counts.data()), {1 << 15}, torch::kInt64).clone();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
