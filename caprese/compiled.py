@@ -43,6 +43,46 @@ CACHE_BUCKET = 256
 BACKENDS = ("inductor", "cudagraphs")
 
 
+def _cuda_graphs(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+    """torch.compile backend: the traced step's own kernels, replayed as a CUDA graph.
+
+    torch's built-in "cudagraphs" backend treats only lifted parameters as fixed inputs;
+    when dynamo inlines modules (its default) that is none of them, so it replays nothing
+    for a step that writes the KV cache: it logs a skip and runs eagerly. This backend takes
+    the static inputs inductor takes (parameters, buffers, and tensors marked static, as
+    transformers' StaticCache marks its keys and values): no weight is copied into the graph
+    at each replay, and the cache is written in place inside it."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.cudagraphs import (
+        find_input_mutations,
+        get_device_index,
+        get_stack_traces,
+    )
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.compile_fx import get_static_input_idxs
+    from torch._inductor.cudagraph_trees import cudagraphify_impl
+    from torch._inductor.cudagraph_utils import get_placeholder_info
+    from torch._inductor.utils import num_fw_fixed_arguments
+
+    def inference(aot_graph: torch.fx.GraphModule, aot_inputs: list) -> object:
+        fixed = num_fw_fixed_arguments(len(example_inputs), len(aot_inputs))
+        replay = cudagraphify_impl(
+            boxed_nop(aot_graph, aot_inputs), aot_inputs, get_static_input_idxs(fixed),
+            device_index=get_device_index(aot_graph), is_backward=False, is_inference=True,
+            stack_traces=get_stack_traces(aot_graph),
+            placeholders=get_placeholder_info(aot_graph.graph),
+            mutated_input_idxs=find_input_mutations(aot_graph.graph))
+        replay._boxed_call = True
+        return replay
+
+    def training(aot_graph: torch.fx.GraphModule, aot_inputs: list) -> object:
+        raise RuntimeError("compiled decoding is for inference: run it under torch.no_grad()")
+
+    # the cache is written inside the graph, not copied back whole after each replay
+    return aot_autograd(fw_compiler=training, inference_compiler=inference,
+                        keep_inference_input_mutations=True)(graph, example_inputs)
+
+
 def compile_config(device: torch.device | str, backend: str = "inductor") -> CompileConfig:
     """torch.compile's settings for decode steps: static shapes, and one graph (a graph break
     would split the capture and hide a slow Python path). On a CPU this also loads caprese's
@@ -55,7 +95,7 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
         raise ValueError(f"the cudagraphs compile backend needs a CUDA device, not "
                          f"{device.type}: use inductor")
     if backend == "cudagraphs":
-        config = CompileConfig(fullgraph=True, dynamic=False, backend="cudagraphs", mode=None)
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=_cuda_graphs, mode=None)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False,
                                mode="reduce-overhead" if device.type == "cuda" else "default")

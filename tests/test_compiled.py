@@ -81,6 +81,37 @@ def test_cuda_graph_decode_generates_the_eager_tokens(method, density, rank, bac
     assert cudagraph_skips() == 0  # replayed as CUDA graphs, not run eagerly behind our back
 
 
+def test_the_cuda_graph_backend_copies_no_weight_and_writes_the_cache_in_place(monkeypatch):
+    """The capture itself needs a GPU; what it is handed is checked here. torch's own
+    "cudagraphs" backend handed it no static input at all: every weight was copied into the
+    graph at each replay. Here the weights and the cache are static, and the cache is written
+    inside the graph."""
+    import torch._dynamo.backends.cudagraphs as dynamo_cudagraphs
+    import torch._inductor.cudagraph_trees as trees
+    from transformers.generation import CompileConfig
+
+    captures = []
+
+    def capture(run, inputs, static, **options):
+        captures.append((inputs, set(static), set(options["mutated_input_idxs"])))
+        return run
+
+    monkeypatch.setattr(trees, "cudagraphify_impl", capture)
+    monkeypatch.setattr(dynamo_cudagraphs, "get_device_index", lambda graph: 0)
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=compiled._cuda_graphs,
+                           mode=None)
+    monkeypatch.setattr(compiled, "compile_config", lambda device, backend: config)
+    model = variant_model("griffin", 0.5, 8)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_decode(model, prompt, 8, compile="cudagraphs").tokens,
+                       greedy_decode(model, prompt, 8).tokens)
+    [(inputs, static, written)] = captures
+    weights = {id(p) for p in model.parameters()}
+    assert {i for i, x in enumerate(inputs) if id(x) in weights} <= static  # none copied
+    cache_writes = 2 * model.config.num_hidden_layers  # keys and values, one step each
+    assert len(written) >= cache_writes and written <= static
+
+
 def test_a_second_prompt_reuses_the_compiled_step():
     model = variant_model("griffin", 0.5, 8)
     caprese.prepare_decode(model, batch=1)
