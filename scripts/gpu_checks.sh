@@ -49,7 +49,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     du -sh .whl .gpu
     exit 0
 fi
-step=${1:?which step: pipeline, tests, table5 or table5-long (or --prepare, here)}
+step=${1:?which step: pipeline, tests, kernels, table5 or table5-long (or --prepare, here)}
 seconds=${CALL_SECONDS:-420}
 work=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python \
@@ -61,10 +61,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, \
 transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-table5() {  # $1: setup, $2: repeats, $3: output name
-    # SIGINT at the limit: the bench writes the runs that ended (marked cut off), then stops
-    timeout -s INT -k 60 "$seconds" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
-        "setups=[\"$1\"]" "repeats=$2" "out=$OUT/$3.json" 2>&1 | tee "$OUT/$3.log"
+table5() {  # $1: setup, $2: repeats, $3: output name, then run.py's own overrides
+    # SIGINT at the limit: the bench writes the runs that ended (marked cut off), then stops;
+    # perf_hints logs why a graph would not replay as a CUDA graph
+    TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout -s INT -k 60 "$seconds" python3 benchmarks/run.py benchmarks/configs/gpu_table5.toml \
+        "setups=[\"$1\"]" "repeats=$2" "out=$OUT/$3.json" "${@:4}" 2>&1 | tee "$OUT/$3.log"
 }
 
 gpu_tests() {  # Triton's CATS kernel, and compiled decode (CUDA graphs) against eager
@@ -90,7 +91,8 @@ pipeline)
     exit "$status"
     ;;
 tests) gpu_tests ;;
-table5) table5 2048+256 2 gpu_table5 ;;
-table5-long) table5 2048+2048 1 gpu_table5_long ;;
-*) echo "unknown step $step: pipeline, tests, table5 or table5-long" >&2; exit 2 ;;
+kernels) python3 benchmarks/triton_cats.py --out "$OUT/triton_cats.json" ;;
+table5) table5 2048+256 2 gpu_table5 "${@:2}" ;;
+table5-long) table5 2048+2048 1 gpu_table5_long "${@:2}" ;;
+*) echo "unknown step $step: pipeline, tests, kernels, table5 or table5-long" >&2; exit 2 ;;
 esac

@@ -22,7 +22,8 @@ def masked_dense(x, act_gate, tau, up_rows, down_rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("extra_rows", [0, 5])  # 5: a low-rank path appended past D_FF
-def test_triton_cats_decode_equals_masked_dense(dtype, extra_rows):
+@pytest.mark.parametrize("rows_per_program", [512, 32])  # 32: four chunks, the last partial
+def test_triton_cats_decode_equals_masked_dense(dtype, extra_rows, rows_per_program):
     generator = torch.Generator().manual_seed(0)
     batch, dim, d_ff = 3, 72, 100  # not multiples of the blocks: tails are masked
     x = torch.randn(batch, 1, dim, generator=generator).to(dtype)
@@ -30,7 +31,8 @@ def test_triton_cats_decode_equals_masked_dense(dtype, extra_rows):
     tau = act_gate.float().abs().reshape(batch, -1).quantile(0.5, dim=1)  # per sample
     up_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
     down_rows = torch.randn(d_ff + extra_rows, dim, generator=generator).to(dtype)
-    got = cats_decode(*(t.to(DEVICE) for t in (x, act_gate, tau, up_rows, down_rows))).cpu()
+    got = cats_decode(*(t.to(DEVICE) for t in (x, act_gate, tau, up_rows, down_rows)),
+                      rows_per_program=rows_per_program).cpu()
     want = masked_dense(x, act_gate, tau, up_rows, down_rows)
     assert got.shape == (batch, 1, dim) and got.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
@@ -60,6 +62,9 @@ def test_triton_cats_decode_refuses_bad_layouts():
     with pytest.raises(ValueError, match="contiguous"):
         cats_decode(torch.randn(1, 1, 4), torch.randn(1, 1, 8), torch.zeros(1), rows.T.T[:, :3],
                     rows)
+    with pytest.raises(ValueError, match="multiple of block_j"):  # chunks would overlap
+        cats_decode(torch.randn(1, 1, 4), torch.randn(1, 1, 8), torch.zeros(1), rows, rows,
+                    block_j=32, rows_per_program=48)
 
 
 @pytest.mark.parametrize("rank", [None, 8])

@@ -5,9 +5,12 @@ sample). Two kernels:
 - `_up_kernel`: for each block of rows j, the dot products W1[j] . x for the kept rows only
   (the loads of the other rows are masked off, so their bytes are never read), times the
   gate; rows past D_FF (the low-rank L^T appended by Caprese) are always kept, gate 1;
-- `_down_kernel`: for each block of output columns, the sum over kept rows of
-  hidden[j] * W2^T[j], again with the other rows' loads masked off.
-Rows are read in blocks of at least 64 elements, so a skipped row skips whole memory
+- `_down_kernel`: for each block of output columns and each chunk of ROWS_PER_PROGRAM rows,
+  the sum over the chunk's kept rows of hidden[j] * W2^T[j], again with the other rows'
+  loads masked off; torch adds the chunks' partial sums. One program per block of columns
+  alone would be D / BLOCK_D programs (40 for a 14B model), too few to keep a GPU's
+  memory busy: each would stream all D_FF rows on its own.
+Rows are read in blocks of at least 128 elements, so a skipped row skips whole memory
 transactions. Triton comes with CUDA builds of PyTorch; the tests run these kernels on the
 CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
@@ -45,24 +48,25 @@ def _up_kernel(x_ptr, act_ptr, tau_ptr, up_ptr, hidden_ptr, rows, d_ff, dim,
 
 
 @triton.jit
-def _down_kernel(hidden_ptr, down_ptr, out_ptr, rows, dim,
-                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    sample = tl.program_id(0)
+def _down_kernel(hidden_ptr, down_ptr, partial_ptr, batch, rows, dim,
+                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+    sample, chunk = tl.program_id(0), tl.program_id(2)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for start in range(0, rows, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_J):
+        j = chunk * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_J)
         h = tl.load(hidden_ptr + sample * rows + j, mask=j < rows, other=0.0)
         keep = h != 0.0
         w = tl.load(down_ptr + j[:, None] * dim + d[None, :],
                     mask=keep[:, None] & (d[None, :] < dim), other=0.0).to(tl.float32)
         acc += tl.sum(h[:, None] * w, axis=0)
-    tl.store(out_ptr + sample * dim + d, acc, mask=d < dim)
+    tl.store(partial_ptr + (chunk * batch + sample) * dim + d, acc, mask=d < dim)
 
 
 def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
                 up_rows: torch.Tensor, down_rows: torch.Tensor,
-                block_j: int = 32, block_d: int = 64) -> torch.Tensor:
+                block_j: int = 32, block_d: int = 128, rows_per_program: int = 512
+                ) -> torch.Tensor:
     """One token per sample through a CATS MLP (+ the low-rank rows past D_FF).
 
     x (B, 1, D); act_gate (B, 1, D_FF), the gate activations; tau (B,); up_rows and
@@ -72,28 +76,33 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
     if not (up_rows.is_contiguous() and down_rows.is_contiguous()
             and up_rows.shape == down_rows.shape and up_rows.shape[1] == dim):
         raise ValueError("up_rows and down_rows must be contiguous (D_FF + r, D) matrices")
+    if rows_per_program % block_j:
+        raise ValueError(f"rows_per_program ({rows_per_program}) must be a multiple of "
+                         f"block_j ({block_j}): each program reads whole blocks of rows")
     x = x.reshape(batch, dim).contiguous()
     act = act_gate.reshape(batch, act_gate.shape[-1]).contiguous()
     tau = tau.reshape(batch).float().contiguous()
-    out = _cats_decode_op(x, act, tau, up_rows, down_rows, block_j, block_d)
+    out = _cats_decode_op(x, act, tau, up_rows, down_rows, block_j, block_d, rows_per_program)
     return out.reshape(batch, 1, dim)
 
 
 @torch.library.custom_op("caprese_triton::cats_decode", mutates_args=())
 def _cats_decode_op(x: torch.Tensor, act: torch.Tensor, tau: torch.Tensor,
                     up_rows: torch.Tensor, down_rows: torch.Tensor, block_j: int,
-                    block_d: int) -> torch.Tensor:
+                    block_d: int, rows_per_program: int) -> torch.Tensor:
     """x (B, D), act (B, D_FF), tau (B,) float32, all contiguous: (B, D) in x's dtype."""
     (batch, dim), (rows, d_ff) = x.shape, (up_rows.shape[0], act.shape[-1])
     hidden = torch.empty(batch, rows, device=x.device, dtype=torch.float32)
-    out = torch.empty(batch, dim, device=x.device, dtype=torch.float32)
     _up_kernel[(batch, triton.cdiv(rows, block_j))](
         x, act, tau, up_rows, hidden, rows, d_ff, dim, BLOCK_J=block_j, BLOCK_D=block_d)
-    _down_kernel[(batch, triton.cdiv(dim, block_d))](
-        hidden, down_rows, out, rows, dim, BLOCK_J=block_j, BLOCK_D=block_d)
-    return out.to(x.dtype)
+    chunks = triton.cdiv(rows, rows_per_program)
+    partial = torch.empty(chunks, batch, dim, device=x.device, dtype=torch.float32)
+    _down_kernel[(batch, triton.cdiv(dim, block_d), chunks)](
+        hidden, down_rows, partial, batch, rows, dim, BLOCK_J=block_j, BLOCK_D=block_d,
+        ROWS_PER_PROGRAM=rows_per_program)
+    return partial.sum(0).to(x.dtype)
 
 
 @_cats_decode_op.register_fake
-def _(x, act, tau, up_rows, down_rows, block_j, block_d):
+def _(x, act, tau, up_rows, down_rows, block_j, block_d, rows_per_program):
     return x.new_empty(x.shape)
