@@ -96,7 +96,9 @@ distill_step() {  # distill_step NAME METHOD DENSITY
         --samples 600 --max-length 512 --teacher-text "$TEACHER" --generation-batch "$BATCH" \
         --out "$dir" "${resume[@]}"
     cp "$dir/summary.json" "$KEEP/distill-$1.json"
-    gzip -9 -c "$TEACHER" > "$KEEP/teacher_text.jsonl.gz"
+    if ! gunzip -c "$KEEP/teacher_text.jsonl.gz" 2>/dev/null | cmp -s - "$TEACHER"; then
+        gzip -9 -n -c "$TEACHER" > "$KEEP/teacher_text.jsonl.gz"  # -n: no time stamp
+    fi
 }
 distill_step griffin griffin 0.5
 math_step griffin

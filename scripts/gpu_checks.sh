@@ -12,21 +12,18 @@
 #       kernel tests and the compiled-decode tests on CUDA: each step as a CUDA graph generates
 #       the eager tokens. PYTEST_ADDOPTS='-k "cudagraphs or triton"' keeps the fast ones (14
 #       tests in 19 s on an H200, 2026-12-04); the inductor ones take minutes.
-#   bash scripts/gpu_checks.sh table5        the paper's Table 5 (+ CATS by Triton) on a
+#   bash scripts/gpu_checks.sh kernels       (~1 min, estimated) CATS' Triton kernel alone at
+#       the 14B's MLP shapes, for several block shapes, against the dense MLP
+#       (benchmarks/triton_cats.py).
+#   bash scripts/gpu_checks.sh table5 [OVERRIDES]  the paper's Table 5 (+ CATS by Triton) on a
 #       Qwen2.5-14B-shaped random bf16 model at 2048 + 256, decode steps compiled
-#       (`compile = "cudagraphs"`: one CUDA graph per step), 2 repeats: 18 runs, about 6 min
-#       on an H200 (2026-12-04: warm-ups with compiling 23-61 s per variant, timed runs 8-15 s;
-#       benchmarks/results/gpu_table5_cutoff.txt). Give it CALL_SECONDS=420 and nothing else
-#       in the call: at 330 s it was cut off in its last run, and its table, printed when the
-#       setup ends, was lost. Now the limit interrupts the bench, which writes the medians
-#       of the runs that ended, and each run's TTFT and TTNT are logged as it ends.
+#       (`compile = "cudagraphs"`: one CUDA graph per step), 2 repeats: 18 runs, 4 min 40 s
+#       on an H200 (2026-12-04: warm-ups with compiling 22-41 s per variant, timed runs
+#       5-11 s). Give it CALL_SECONDS=420. OVERRIDES go to benchmarks/run.py, e.g.
+#       'variants=["full","cats","caprese-cats"]'. At the limit the bench is interrupted and
+#       writes the medians of the runs that ended; each run's TTFT and TTNT are logged as it
+#       ends.
 #   bash scripts/gpu_checks.sh table5-long   optional: the same at 2048 + 2048, one repeat.
-# Why the first Table-5 attempt printed nothing in 240 s (2026-11-27): it decoded eagerly,
-# which for a 48-layer model at batch 1 is bound by kernel launches (tens of ms per token,
-# an estimate, not a measurement), and 6 variants x 4 runs x (2048-token prefill + 256
-# steps) did not finish; its table prints only when a setup ends. Each run now shows a
-# progress bar, each call stays under its own timeout (CALL_SECONDS, 420 by default), and
-# the compiled step removes the launch cost.
 # It uses the machine's own python3 (torch, triton, transformers are there) and this checkout
 # through PYTHONPATH; what pip would add (math-verify, rouge-score, ...) travels as wheels.
 #   here, once (needs the package registries):  bash scripts/gpu_checks.sh --prepare
