@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caprese.methods import Cats, Griffin
+from caprese.methods import Cats, Griffin, griffin
 
 
 def random_prompt(batch=3, seq=7, d_ff=40, seed=0):
@@ -30,6 +30,16 @@ def test_griffin_selection_matches_reference(density):
             scores[j] = sum((z[t, j] / z[t].norm()) ** 2 for t in range(len(z))).sqrt()
         expected = sorted(scores.argsort(descending=True)[:k].tolist())
         assert selection[b].tolist() == expected
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 40 * 3, 2 << 20])  # one token at a time; whole
+def test_griffin_squares_in_chunks_or_whole_give_the_same_scores(chunk_bytes, monkeypatch):
+    """A CPU squares the prompt in cache-sized chunks, a GPU all at once: same scores."""
+    monkeypatch.setattr(griffin, "_SQUARES_BYTES", chunk_bytes)
+    _, hidden, valid = random_prompt()
+    unit = hidden.double() / hidden.double().norm(dim=-1, keepdim=True)
+    expected = (unit.square() * valid[..., None]).sum(dim=1)
+    torch.testing.assert_close(griffin.squared_scores(hidden, valid).double(), expected)
 
 
 @pytest.mark.parametrize("kernel", [True, False])

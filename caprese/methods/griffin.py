@@ -12,9 +12,11 @@ import torch
 
 from caprese.methods.base import FastWeights, Method
 
-# Tokens squared at a time: an fp32 block of this many bytes stays in a core's cache, where
-# squaring the whole prompt at once wrote and re-read an fp32 copy of z (4x faster in
-# chunks: 52 -> 9.6 ms per layer of the 1.5B model at 2048 tokens in bf16, AMX Xeon).
+# Tokens squared at a time on a CPU: an fp32 block of this many bytes stays in a core's
+# cache, where squaring the whole prompt at once wrote and re-read an fp32 copy of z (4x
+# faster in chunks: 52 -> 9.6 ms per layer of the 1.5B model at 2048 tokens in bf16, AMX
+# Xeon). A GPU squares the whole prompt at once: there each chunk costs kernel launches
+# (a 14B model's 2048 tokens would be 56 chunks per layer), not memory traffic.
 _SQUARES_BYTES = 2 << 20
 
 
@@ -22,7 +24,7 @@ def squared_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """griffin_scores squared, (B, D_FF) in fp32: a sum over tokens, so chunks of a prompt
     add up (a long prompt fed in pieces, or reselection's later tokens)."""
     batch, length, d_ff = hidden.shape
-    rows = max(1, _SQUARES_BYTES // (4 * d_ff * batch))
+    rows = max(1, _SQUARES_BYTES // (4 * d_ff * batch)) if hidden.device.type == "cpu" else length
     total = hidden.new_zeros(batch, d_ff, dtype=torch.float32)
     for start in range(0, length, rows):
         squares = hidden[:, start:start + rows].to(torch.float32, copy=True).square_()
