@@ -111,10 +111,30 @@ def compiled_forward(model: nn.Module, backend: str = "inductor"):
     return model.get_compiled_call(compile_config(next(model.parameters()).device, backend))
 
 
-def static_cache(model: nn.Module, length: int) -> StaticCache:
-    """A KV cache of at least `length` positions, rounded up to CACHE_BUCKET."""
-    buckets = -(-length // CACHE_BUCKET)
-    return StaticCache(config=model.config, max_cache_len=buckets * CACHE_BUCKET)
+def static_cache(model: nn.Module, length: int, batch: int) -> StaticCache:
+    """A KV cache of `batch` rows and at least `length` positions (rounded up to
+    CACHE_BUCKET). On a GPU the model keeps the last one and hands it out again, reset, for
+    the same shape: a CUDA graph replays only on the addresses it was recorded with, so a new
+    cache per batch would record the step again, and past torch's limit of such
+    re-recordings (128, a long evaluation's batches) the step would run without CUDA graphs.
+    A CPU replays no graph, and gets its memory back when the batch ends."""
+    parameter = next(model.parameters())
+    shape = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET, parameter.dtype, parameter.device)
+    if not replays_cuda_graphs(parameter.device):
+        return StaticCache(config=model.config, max_cache_len=shape[1])
+    kept = getattr(model, "_caprese_static_cache", None)
+    if kept is not None and kept[0] == shape:
+        kept[1].reset()
+        return kept[1]
+    model._caprese_static_cache = None  # the old cache's memory goes before the new one's
+    cache = StaticCache(config=model.config, max_cache_len=shape[1])
+    model._caprese_static_cache = (shape, cache)
+    return cache
+
+
+def replays_cuda_graphs(device: torch.device) -> bool:
+    """Whether compiled steps on `device` replay as CUDA graphs, so need stable addresses."""
+    return device.type == "cuda"
 
 
 def _mark_decode_weights_static(model: nn.Module) -> None:

@@ -168,7 +168,8 @@ def _generate_batch(model, batch: list[list[int]], settings: GenerationSettings,
     with context:
         if settings.compile:  # transformers' generate compiles its decode steps given these
             compiled.compiled_forward(model, settings.compile)
-            cache = compiled.static_cache(model, width + settings.max_new_tokens)
+            cache = compiled.static_cache(model, width + settings.max_new_tokens,
+                                          len(batch) * settings.samples)
             out = model.generate(
                 ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples,

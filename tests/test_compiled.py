@@ -125,11 +125,29 @@ def test_a_second_prompt_reuses_the_compiled_step():
     assert compiled_graphs() == graphs
 
 
+def test_one_static_cache_per_shape_is_reused_reset(monkeypatch):
+    """CUDA graphs replay on the addresses they recorded: on a GPU each batch of a long
+    evaluation must get the same cache back, emptied, not a new one."""
+    model = variant_model(None, 1.0, None)
+    assert compiled.static_cache(model, 20, 1) is not compiled.static_cache(model, 20, 1)
+    monkeypatch.setattr(compiled, "replays_cuda_graphs", lambda device: True)  # as on a GPU
+    cache = compiled.static_cache(model, 20, batch=1)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True,
+              **{phases.cache_argument(model): cache})
+    assert cache.get_seq_length() == 3
+    again = compiled.static_cache(model, 30, batch=1)  # the same bucket of 256 positions
+    assert again is cache and again.get_seq_length() == 0
+    assert all(not layer.keys.any() for layer in again.layers)
+    assert compiled.static_cache(model, 20, batch=2) is not cache  # another shape: a new one
+
+
 def forced_logits(model, prompt, continuation, compile):
     """Logits of each decode step, teacher-forced on `continuation` (the same inputs for the
     eager and the compiled step, whatever either would have picked)."""
     name = phases.cache_argument(model)
-    cache = compiled.static_cache(model, prompt.shape[1] + continuation.shape[1])
+    cache = compiled.static_cache(model, prompt.shape[1] + continuation.shape[1],
+                                  prompt.shape[0])
     with torch.no_grad():
         model(input_ids=prompt, use_cache=True, **{name: cache})
         step = compiled.compiled_forward(model) if compile else model

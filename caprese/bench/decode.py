@@ -57,7 +57,7 @@ def _greedy_decode(model, input_ids, gen_len, static_cache, compile, every, pref
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if compile:
-        cache = compiled.static_cache(model, prompt_len + gen_len)
+        cache = compiled.static_cache(model, prompt_len + gen_len, batch)
     elif static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + gen_len)
     else:
