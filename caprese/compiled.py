@@ -47,8 +47,9 @@ def _cuda_graphs(graph: torch.fx.GraphModule, example_inputs: list) -> object:
     """torch.compile backend: the traced step's own kernels, replayed as a CUDA graph.
 
     torch's built-in "cudagraphs" backend treats only lifted parameters as fixed inputs;
-    when dynamo inlines modules (its default) that is none of them, so it replays nothing
-    for a step that writes the KV cache: it logs a skip and runs eagerly. This backend takes
+    when dynamo inlines modules (its default) that is none of them, so each replay copied
+    every weight into the graph's own memory, and the KV cache's writes were copied back
+    whole after it (8.9 s against 5.0 s per Table-5 run on an H200). This backend takes
     the static inputs inductor takes (parameters, buffers, and tensors marked static, as
     transformers' StaticCache marks its keys and values): no weight is copied into the graph
     at each replay, and the cache is written in place inside it."""

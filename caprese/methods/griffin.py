@@ -24,7 +24,8 @@ def squared_scores(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """griffin_scores squared, (B, D_FF) in fp32: a sum over tokens, so chunks of a prompt
     add up (a long prompt fed in pieces, or reselection's later tokens)."""
     batch, length, d_ff = hidden.shape
-    rows = max(1, _SQUARES_BYTES // (4 * d_ff * batch)) if hidden.device.type == "cpu" else length
+    on_cpu = hidden.device.type == "cpu"
+    rows = max(1, _SQUARES_BYTES // (4 * d_ff * batch) if on_cpu else length)
     total = hidden.new_zeros(batch, d_ff, dtype=torch.float32)
     for start in range(0, length, rows):
         squares = hidden[:, start:start + rows].to(torch.float32, copy=True).square_()
