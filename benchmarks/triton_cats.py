@@ -6,8 +6,8 @@ One decode token through one MLP of a Qwen2.5-14B-shaped model (D 5120, D_FF 138
   down rows whose gate survives (about half at density 0.5), for several block shapes;
 - read: a plain sum over the same weights, the memory's own rate (the limit).
 Each row gives microseconds per layer and the GB/s of the bytes the kernel must read. The
-layers cycle over enough distinct weights (4 GB) that none stays in the GPU's cache; CUDA
-events, median of 7 after 2 untimed runs.
+layers cycle over enough distinct weights (4 GB) that none stays in the GPU's cache; median
+of 7 synchronized runs after 2 untimed ones.
 
     python benchmarks/triton_cats.py --out benchmarks/results/triton_cats_h200.json
 
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from caprese.bench.latency import machine
+from caprese.bench.latency import machine, median_seconds
 from caprese.io import atomic_write_text
 from caprese.kernels.triton import cats_decode
 
@@ -34,26 +32,6 @@ from caprese.kernels.triton import cats_decode
 # split over programs: one program per 64 output columns, each reading every row.
 SHAPES = [(32, 64, 1 << 20), (32, 128, 256), (32, 128, 512), (32, 128, 1024), (64, 128, 512),
           (32, 256, 512), (16, 128, 256)]
-
-
-def median_seconds(run, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of `run`, synchronized (CUDA events on a GPU)."""
-    times = []
-    for index in range(warmup + repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            started = time.perf_counter()
-            run()
-            seconds = time.perf_counter() - started
-        if index >= warmup:
-            times.append(seconds)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,12 +53,11 @@ def main() -> None:
     kept = int((act.float().abs() > tau).sum())
     cats_bytes = (d_ff + 2 * kept) * dim * 2
     count = len(layers)
-
     repeats, warmup = (1, 0) if args.tiny else (7, 2)
 
     def per_layer(run, bytes_read: int) -> dict:
-        seconds = median_seconds(lambda: [run(*layer) for layer in layers], device, repeats,
-                                 warmup) / count
+        seconds = median_seconds(lambda: [run(*layer) for layer in layers], device.type,
+                                 repeats, warmup) / count
         return {"us": seconds * 1e6, "gb_per_s": bytes_read / seconds / 1e9}
 
     rows = {"read": per_layer(lambda g, u, d: (g.sum(), u.sum(), d.sum()), layer_bytes),
