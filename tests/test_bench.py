@@ -65,7 +65,17 @@ def test_bench_runs_every_variant_and_reports_consistent_bytes():
     # Caprese and its parameter-matched LoRA read (almost) the same number of bytes
     assert abs(rows["lora"]["bytes_per_token"] / rows["caprese"]["bytes_per_token"] - 1) < 0.05
     assert all(r["ttnt"] > 0 and r["floor_fraction"] > 0 for r in rows.values())
-    assert "| caprese |" in format_table(result)
+    assert all(r["ttft_faults"] >= 0 for r in rows.values())
+    assert "| caprese |" in format_table(result) and "TTFT page faults" in format_table(result)
+
+
+def test_minor_faults_counts_the_pages_a_fresh_block_touches():
+    from caprese.bench.decode import minor_faults
+
+    before = minor_faults()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: glibc maps it fresh
+    assert minor_faults() - before >= 16  # 16384 pages of 4 KiB, or 32 huge pages
+    del block
 
 
 def test_bench_reports_what_each_variant_holds_and_its_peak():

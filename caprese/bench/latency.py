@@ -260,11 +260,12 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
         warmup.setdefault(name, total)
         if repeat:
             runs[name].append({"total": total, "ttft": run.ttft, "ttnt": run.ttnt,
-                               "prepare": prepare,
+                               "prepare": prepare, "ttft_faults": run.ttft_faults,
                                "peak": None if peak is None else peak - baseline_rss})
         progress.set_postfix_str(f"{name}: {total:.2f} s", refresh=False)
         progress.write(f"{name} ({'warm-up' if not repeat else f'repeat {repeat}'}): "
-                       f"TTFT {run.ttft:.3f} s, TTNT {run.ttnt * 1e3:.2f} ms, "
+                       f"TTFT {run.ttft:.3f} s ({run.ttft_faults} page faults), "
+                       f"TTNT {run.ttnt * 1e3:.2f} ms, "
                        f"total {total:.2f} s")  # a log cut off at a time limit keeps these
 
     cut_off = False
@@ -289,12 +290,14 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
         read = bytes_per_token(model, "full" if name == PEER else name, density, rank,
                                prompt_len + gen_len // 2)
         peaks = [r["peak"] for r in runs[name] if r["peak"] is not None]
+        faults = [r["ttft_faults"] for r in runs[name] if "ttft_faults" in r]  # not the peer's
         allowed = memory.allowed_bytes(weights, held[name]["adapter"] + held[name]["quantized"],
                                        held[name]["gathered"], kv_cache)
         rows.append({"variant": name, **per, "tokens_per_s": batch / per["ttnt"],
                      "bytes_per_token": read, "floor_ttnt": read / bandwidth,
                      "floor_fraction": read / bandwidth / per["ttnt"],
                      "peak_bytes": max(peaks) if peaks else None, "allowed_bytes": allowed,
+                     "ttft_faults": statistics.median(faults) if faults else None,
                      **{f"{k}_bytes": v for k, v in held[name].items()},
                      "warmup": warmup.get(name), "runs": runs[name]})
     if peer is not None:  # same weights: the peer's greedy tokens should match ours
@@ -351,6 +354,10 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
+def _thousands(count: float | None) -> str:
+    return "-" if count is None else f"{count / 1e3:.0f}k"
+
+
 MEMORY_NOTES = {"alone": "; peak MiB: each variant in a process of its own",
                 "together": "; peak MiB: in this process, after the variants before it"}
 
@@ -371,15 +378,16 @@ def format_table(result: dict) -> str:
                 "steps ran eagerly (torch's log says why)" if s.get("cudagraph_skips") else "")
              + MEMORY_NOTES.get(s.get("memory"), ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
-             + "TTFT s | TTFT added | TTNT ms | tok/s | MB/token "
+             + "TTFT s | TTFT added | TTFT page faults | TTNT ms | tok/s | MB/token "
              "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",
-             "|---" * (15 if compiled else 14) + "|"]
+             "|---" * (16 if compiled else 15) + "|"]
     for r in result["variants"]:
         warmup = f"{r['warmup']:.2f} | " if compiled else ""
         lines.append(
             f"| {r['variant']} | {r['total']:.2f} | {r['prepare']:.2f} | {warmup}"
             f"{r['ttft']:.3f} | "
-            f"{100 * r.get('ttft_added', 0):+.0f}% | {1e3 * r['ttnt']:.1f} | "
+            f"{100 * r.get('ttft_added', 0):+.0f}% | {_thousands(r.get('ttft_faults'))} | "
+            f"{1e3 * r['ttnt']:.1f} | "
             f"{r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
             f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% | "
