@@ -304,6 +304,8 @@ def decode_latency(ex: dict) -> Iterator[dict]:
     # memory = "alone": each variant's peak from a `caprese bench` process of its own (built-in
     # or Hub models on the CPU; random-weight configs are measured in this process).
     alone_memory = ex["memory"] == "alone" and not ex["config"] and device == "cpu"
+    # Peaks measured between the timed runs; glibc's setting for that slows prefills.
+    measured_here = not alone_memory and ex["memory"] != "off"
     for dtype in ex["dtypes"]:
         choice = resolve_dtype(dtype, device)
         alone = {}  # setup -> variant -> peak bytes, measured before our model loads
@@ -314,16 +316,17 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                  "prompt_len": prompt_len, "gen_len": gen_len, "batch": ex["batch"],
                  "prefill_chunk": ex["prefill_chunk"] or None, "compile": ex["compile"] or None},
                 ex["variants"])
-        free_large_blocks_at_once()
+        if measured_here:
+            free_large_blocks_at_once()
         if ex["config"]:
             config = load_config(str(ROOT / ex["config"]))
             for key, value in (TINY.items() if ex["tiny"] else ()):
                 setattr(config, key, value)
-            baseline_rss = settled_rss()
+            baseline_rss = settled_rss() if measured_here else None
             model = random_model(config, choice.dtype, device)
         else:
             import_model_code(ex["model"])
-            baseline_rss = None if alone_memory else settled_rss()
+            baseline_rss = settled_rss() if measured_here else None
             model, tokenizer = load_model(ex["model"], dtype=dtype, device=device)
             del tokenizer  # not a variant's memory
             report["weights"] = weights_description(ex["model"])
@@ -339,7 +342,8 @@ def decode_latency(ex: dict) -> Iterator[dict]:
                                    ex["batch"], rank=ex["rank"], baseline_rss=baseline_rss,
                                    peer=peer, compile=ex["compile"] or None,
                                    prefill_chunk=ex["prefill_chunk"] or None)
-            record_peaks(result, alone.get(setup, {}), "alone" if alone_memory else "together")
+            record_peaks(result, alone.get(setup, {}),
+                         "alone" if alone_memory else "together" if measured_here else "off")
             report["runs"][f"{choice.name} {setup}"] = result
             print(f"\n## {choice.name}, {setup}\n{format_table(result)}", flush=True)
             yield report

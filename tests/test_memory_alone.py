@@ -84,3 +84,19 @@ def test_the_benchmark_driver_measures_a_named_models_memory_alone(tiny_dir, tmp
     assert run["setup"]["memory"] == "alone"
     assert all(isinstance(row["peak_bytes"], int) and row["peak_bytes"] > 0
                and all(r["peak"] is None for r in row["runs"]) for row in run["variants"])
+
+
+@pytest.mark.parametrize("memory, expected", [("off", 0), ("together", 1)])
+def test_only_a_process_that_measures_peaks_maps_large_blocks_afresh(
+        memory, expected, tiny_dir, tmp_path, monkeypatch):
+    """glibc's 1 MiB threshold makes every large block fault its pages in again, which slows
+    prefills: the timing process of `--memory off` (and of `alone`) must keep the default."""
+    import caprese.cli.bench as bench
+    from caprese.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench, "free_large_blocks_at_once", lambda: calls.append(1))
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "full", "--prompt-len", "8",
+                 "--gen-len", "3", "--repeats", "1", "--memory", memory,
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    assert len(calls) == expected

@@ -32,7 +32,10 @@ def free_large_blocks_at_once() -> None:
 
     By default glibc raises that threshold after the first large free (up to 32 MiB), so a
     weight matrix freed while a layout takes its place stays resident as heap and the next
-    variant's peak counts it. Called by the bench before the model loads."""
+    variant's peak counts it. Called before the model loads by a bench process that measures
+    peaks, and only then: every block of 1 MiB or more is then mapped afresh and its pages
+    faulted in at first touch, which slows a long prompt's prefill (2.5M faults at 2048
+    tokens of the 1.5B model in bf16; docs/BENCHMARKS.md)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)

@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
                          f"same weights): one of {', '.join(BUILTIN_MODELS)}")
     if args.peer and args.batch != 1:
         raise ValueError(f"--peer {PEER} is timed at --batch 1, not {args.batch}")
-    free_large_blocks_at_once()
-    import_model_code(args.model)  # memory is measured above the code, before the weights
     memory_mode = args.memory if args.device.startswith("cpu") else "off"  # RSS: CPU only
+    if memory_mode == "together":  # peaks measured in this process (a child of "alone" too)
+        free_large_blocks_at_once()
+    import_model_code(args.model)  # memory is measured above the code, before the weights
     # The children before our model loads: never two models in memory at once.
     alone = (peaks_alone({name: getattr(args, name) for name in FORWARDED}, variants)
              if memory_mode == "alone" else {})
