@@ -10,8 +10,9 @@
 #       setup ~20 s, pipeline 146 s, Triton tests 5 s.
 #   bash scripts/gpu_checks.sh tests         (part of pipeline; ~40 s with setup) Triton's CATS
 #       kernel tests and the compiled-decode tests on CUDA: each step as a CUDA graph generates
-#       the eager tokens. PYTEST_ADDOPTS='-k "cudagraphs or triton"' keeps the fast ones (14
-#       tests in 19 s on an H200, 2026-12-04); the inductor ones take minutes.
+#       the eager tokens; CATS' threshold by sorting on CUDA against the CPU's.
+#       PYTEST_ADDOPTS='-k "cudagraphs or triton or gpu"' keeps the fast ones (14 of them took
+#       19 s on an H200, 2026-12-04); the inductor ones take minutes.
 #   bash scripts/gpu_checks.sh kernels       (~1 min, estimated) CATS' Triton kernel alone at
 #       the 14B's MLP shapes, for several block shapes, against the dense MLP
 #       (benchmarks/triton_cats.py).
@@ -68,7 +69,8 @@ table5() {  # $1: setup, $2: repeats, $3: output name, then run.py's own overrid
 gpu_tests() {  # Triton's CATS kernel, and compiled decode (CUDA graphs) against eager
     local status=0
     timeout "${TESTS_SECONDS:-150}" python3 -m pytest -q -p no:cacheprovider \
-        tests/test_kernels_triton.py tests/test_compiled.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
+        tests/test_kernels_triton.py tests/test_compiled.py tests/test_methods.py \
+        >"$OUT/gpu_tests.log" 2>&1 || status=$?
     tail -3 "$OUT/gpu_tests.log"
     return "$status"
 }

@@ -59,6 +59,41 @@ def test_cats_threshold_matches_reference(density, kernel, monkeypatch):
         assert abs(kept - density) <= 2 / values.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9, 1.0 - 1e-6])
+def test_cats_sorted_threshold_equals_counting(density, dtype):
+    """The GPU's sort gives the CPU histogram's threshold exactly: padding, ties, zeros."""
+    from caprese.methods.cats import cats_threshold, sorted_threshold
+
+    generator = torch.Generator().manual_seed(5)
+    act = (torch.randn(3, 40, 200, generator=generator) * 3).to(dtype)
+    act[0, 0, :9] = 0.0
+    act[2, 5, :50] = act[2, 5, 0]  # many equal magnitudes
+    act[1, 30:] = 0.0  # padding below every real value: counted, it would move tau
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[1, 30:] = False
+    valid[2, :3] = False
+    tau = sorted_threshold(act, valid, density)
+    assert tau.dtype == dtype
+    assert torch.equal(tau, cats_threshold(act, valid, density))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        sorted_threshold(act, torch.zeros_like(valid), density)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cats_threshold_on_a_gpu_equals_the_cpus():
+    """On CUDA the threshold comes from a sort (no histogram, no host sync); same tau."""
+    from caprese.methods.cats import cats_threshold
+
+    generator = torch.Generator().manual_seed(6)
+    act = (torch.randn(2, 300, 1000, generator=generator) * 2).to(torch.bfloat16)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[0, :40] = False
+    for density in (0.3, 0.5):
+        expected = cats_threshold(act, valid, density)
+        assert torch.equal(cats_threshold(act.cuda(), valid.cuda(), density).cpu(), expected)
+
+
 def test_masks_keep_what_was_selected():
     act, hidden, valid = random_prompt()
     griffin = Griffin(0.25)
