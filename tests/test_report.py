@@ -79,6 +79,23 @@ def test_paired_bootstrap_resamples_whole_templates():
         paired_bootstrap({"x": True}, {"y": False})
 
 
+def test_the_recovered_share_has_an_interval_only_where_the_drop_stays_above_zero():
+    from caprese.evaluate.compare import recovered_interval
+
+    rng = random.Random(3)
+    ids = [f"gsm-symbolic/{t:04d}" + suffix for t in range(50) for suffix in ("", "/0-0")]
+    full = {i: float(rng.random() < 0.8) for i in ids}
+    method = {i: float(full[i] and rng.random() < 0.3) for i in ids}  # loses most of them
+    caprese = {i: float(full[i] and (method[i] or rng.random() < 0.7)) for i in ids}
+    low, high = recovered_interval(full, method, caprese, draws=2000)
+    share = (sum(caprese.values()) - sum(method.values())) / (
+        sum(full.values()) - sum(method.values()))
+    assert 0 < low < share < high < 1
+    assert recovered_interval(full, method, caprese, draws=2000) == [low, high]  # seeded
+    same = {i: full[i] for i in ids[:4]}  # a drop of 0 in every draw
+    assert recovered_interval(same, same, same, draws=100) is None
+
+
 def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
     paths = fixture_results(tmp_path)
     (tmp_path / "intro.md").write_text("Setup: a fixture.\n")

@@ -59,25 +59,58 @@ def problem_group(problem_id: str) -> str:
     return "/".join(parts[:2]) if parts[0] == "gsm-symbolic" and len(parts) > 1 else problem_id
 
 
+def _grouped(scores: dict[str, float]) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for key, value in scores.items():
+        groups[problem_group(key)].append(value)
+    return groups
+
+
+def _resampled(groups: list, draws: int, seed: int):
+    """Each bootstrap draw: as many groups as there are, drawn with replacement. Seeded, so a
+    report is reproducible."""
+    rng = random.Random(seed)
+    for _ in range(draws):
+        yield rng.choices(groups, k=len(groups))
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], draws: int = BOOTSTRAP_DRAWS,
                      seed: int = 0) -> tuple[float, float, float, int]:
     """mean(a - b) over shared problems with a 95% percentile interval from a bootstrap over
-    problem groups (problem_group): (diff, low, high, n). Seeded: a report is reproducible."""
+    problem groups (problem_group): (diff, low, high, n)."""
     shared = sorted(a.keys() & b.keys())
     if len(shared) < 2:
         raise ValueError("a paired difference needs at least two shared problems")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for key in shared:
-        groups[problem_group(key)].append(float(a[key]) - float(b[key]))
+    groups = _grouped({key: float(a[key]) - float(b[key]) for key in shared})
     sums = [(sum(diffs), len(diffs)) for diffs in groups.values()]
-    rng = random.Random(seed)
-    means = []
-    for _ in range(draws):
-        drawn = rng.choices(sums, k=len(sums))
-        means.append(sum(d for d, _ in drawn) / sum(n for _, n in drawn))
-    means.sort()
-    low, high = means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+    means = [sum(d for d, _ in drawn) / sum(n for _, n in drawn)
+             for drawn in _resampled(sums, draws, seed)]
+    low, high = _percentiles(means)
     return sum(d for d, _ in sums) / len(shared), low, high, len(shared)
+
+
+def recovered_interval(full: dict[str, float], method: dict[str, float],
+                       caprese: dict[str, float], draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = 0) -> list[float] | None:
+    """95% interval of the recovered share, (Caprese - method) / (full - method), from the
+    same resampling of problem groups, all three variants drawn together. None when some
+    draw's drop is 0 or below: the share is then undefined, and the interval unbounded."""
+    shared = full.keys() & method.keys() & caprese.keys()
+    gained = _grouped({key: float(caprese[key]) - float(method[key]) for key in shared})
+    lost = _grouped({key: float(full[key]) - float(method[key]) for key in shared})
+    sums = [(sum(gained[group]), sum(lost[group])) for group in gained]
+    shares = []
+    for drawn in _resampled(sums, draws, seed):
+        drop = sum(d for _, d in drawn)
+        if drop <= 0:
+            return None
+        shares.append(sum(g for g, _ in drawn) / drop)
+    return list(_percentiles(shares))
 
 
 def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
@@ -112,6 +145,9 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
                 if method_verdicts and caprese_verdicts:
                     versus = paired_bootstrap(caprese_verdicts, method_verdicts)
                 gap = full_accuracy - method_accuracy
+                share = None
+                if drop is not None and drop[1] > 0 and caprese_verdicts:
+                    share = recovered_interval(full_verdicts, method_verdicts, caprese_verdicts)
                 caprese_accuracy = accuracy(caprese_result["summary"])
                 gained = caprese_accuracy - method_accuracy
                 rows.append({
@@ -124,6 +160,7 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
                     "versus_method_ci95": None if versus is None else [versus[1], versus[2]],
                     "significantly_below_method": None if versus is None else versus[2] < 0,
                     "recovered": gained / gap if gap > 0 else None,
+                    "recovered_ci95": share,
                 })
     return rows
 
@@ -139,6 +176,8 @@ def recovery_table(rows: list[dict]) -> str:
     for r in rows:
         recovered = ("n/a (no drop)" if r["recovered"] is None
                      else f"{100 * r['recovered']:.0f}%")
+        if r.get("recovered_ci95"):
+            recovered += " [{:.0f}, {:.0f}]".format(*(100 * x for x in r["recovered_ci95"]))
         if r["drop_significant"] is False:
             recovered += " (drop within its interval)"
         versus = f"{100 * r['versus_method']:+.1f} {_interval(r['versus_method_ci95'])}"

@@ -210,7 +210,9 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
                      "recovered = (Caprese - method) / (full - method). Intervals: paired "
                      "bootstrap over the same problems (10,000 draws) that resamples whole "
                      "GSM-Symbolic templates (a template's variants are not independent); a "
-                     "Caprese row whose interval against its method lies below 0 is marked.",
+                     "Caprese row whose interval against its method lies below 0 is marked. "
+                     "The recovered share's interval comes from the same draws of all three "
+                     "variants; it is given only where no draw's drop reaches 0.",
                      "", recovery_table(recovery), ""]
     retention = retention_table(results)
     if retention:
