@@ -24,9 +24,9 @@ def cats_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float) 
     kthvalue (torch.quantile refuses inputs above 16M entries, and a 2K-token prompt of a
     14B model has 18M).
     """
-    if act_gate.dtype in SIXTEEN_BIT and act_gate.device.type != "cpu":
-        return sorted_threshold(act_gate, valid, density)
     if act_gate.dtype in SIXTEEN_BIT:
+        if act_gate.device.type != "cpu":
+            return sorted_threshold(act_gate, valid, density)
         counts = abs_histograms(act_gate, valid)
         return threshold_from_counts(counts, density).to(torch.int16).view(act_gate.dtype)
     taus = []
@@ -47,11 +47,16 @@ def threshold_from_counts(counts: torch.Tensor, density: float) -> torch.Tensor:
     16-bit magnitude patterns: for non-negative floats the bit pattern, read as an integer,
     orders like the value, so the quantile is the first pattern whose running count passes
     its rank."""
-    totals = counts.sum(dim=-1)
+    ranks = quantile_ranks(counts.sum(dim=-1), density)
+    return torch.searchsorted(counts.cumsum(-1), (ranks + 1)[:, None])[:, 0]
+
+
+def quantile_ranks(totals: torch.Tensor, density: float) -> torch.Tensor:
+    """(B,) 0-based index of the 'lower' (1 - density) quantile among each sample's `totals`
+    valid entries."""
     if (totals == 0).any():
         raise ValueError("CATS needs at least one prompt token per sample to set tau")
-    ranks = ((1.0 - density) * (totals - 1).double()).long()  # 0-based index of the quantile
-    return torch.searchsorted(counts.cumsum(-1), (ranks + 1)[:, None])[:, 0]
+    return ((1.0 - density) * (totals - 1).double()).long()
 
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # 2^15 magnitudes: an exact histogram
@@ -65,13 +70,10 @@ def sorted_threshold(act_gate: torch.Tensor, valid: torch.Tensor, density: float
     Only the empty-prompt check waits for the device. torch.bincount reads the largest value
     back to size its output, boolean indexing reads the count back, and a 2^15-bin histogram
     makes every thread add into the same few hot bins of global memory."""
-    totals = valid.sum(dim=-1) * act_gate.shape[-1]
-    if (totals == 0).any():
-        raise ValueError("CATS needs at least one prompt token per sample to set tau")
+    ranks = quantile_ranks(valid.sum(dim=-1) * act_gate.shape[-1], density)
     patterns = act_gate.abs().view(torch.int16)  # non-negative: integers order like values
     patterns = patterns.masked_fill(~valid[..., None], torch.iinfo(torch.int16).max)
     ordered = patterns.flatten(1).sort(dim=-1).values
-    ranks = ((1.0 - density) * (totals - 1).double()).long()  # 0-based index of the quantile
     return ordered.gather(1, ranks[:, None])[:, 0].view(act_gate.dtype)
 
 
