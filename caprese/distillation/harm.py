@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from caprese import distributed
 from caprese.adapter import blocks
@@ -132,6 +133,8 @@ def adapter_check(model: torch.nn.Module, held_out: Sequence[Sample], batch_size
         sums, done = {name: tensors[name] for name in sums}, int(meta["batches"])
     clock = CheckpointClock(checkpoint_every, checkpoint_minutes)
     device = next(model.parameters()).device
+    progress = tqdm(total=len(work), initial=done, desc="adapter check", unit="batch",
+                    disable=not distributed.is_main())
     for index in range(done, len(work)):
         name, chunk = work[index]
         batch = collate(chunk, pad_id).to(device)
@@ -143,6 +146,8 @@ def adapter_check(model: torch.nn.Module, held_out: Sequence[Sample], batch_size
                                    dtype=torch.float64)
         if run_dir is not None and clock.due(index + 1, len(work)) and distributed.is_main():
             save_checkpoint(run_dir / "checkpoints", CHECK, sums, {"batches": index + 1})
+        progress.update()
+    progress.close()
     result: dict = {}
     for name, (kl_method, kl_caprese, tokens) in sums.items():
         method, caprese = float(kl_method / max(tokens, 1)), float(kl_caprese / max(tokens, 1))
