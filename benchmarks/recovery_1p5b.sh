@@ -36,7 +36,7 @@ restore() {  # restore RESULT_JSON NAME: a result kept in git by an earlier sess
     if [ -e "$1" ] || [ ! -e "$kept" ]; then return; fi
     if [[ $2 == caprese-* ]]; then  # only for the very adapter it measured, not a new one
         local method=${2#caprese-}
-        cmp -s "$OUT/adapter-$method/summary.json" "$KEEP/distill-$method.json" || return 0
+        cmp -s "$OUT/adapter-$method/summary.json" "$KEEP/distill-$method/summary.json" || return 0
     fi
     if [ -e "$KEEP/$(basename "$records").gz" ]; then
         gunzip -c "$KEEP/$(basename "$records").gz" > "$records.tmp" && mv "$records.tmp" "$records"
@@ -95,7 +95,8 @@ distill_step() {  # distill_step NAME METHOD DENSITY
     step "$dir/summary.json" distill --model "$MODEL" --method "$2" --density "$3" \
         --samples 600 --max-length 512 --teacher-text "$TEACHER" --generation-batch "$BATCH" \
         --out "$dir" "${resume[@]}"
-    cp "$dir/summary.json" "$KEEP/distill-$1.json"
+    mkdir -p "$KEEP/distill-$1"  # what the run trained on, kept, cost: for the report
+    cp "$dir/run.json" "$dir/summary.json" "$KEEP/distill-$1/"
     if ! gunzip -c "$KEEP/teacher_text.jsonl.gz" 2>/dev/null | cmp -s - "$TEACHER"; then
         gzip -9 -n -c "$TEACHER" > "$KEEP/teacher_text.jsonl.gz"  # -n: no time stamp
     fi
@@ -117,5 +118,6 @@ for name in full caprese-griffin caprese-cats caprese-cats-low; do
     eval_step xsum "$name" "$ARTICLES" 16
 done
 caprese report "$KEEP"/math-*.json "$KEEP"/fidelity-language-*.json "$KEEP"/xsum-*.json \
+    --distill "$KEEP"/distill-griffin "$KEEP"/distill-cats "$KEEP"/distill-cats-low \
     --out "${REPORT:-docs/RESULTS.md}" --title "Results: qwen2.5-coder-1.5b-instruct" \
     --intro benchmarks/recovery_1p5b_intro.md

@@ -224,3 +224,41 @@ def test_distill_prints_what_it_kept_and_how_it_compares_with_the_method(tmp_pat
     assert "math KL" in out and "general KL" in out  # a quarter of the held-out is general
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (run["continuations"], run["general_share"], run["samples"]) == ("teacher", 0.25, 16)
+
+
+def test_the_report_tables_a_distill_run_as_its_summary_says(tmp_path, tiny_dir):
+    run = tmp_path / "cats-run"
+    assert main(["distill", "--model", str(tiny_dir), "--method", "cats", "--rank", "4",
+                 "--data", "gsm8k", "--samples", "16", "--held-out", "8", "--max-length", "96",
+                 "--stages", "layerwise", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    result = tmp_path / "math.json"
+    result.write_text(json.dumps({"task": "gsm8k", "variant": {"kind": "full", "label": "full"},
+                                  "summary": {"accuracy": 0.5, "ci95": [0.2, 0.8],
+                                              "mean_length": 10.0}}))
+    assert main(["report", str(result), "--out", str(tmp_path / "r.md"),
+                 "--distill", str(run)]) == 0
+    text = (tmp_path / "r.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| cats-run |"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[1].startswith("cats ") and "r = 4" in cells[1]
+    assert cells[2].startswith("16 + 8 held out (<= 96 tokens")
+    kept, check = summary["kept"], summary["adapter_check"]["math"]
+    assert cells[3].startswith(f"{len(kept['full_rank'])}/")
+    assert cells[4].startswith(f"{check['kl_method']:.4f} -> {check['kl_caprese']:.4f}")
+    assert ("worse than the method alone" in cells[4]) == summary["worse_than_method"]
+    assert cells[6].startswith(f"{summary['stages']['layerwise']['seconds'] / 3600:.2f} / -")
+
+
+def test_a_folder_that_is_not_a_distill_run_is_a_clear_report_error(tmp_path, capsys):
+    result = tmp_path / "math.json"
+    result.write_text(json.dumps({"task": "gsm8k", "variant": {"kind": "full", "label": "full"},
+                                  "summary": {"accuracy": 0.5, "ci95": [0.2, 0.8],
+                                              "mean_length": 10.0}}))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text("{}")
+    for folder in (tmp_path / "missing", tmp_path / "half"):
+        assert main(["report", str(result), "--out", str(tmp_path / "r.md"),
+                     "--distill", str(folder)]) == 2
+        assert "is not a finished caprese distill run" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()

@@ -112,7 +112,8 @@ def run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    print(f"report written to {build_report(args.results, args.out, args.intro, args.title)}")
+    out = build_report(args.results, args.out, args.intro, args.title, args.distill)
+    print(f"report written to {out}")
     return 0
 
 
@@ -162,4 +163,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default="report.md")
     p.add_argument("--title", default="Caprese evaluation report")
     p.add_argument("--intro", help="markdown file placed under the title (setup, notes)")
+    p.add_argument("--distill", nargs="+", default=[], metavar="RUN_FOLDER",
+                   help="caprese distill run folders (run.json + summary.json): a table of "
+                   "what each trained on, kept and cost")
     p.set_defaults(func=run_report)

@@ -188,9 +188,73 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
     return _save(plt, fig, ax, path, legend_size=7)
 
 
+def load_distill_runs(folders: list[str | Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, run.json, summary.json) of each `caprese distill` run folder (or a copy of
+    those two files): what was trained, on what, what it kept and what it cost."""
+    runs = []
+    for folder in map(Path, folders):
+        try:
+            run = json.loads((folder / "run.json").read_text())
+            summary = json.loads((folder / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{folder} is not a finished caprese distill run (it needs "
+                             f"run.json and summary.json): {error}") from error
+        if "caprese" not in run or "stages" not in summary:
+            raise ValueError(f"{folder}: run.json/summary.json are not caprese distill's")
+        runs.append((folder, run, summary))
+    return runs
+
+
+def _kept(summary: dict, layers: int) -> str:
+    kept = summary.get("kept")
+    if kept is None:
+        return "no cut (no held-out samples)"
+    reduced = ", ".join(f"{layer}: {rank}" for layer, rank in kept.get("reduced", {}).items())
+    return (f"{len(kept['full_rank'])}/{layers} full"
+            + (f"; reduced {reduced}" if reduced else "")
+            + (f"; dropped {kept['dropped']}" if kept["dropped"] else ""))
+
+
+def _check(summary: dict, part: str) -> str:
+    found = summary.get("adapter_check", {}).get(part)
+    if not found:
+        return ""
+    return (f"{found['kl_method']:.4f} -> {found['kl_caprese']:.4f} "
+            f"({100 * found['change']:+.0f}%)")
+
+
+def _layer_span(layers: list[int]) -> str:
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"layers {layers[0]}-{layers[-1]}" if contiguous else f"layers {layers}"
+
+
+def distill_table(runs: list[tuple[Path, dict, dict]]) -> str:
+    """One row per distillation run: its setting, the do-no-harm cut and check, its cost."""
+    lines = ["| run | method | training samples | rank kept (layers) | held-out KL, math: "
+             "method -> Caprese | held-out KL, general | layer-wise / E2E hours | peak memory |",
+             "|---" * 8 + "|"]
+    for folder, run, summary in runs:
+        adapter, stages = run["caprese"], summary["stages"]
+        hours = " / ".join(f"{stages[s]['seconds'] / 3600:.2f}" if s in stages else "-"
+                           for s in ("layerwise", "e2e"))
+        verdict = " **worse than the method alone**" if summary.get("worse_than_method") else ""
+        memory = summary.get("peak_memory_gib")
+        lines.append(
+            f"| {folder.name} | {adapter['method']} {adapter['density']}, "
+            f"{_layer_span(adapter['layers'])}, r = {adapter['rank']} "
+            f"| {run['samples']} + {run['held_out']} held out (<= {run['max_length']} tokens, "
+            f"{run['continuations']}, general share {run.get('general_share', 0)}) "
+            f"| {_kept(summary, len(adapter['layers']))} | {_check(summary, 'math')}{verdict} "
+            f"| {_check(summary, 'general')} | {hours} "
+            f"| {f'{memory:.1f} GiB' if memory else ''} |")
+    return "\n".join(lines)
+
+
 def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | None = None,
-                 title: str = "Caprese evaluation report") -> Path:
-    """intro: a markdown file whose text goes between the title and the tables (setup, notes)."""
+                 title: str = "Caprese evaluation report",
+                 distill_runs: list[str | Path] = ()) -> Path:
+    """intro: a markdown file whose text goes between the title and the tables (setup, notes);
+    distill_runs: `caprese distill` run folders, tabled with what they kept and cost."""
     out = Path(out)
     stem = out.with_suffix("")
     refuse_foreign(out, out.is_file() and out.read_text(errors="ignore").rstrip()
@@ -200,10 +264,19 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
                    "a caprese report's JSON")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(paths)
+    runs = load_distill_runs(distill_runs)
     sections = [f"# {title}", ""]
     if intro:
         sections += [Path(intro).read_text().strip(), ""]
     sections += [table(results), ""]
+    if runs:
+        sections += ["## Distillation runs", "",
+                     "What each adapter's `caprese distill` run trained on, the rank the "
+                     "do-no-harm cut kept per layer, the final check on held-out generated "
+                     "text (KL against the original model, the method alone -> with the path) "
+                     "and the run's cost (its run.json and summary.json; a teacher-text cache "
+                     "made beforehand is not counted).",
+                     "", distill_table(runs), ""]
     recovery = recovery_rows(results, paths)
     if recovery:
         sections += ["## Accuracy drop recovered", "",
