@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# docs/RESULTS.md: full / GRIFFIN / CATS / Caprese(GRIFFIN) / Caprese(CATS) on
+# The first 1.5B report (benchmarks/results/results_1p5b/REPORT.md, 100 GSM8K test problems,
+# before the default recipe): full / GRIFFIN / CATS / Caprese(GRIFFIN) / Caprese(CATS) on
 # qwen2.5-coder-1.5b-instruct, bf16, CPU. Every step is a `caprese` command whose output file
 # is skipped when it exists, so an interrupted run resumes; the report lists each command.
 # Adapters: layer-wise closed form on GSM8K *train* (the evaluation problems are GSM8K test).
@@ -101,5 +102,6 @@ for name in "${ORDER[@]:1}"; do eval_step fidelity-language "$name" "$LANGUAGE" 
 for name in griffin cats; do eval_step xsum "$name" "$ARTICLES" 8; done
 mkdir -p benchmarks/results/results_1p5b  # the evidence, in git (adapters are not: 130 MB)
 cp "$OUT"/results/*.json "$OUT"/results/*.jsonl benchmarks/results/results_1p5b/
-caprese report benchmarks/results/results_1p5b/*.json --out "${REPORT:-docs/RESULTS.md}" \
+caprese report benchmarks/results/results_1p5b/{gsm8k,fidelity,xsum}*.json \
+    --out "${REPORT:-benchmarks/results/results_1p5b/REPORT.md}" \
     --title "Results: qwen2.5-coder-1.5b-instruct" --intro benchmarks/results_1p5b_intro.md

@@ -29,7 +29,7 @@ from caprese.distillation.teacher_text import CACHE_FILE, check_cache, teacher_c
 from caprese.samples import at_least
 
 CONTINUATIONS = ("teacher", "reference")
-# The default recipe's share of general text; the ablation behind it is in docs/RESULTS.md.
+# The default recipe's share of general text; the ablation behind it is in docs/BENCHMARKS.md.
 GENERAL_SHARE = 0.25
 
 

@@ -39,8 +39,9 @@ class DistillSettings:
     sgd_batch: int = 128
     sgd_epochs: int = 20
     # E2E: one epoch at 2e-4, the run that recovered 92% of GRIFFIN's drop on the 1.5B model
-    # (docs/RESULTS.md); a second epoch at 1e-4 lowered its accuracy (45 -> 35 of 100), and
-    # an epoch of 600 sequences is 38 steps, ~47 min on a 2-core AMX CPU, ~6 h without AMX.
+    # (benchmarks/results/results_1p5b/REPORT.md); a second epoch at 1e-4 lowered its
+    # accuracy (45 -> 35 of 100), and an epoch of 600 sequences is 38 steps, ~47 min on a
+    # 2-core AMX CPU, ~6 h without AMX.
     e2e_lr: float = 2e-4
     e2e_objective: str = "mse"  # the paper's hidden-state MSE, or "kl" on the logits
     e2e_batch: int = 16
