@@ -226,16 +226,22 @@ def test_distill_prints_what_it_kept_and_how_it_compares_with_the_method(tmp_pat
     assert (run["continuations"], run["general_share"], run["samples"]) == ("teacher", 0.25, 16)
 
 
+def full_math_result(folder):
+    """A minimal `caprese eval` result for a report to table beside the distill runs."""
+    result = folder / "math.json"
+    result.write_text(json.dumps({"task": "gsm8k", "variant": {"kind": "full", "label": "full"},
+                                  "summary": {"accuracy": 0.5, "ci95": [0.2, 0.8],
+                                              "mean_length": 10.0}}))
+    return result
+
+
 def test_the_report_tables_a_distill_run_as_its_summary_says(tmp_path, tiny_dir):
     run = tmp_path / "cats-run"
     assert main(["distill", "--model", str(tiny_dir), "--method", "cats", "--rank", "4",
                  "--data", "gsm8k", "--samples", "16", "--held-out", "8", "--max-length", "96",
                  "--stages", "layerwise", "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    result = tmp_path / "math.json"
-    result.write_text(json.dumps({"task": "gsm8k", "variant": {"kind": "full", "label": "full"},
-                                  "summary": {"accuracy": 0.5, "ci95": [0.2, 0.8],
-                                              "mean_length": 10.0}}))
+    result = full_math_result(tmp_path)
     assert main(["report", str(result), "--out", str(tmp_path / "r.md"),
                  "--distill", str(run)]) == 0
     text = (tmp_path / "r.md").read_text()
@@ -251,13 +257,13 @@ def test_the_report_tables_a_distill_run_as_its_summary_says(tmp_path, tiny_dir)
 
 
 def test_a_folder_that_is_not_a_distill_run_is_a_clear_report_error(tmp_path, capsys):
-    result = tmp_path / "math.json"
-    result.write_text(json.dumps({"task": "gsm8k", "variant": {"kind": "full", "label": "full"},
-                                  "summary": {"accuracy": 0.5, "ci95": [0.2, 0.8],
-                                              "mean_length": 10.0}}))
+    result = full_math_result(tmp_path)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "run.json").write_text("{}")
-    for folder in (tmp_path / "missing", tmp_path / "half"):
+    (tmp_path / "foreign").mkdir()
+    for name in ("run.json", "summary.json"):
+        (tmp_path / "foreign" / name).write_text('{"hello": 1}')
+    for folder in (tmp_path / "missing", tmp_path / "half", tmp_path / "foreign"):
         assert main(["report", str(result), "--out", str(tmp_path / "r.md"),
                      "--distill", str(folder)]) == 2
         assert "is not a finished caprese distill run" in capsys.readouterr().err

@@ -2,13 +2,15 @@
 
 The table follows the paper's Table 4: one row per model variant (full, method, layer-wise
 Caprese, E2E Caprese), one column group per task. Plots: accuracy with 95% intervals,
-response length by difficulty level, per-layer MLP error before/after Caprese.
+response length by difficulty level, per-layer MLP error before/after Caprese. With
+`--distill`, a table of the distillation runs behind the adapters: data, cut, check, cost.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from caprese.evaluate.compare import CAPRESE_KINDS, recovery_rows, recovery_table, retention_table
@@ -188,7 +190,7 @@ def plot_layer_errors(results: list[dict], path: Path) -> bool:
     return _save(plt, fig, ax, path, legend_size=7)
 
 
-def load_distill_runs(folders: list[str | Path]) -> list[tuple[Path, dict, dict]]:
+def load_distill_runs(folders: Sequence[str | Path]) -> list[tuple[Path, dict, dict]]:
     """(folder, run.json, summary.json) of each `caprese distill` run folder (or a copy of
     those two files): what was trained, on what, what it kept and what it cost."""
     runs = []
@@ -200,7 +202,8 @@ def load_distill_runs(folders: list[str | Path]) -> list[tuple[Path, dict, dict]
             raise ValueError(f"{folder} is not a finished caprese distill run (it needs "
                              f"run.json and summary.json): {error}") from error
         if "caprese" not in run or "stages" not in summary:
-            raise ValueError(f"{folder}: run.json/summary.json are not caprese distill's")
+            raise ValueError(f"{folder} is not a finished caprese distill run: its run.json "
+                             "and summary.json are not the ones caprese distill writes")
         runs.append((folder, run, summary))
     return runs
 
@@ -252,7 +255,7 @@ def distill_table(runs: list[tuple[Path, dict, dict]]) -> str:
 
 def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | None = None,
                  title: str = "Caprese evaluation report",
-                 distill_runs: list[str | Path] = ()) -> Path:
+                 distill_runs: Sequence[str | Path] = ()) -> Path:
     """intro: a markdown file whose text goes between the title and the tables (setup, notes);
     distill_runs: `caprese distill` run folders, tabled with what they kept and cost."""
     out = Path(out)
