@@ -196,3 +196,18 @@ def test_runs_are_compared_by_their_mean_over_samples(tmp_path):
     assert cells[3:6] == ["80.0", "0.0", "50.0"]  # means over the 4 runs
     assert cells[6].startswith("80.0 [") and cells[7].startswith("+50.0 [50.0, 50.0]")
     assert cells[8].startswith("62% [")  # the recovered share and its interval
+
+
+def test_a_caprese_row_pairs_only_with_its_own_density(tmp_path):
+    low = {**GRIFFIN, "density": 0.3, "label": "GRIFFIN-0.3"}
+    paths = [math_result(tmp_path, "full", FULL, set(range(8))),
+             math_result(tmp_path, "griffin", GRIFFIN, set(range(6))),
+             math_result(tmp_path, "griffin-low", low, set(range(2))),
+             math_result(tmp_path, "caprese", {**CAPRESE, "density": 0.5}, set(range(7))),
+             math_result(tmp_path, "caprese-low", {**CAPRESE, "density": 0.3,
+                                                   "label": "Caprese(GRIFFIN-0.3)"},
+                         set(range(5)))]
+    build_report(paths, tmp_path / "report.md")
+    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
+    assert sorted((r["method"], r["caprese"]) for r in recovery) == [
+        ("GRIFFIN", "Caprese(GRIFFIN)"), ("GRIFFIN-0.3", "Caprese(GRIFFIN-0.3)")]

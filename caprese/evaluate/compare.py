@@ -94,6 +94,17 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], draws: int = BOOT
     return sum(d for d, _ in sums) / len(shared), low, high, len(shared)
 
 
+# What makes two variants the same efficient method: a Caprese row pairs only with its own
+# method's run (CATS at 0.3 is not CATS at 0.5). A key one result lacks (older files) is not
+# compared.
+METHOD_KEYS = ("method", "density", "reselect_every", "quantizer")
+
+
+def same_method(first: dict, second: dict) -> bool:
+    return all(first[key] == second[key] for key in METHOD_KEYS
+               if key in first and key in second)
+
+
 def recovered_interval(full: dict[str, float], method: dict[str, float],
                        caprese: dict[str, float], draws: int = BOOTSTRAP_DRAWS,
                        seed: int = 0) -> list[float] | None:
@@ -138,7 +149,7 @@ def recovery_rows(results: list[dict], paths: list[str | Path]) -> list[dict]:
             for caprese_result, caprese_path in entries:
                 caprese_variant = caprese_result["variant"]
                 if (caprese_variant.get("kind") not in CAPRESE_KINDS
-                        or caprese_variant.get("method") != variant.get("method")):
+                        or not same_method(caprese_variant, variant)):
                     continue
                 caprese_verdicts = verdicts(caprese_result, caprese_path)
                 versus = None
