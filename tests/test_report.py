@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -94,6 +97,27 @@ def test_the_recovered_share_has_an_interval_only_where_the_drop_stays_above_zer
     assert recovered_interval(full, method, caprese, draws=2000) == [low, high]  # seeded
     same = {i: full[i] for i in ids[:4]}  # a drop of 0 in every draw
     assert recovered_interval(same, same, same, draws=100) is None
+
+
+SHARE_SCRIPT = """
+import random
+from caprese.evaluate.compare import recovered_interval
+rng = random.Random(3)
+ids = [f"gsm-symbolic/{t:04d}" + s for t in range(50) for s in ("", "/0-0")]
+full = {i: float(rng.random() < 0.8) for i in ids}
+method = {i: float(full[i] and rng.random() < 0.3) for i in ids}
+caprese = {i: float(full[i] and (method[i] or rng.random() < 0.7)) for i in ids}
+print(recovered_interval(full, method, caprese, draws=500))
+"""
+
+
+def test_the_recovered_share_is_the_same_in_every_process():
+    """A report regenerated from the same files gives the same intervals: Python's string
+    hashes (and so a set's order) change with each process's hash seed."""
+    outputs = {subprocess.run([sys.executable, "-c", SHARE_SCRIPT], check=True, text=True,
+                              capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed}
+                              ).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1, outputs
 
 
 def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
@@ -211,3 +235,19 @@ def test_a_caprese_row_pairs_only_with_its_own_density(tmp_path):
     recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
     assert sorted((r["method"], r["caprese"]) for r in recovery) == [
         ("GRIFFIN", "Caprese(GRIFFIN)"), ("GRIFFIN-0.3", "Caprese(GRIFFIN-0.3)")]
+
+
+def test_a_caprese_row_pairs_only_with_its_own_reselection(tmp_path):
+    """Results record GRIFFIN's rho only when set: a GRIFFIN run without it is "never", and a
+    Caprese row with rho = 32 pairs with GRIFFIN at rho = 32 only."""
+    paths = [math_result(tmp_path, "full", FULL, set(range(8))),
+             math_result(tmp_path, "griffin", GRIFFIN, set(range(4))),
+             math_result(tmp_path, "griffin-32", {**GRIFFIN, "reselect_every": 32,
+                                                  "label": "GRIFFIN rho=32"}, set(range(6))),
+             math_result(tmp_path, "caprese", {**CAPRESE, "density": 0.5}, set(range(7))),
+             math_result(tmp_path, "caprese-32", {**CAPRESE, "density": 0.5, "reselect_every": 32,
+                                                  "label": "Caprese rho=32"}, set(range(7)))]
+    build_report(paths, tmp_path / "report.md")
+    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
+    assert sorted((r["method"], r["caprese"]) for r in recovery) == [
+        ("GRIFFIN", "Caprese(GRIFFIN)"), ("GRIFFIN rho=32", "Caprese rho=32")]

@@ -154,3 +154,16 @@ def test_eval_and_bench_take_rho(tmp_path, tiny_dir, capsys):
     for bad in ("cats@2", "full@2", "griffin@x"):
         with pytest.raises(ValueError, match="RHO"):
             parse_variant(bad)
+
+
+def test_results_record_the_rho_an_adapter_was_saved_with(tmp_path):
+    """A report pairs a Caprese row with the GRIFFIN run of the same rho, so an adapter's own
+    rho is recorded, and --reselect-every overrides it."""
+    from caprese.evaluate.variant import Variant
+
+    caprese.save(griffin(32, rank=4), tmp_path / "a")
+    assert Variant("m", adapter=str(tmp_path / "a")).describe()["reselect_every"] == 32
+    assert Variant("m", adapter=str(tmp_path / "a"),
+                   reselect_every=8).describe()["reselect_every"] == 8
+    caprese.save(griffin(None, rank=4), tmp_path / "b")
+    assert "reselect_every" not in Variant("m", adapter=str(tmp_path / "b")).describe()

@@ -96,13 +96,14 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], draws: int = BOOT
 
 # What makes two variants the same efficient method: a Caprese row pairs only with its own
 # method's run (CATS at 0.3 is not CATS at 0.5). A key one result lacks (older files) is not
-# compared.
-METHOD_KEYS = ("method", "density", "reselect_every", "quantizer")
+# compared, except GRIFFIN's rho: results record it only when set, so a missing one is "never".
+METHOD_KEYS = ("method", "density")
 
 
 def same_method(first: dict, second: dict) -> bool:
-    return all(first[key] == second[key] for key in METHOD_KEYS
-               if key in first and key in second)
+    return (all(first[key] == second[key] for key in METHOD_KEYS
+                if key in first and key in second)
+            and first.get("reselect_every") == second.get("reselect_every"))
 
 
 def recovered_interval(full: dict[str, float], method: dict[str, float],
@@ -111,7 +112,9 @@ def recovered_interval(full: dict[str, float], method: dict[str, float],
     """95% interval of the recovered share, (Caprese - method) / (full - method), from the
     same resampling of problem groups, all three variants drawn together. None when some
     draw's drop is 0 or below: the share is then undefined, and the interval unbounded."""
-    shared = full.keys() & method.keys() & caprese.keys()
+    # sorted: a set of strings iterates in an order that changes with each process's hash
+    # seed, and the groups' order decides which ones each seeded draw picks
+    shared = sorted(full.keys() & method.keys() & caprese.keys())
     gained = _grouped({key: float(caprese[key]) - float(method[key]) for key in shared})
     lost = _grouped({key: float(full[key]) - float(method[key]) for key in shared})
     sums = [(sum(gained[group]), sum(lost[group])) for group in gained]

@@ -51,6 +51,8 @@ class Variant:
             config = read_adapter(self.adapter).config
             if rho:
                 CapreseConfig(method=config.method, reselect_every=self.reselect_every)
+            elif config.reselect_every is not None:  # the adapter's own rho applies
+                rho = {"reselect_every": config.reselect_every}
             kind = self.stage or read_adapter(self.adapter).trained.get("stage") or "caprese"
             return {"kind": kind, "method": config.method, "density": config.density,
                     "rank": config.rank, "adapter": str(self.adapter), **rho, **kernels,
