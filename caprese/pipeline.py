@@ -44,15 +44,19 @@ class Preset:
     fidelity_samples: int  # held-out math solutions
     language_samples: int  # plain-text fidelity (XSum articles: ~740 tokens each, the costliest)
     math_batch: int = 20  # one batch of 20 decodes ~1.5x faster per token than 8 on 2 cores
+    generation_batch: int = 8  # prompts per teacher-text decode (DistillJob.generation_batch)
 
 
 PRESETS = {
     # Sized for under 45 minutes on 2 CPU cores (7 variants x 4 tasks + 2 distillations);
     # wall times in the README, measured with `time bash scripts/main.sh`.
     # Where matrix products are fast (GPUs, CPUs with AMX tiles running bf16):
+    # The teacher text (216 greedy decodes) took 15 of 57 minutes at 8 rows: 32 rows share
+    # each weight read four ways, and all 40 problems decode as one batch.
     "default": Preset("qwen2.5-coder-0.5b-instruct", samples=256, held_out=32, max_length=384,
                       e2e_samples=64, e2e_epochs=1, math_problems=40, max_new_tokens=256,
-                      xsum_articles=24, fidelity_samples=24, language_samples=8),
+                      xsum_articles=24, fidelity_samples=16, language_samples=8, math_batch=40,
+                      generation_batch=32),
     # Every other CPU: fp32 anywhere, or bf16 through AVX512_BF16 alone, whose matrix products
     # ran at about half fp32's rate. `default` took over 112 min on such a 2-core Xeon and
     # ~85 min (estimated from per-step costs) in fp32 on a 2-core AVX-512 Xeon.
@@ -75,7 +79,8 @@ def distill_jobs(preset: Preset, out: Path) -> dict[str, DistillJob]:
     return {method: DistillJob(CapreseConfig(method=method, density=DENSITY, rank=RANK),
                                settings, data=("gsm8k", "math"), samples=preset.samples,
                                held_out=preset.held_out, max_length=preset.max_length,
-                               teacher_cache=str(out / "teacher_text.jsonl"))
+                               teacher_cache=str(out / "teacher_text.jsonl"),
+                               generation_batch=preset.generation_batch)
             for method in METHODS}
 
 
