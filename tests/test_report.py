@@ -8,6 +8,7 @@ import random
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,14 +83,20 @@ def test_paired_bootstrap_resamples_whole_templates():
         paired_bootstrap({"x": True}, {"y": False})
 
 
-def test_the_recovered_share_has_an_interval_only_where_the_drop_stays_above_zero():
-    from caprese.evaluate.compare import recovered_interval
-
+def share_verdicts() -> tuple[list[str], dict, dict, dict]:
+    """Problem ids and the full, method and Caprese verdicts of a method that loses most."""
     rng = random.Random(3)
     ids = [f"gsm-symbolic/{t:04d}" + suffix for t in range(50) for suffix in ("", "/0-0")]
     full = {i: float(rng.random() < 0.8) for i in ids}
     method = {i: float(full[i] and rng.random() < 0.3) for i in ids}  # loses most of them
     caprese = {i: float(full[i] and (method[i] or rng.random() < 0.7)) for i in ids}
+    return ids, full, method, caprese
+
+
+def test_the_recovered_share_has_an_interval_only_where_the_drop_stays_above_zero():
+    from caprese.evaluate.compare import recovered_interval
+
+    ids, full, method, caprese = share_verdicts()
     low, high = recovered_interval(full, method, caprese, draws=2000)
     share = (sum(caprese.values()) - sum(method.values())) / (
         sum(full.values()) - sum(method.values()))
@@ -100,14 +107,9 @@ def test_the_recovered_share_has_an_interval_only_where_the_drop_stays_above_zer
 
 
 SHARE_SCRIPT = """
-import random
+from test_report import share_verdicts
 from caprese.evaluate.compare import recovered_interval
-rng = random.Random(3)
-ids = [f"gsm-symbolic/{t:04d}" + s for t in range(50) for s in ("", "/0-0")]
-full = {i: float(rng.random() < 0.8) for i in ids}
-method = {i: float(full[i] and rng.random() < 0.3) for i in ids}
-caprese = {i: float(full[i] and (method[i] or rng.random() < 0.7)) for i in ids}
-print(recovered_interval(full, method, caprese, draws=500))
+print(recovered_interval(*share_verdicts()[1:], draws=500))
 """
 
 
@@ -115,7 +117,8 @@ def test_the_recovered_share_is_the_same_in_every_process():
     """A report regenerated from the same files gives the same intervals: Python's string
     hashes (and so a set's order) change with each process's hash seed."""
     outputs = {subprocess.run([sys.executable, "-c", SHARE_SCRIPT], check=True, text=True,
-                              capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed}
+                              capture_output=True, cwd=Path(__file__).parent,
+                              env={**os.environ, "PYTHONHASHSEED": seed}
                               ).stdout for seed in ("1", "2", "3")}
     assert len(outputs) == 1, outputs
 
@@ -222,32 +225,35 @@ def test_runs_are_compared_by_their_mean_over_samples(tmp_path):
     assert cells[8].startswith("62% [")  # the recovered share and its interval
 
 
+def paired_rows(folder, variants: dict[str, tuple[dict, set[int]]]) -> list[tuple[str, str]]:
+    """The (method, Caprese) pairs of the report over the full model and these runs."""
+    paths = [math_result(folder, "full", FULL, set(range(8)))]
+    paths += [math_result(folder, name, variant, correct)
+              for name, (variant, correct) in variants.items()]
+    build_report(paths, folder / "report.md")
+    recovery = json.loads((folder / "report.json").read_text())["recovery"]
+    return sorted((r["method"], r["caprese"]) for r in recovery)
+
+
 def test_a_caprese_row_pairs_only_with_its_own_density(tmp_path):
     low = {**GRIFFIN, "density": 0.3, "label": "GRIFFIN-0.3"}
-    paths = [math_result(tmp_path, "full", FULL, set(range(8))),
-             math_result(tmp_path, "griffin", GRIFFIN, set(range(6))),
-             math_result(tmp_path, "griffin-low", low, set(range(2))),
-             math_result(tmp_path, "caprese", {**CAPRESE, "density": 0.5}, set(range(7))),
-             math_result(tmp_path, "caprese-low", {**CAPRESE, "density": 0.3,
-                                                   "label": "Caprese(GRIFFIN-0.3)"},
-                         set(range(5)))]
-    build_report(paths, tmp_path / "report.md")
-    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
-    assert sorted((r["method"], r["caprese"]) for r in recovery) == [
+    assert paired_rows(tmp_path, {
+        "griffin": (GRIFFIN, set(range(6))),
+        "griffin-low": (low, set(range(2))),
+        "caprese": ({**CAPRESE, "density": 0.5}, set(range(7))),
+        "caprese-low": ({**CAPRESE, "density": 0.3, "label": "Caprese(GRIFFIN-0.3)"},
+                        set(range(5)))}) == [
         ("GRIFFIN", "Caprese(GRIFFIN)"), ("GRIFFIN-0.3", "Caprese(GRIFFIN-0.3)")]
 
 
 def test_a_caprese_row_pairs_only_with_its_own_reselection(tmp_path):
     """Results record GRIFFIN's rho only when set: a GRIFFIN run without it is "never", and a
     Caprese row with rho = 32 pairs with GRIFFIN at rho = 32 only."""
-    paths = [math_result(tmp_path, "full", FULL, set(range(8))),
-             math_result(tmp_path, "griffin", GRIFFIN, set(range(4))),
-             math_result(tmp_path, "griffin-32", {**GRIFFIN, "reselect_every": 32,
-                                                  "label": "GRIFFIN rho=32"}, set(range(6))),
-             math_result(tmp_path, "caprese", {**CAPRESE, "density": 0.5}, set(range(7))),
-             math_result(tmp_path, "caprese-32", {**CAPRESE, "density": 0.5, "reselect_every": 32,
-                                                  "label": "Caprese rho=32"}, set(range(7)))]
-    build_report(paths, tmp_path / "report.md")
-    recovery = json.loads((tmp_path / "report.json").read_text())["recovery"]
-    assert sorted((r["method"], r["caprese"]) for r in recovery) == [
+    assert paired_rows(tmp_path, {
+        "griffin": (GRIFFIN, set(range(4))),
+        "griffin-32": ({**GRIFFIN, "reselect_every": 32, "label": "GRIFFIN rho=32"},
+                       set(range(6))),
+        "caprese": ({**CAPRESE, "density": 0.5}, set(range(7))),
+        "caprese-32": ({**CAPRESE, "density": 0.5, "reselect_every": 32,
+                        "label": "Caprese rho=32"}, set(range(7)))}) == [
         ("GRIFFIN", "Caprese(GRIFFIN)"), ("GRIFFIN rho=32", "Caprese rho=32")]

@@ -48,12 +48,13 @@ class Variant:
         rho = {} if self.reselect_every is None else {"reselect_every": self.reselect_every}
         kernels = {"cpu_kernels": True} if self.cpu_kernels else {}
         if self.adapter:
-            config = read_adapter(self.adapter).config
+            info = read_adapter(self.adapter)
+            config = info.config
             if rho:
                 CapreseConfig(method=config.method, reselect_every=self.reselect_every)
             elif config.reselect_every is not None:  # the adapter's own rho applies
                 rho = {"reselect_every": config.reselect_every}
-            kind = self.stage or read_adapter(self.adapter).trained.get("stage") or "caprese"
+            kind = self.stage or info.trained.get("stage") or "caprese"
             return {"kind": kind, "method": config.method, "density": config.density,
                     "rank": config.rank, "adapter": str(self.adapter), **rho, **kernels,
                     "label": self.label or f"Caprese {kind} ({config.method})"}
