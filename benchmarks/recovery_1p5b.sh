@@ -23,6 +23,9 @@ BATCH=${BATCH:-32}
 EVAL_BATCH=${EVAL_BATCH:-100}
 LANGUAGE=${LANGUAGE:-32}   # plain-text fidelity (reserved XSum articles as plain text)
 KEEP=${KEEP:-benchmarks/results/recovery_1p5b}
+PAPER=${PAPER:-1}           # 0: the report without the paper's other settings (rho, 4-bit)
+RHOS=${RHOS:-128 32}       # GRIFFIN's reselection intervals (answers average ~315 tokens)
+FIDELITY=${FIDELITY:-24}   # held-out MATH solutions for the 4-bit method's fidelity
 mkdir -p "$OUT/results" "$KEEP"
 
 step() {  # step OUTPUT caprese-args...
@@ -36,6 +39,7 @@ restore() {  # restore RESULT_JSON NAME: a result kept in git by an earlier sess
     if [ -e "$1" ] || [ ! -e "$kept" ]; then return; fi
     if [[ $2 == caprese-* ]]; then  # only for the very adapter it measured, not a new one
         local method=${2#caprese-}
+        method=${method%-rho*}  # a reselection row measures its method's adapter
         cmp -s "$OUT/adapter-$method/summary.json" "$KEEP/distill-$method/summary.json" || return 0
     fi
     if [ -e "$KEEP/$(basename "$records").gz" ]; then
@@ -59,7 +63,13 @@ declare -A VARIANT=(
     [caprese-griffin]="--adapter $OUT/adapter-griffin --label Caprese(GRIFFIN)"
     [caprese-cats]="--adapter $OUT/adapter-cats --label Caprese(CATS)"
     [caprese-cats-low]="--adapter $OUT/adapter-cats-low --label Caprese(CATS-$LOW)"
+    [nf4]="--method nf4 --label NF4"
+    [caprese-nf4]="--adapter $OUT/adapter-nf4 --label Caprese(NF4)"
 )
+for rho in $RHOS; do  # GRIFFIN's reselection every rho generated tokens, with and without the path
+    VARIANT[griffin-rho$rho]="--method griffin --density 0.5 --reselect-every $rho --label GRIFFIN@$rho"
+    VARIANT[caprese-griffin-rho$rho]="--adapter $OUT/adapter-griffin --reselect-every $rho --label Caprese(GRIFFIN)@$rho"
+done
 math_step() {  # math_step NAME
     local out="$OUT/results/math-$1.json"
     restore "$out" "$1"
@@ -88,26 +98,26 @@ TEACHER="$OUT/teacher_text.jsonl"
 if [ ! -e "$TEACHER" ] && [ -e "$KEEP/teacher_text.jsonl.gz" ]; then
     gunzip -c "$KEEP/teacher_text.jsonl.gz" > "$TEACHER"
 fi
-distill_step() {  # distill_step NAME METHOD DENSITY
-    local dir="$OUT/adapter-$1"
+distill_step() {  # distill_step NAME METHOD-ARGS...
+    local name=$1 dir="$OUT/adapter-$1"; shift
     local resume=()
     if [ -e "$dir/run.json" ]; then resume=(--resume); fi
-    step "$dir/summary.json" distill --model "$MODEL" --method "$2" --density "$3" \
+    step "$dir/summary.json" distill --model "$MODEL" "$@" \
         --samples 600 --max-length 512 --teacher-text "$TEACHER" --generation-batch "$BATCH" \
         --out "$dir" "${resume[@]}"
-    mkdir -p "$KEEP/distill-$1"  # what the run trained on, kept, cost: for the report
-    cp "$dir/run.json" "$dir/summary.json" "$KEEP/distill-$1/"
+    mkdir -p "$KEEP/distill-$name"  # what the run trained on, kept, cost: for the report
+    cp "$dir/run.json" "$dir/summary.json" "$KEEP/distill-$name/"
     if ! gunzip -c "$KEEP/teacher_text.jsonl.gz" 2>/dev/null | cmp -s - "$TEACHER"; then
         gzip -9 -n -c "$TEACHER" > "$KEEP/teacher_text.jsonl.gz"  # -n: no time stamp
     fi
 }
-distill_step griffin griffin 0.5
+distill_step griffin --method griffin --density 0.5
 math_step griffin
 math_step caprese-griffin
-distill_step cats cats 0.5
+distill_step cats --method cats --density 0.5
 math_step cats
 math_step caprese-cats
-distill_step cats-low cats "$LOW"
+distill_step cats-low --method cats --density "$LOW"
 math_step cats-low
 math_step caprese-cats-low
 
@@ -117,7 +127,29 @@ done
 for name in full caprese-griffin caprese-cats caprese-cats-low; do
     eval_step xsum "$name" "$ARTICLES" 16
 done
-caprese report "$KEEP"/math-*.json "$KEEP"/fidelity-language-*.json "$KEEP"/xsum-*.json \
-    --distill "$KEEP"/distill-griffin "$KEEP"/distill-cats "$KEEP"/distill-cats-low \
+
+# The paper's other settings. GRIFFIN's reselection (rho) with the same GRIFFIN adapter, and
+# the 4-bit method (NF4 weights in every layer's MLP) with an adapter of its own, distilled by
+# the same default recipe on the same teacher text.
+if [ "$PAPER" = 1 ]; then
+    for rho in $RHOS; do
+        math_step "griffin-rho$rho"
+        math_step "caprese-griffin-rho$rho"
+    done
+    distill_step nf4 --method nf4
+    math_step nf4
+    math_step caprese-nf4
+    for name in nf4 caprese-nf4; do
+        eval_step fidelity "$name" "$FIDELITY" 4
+        eval_step fidelity-language "$name" "$LANGUAGE" 4
+    done
+fi
+
+runs=()
+for name in griffin cats cats-low nf4; do
+    if [ -e "$KEEP/distill-$name/summary.json" ]; then runs+=("$KEEP/distill-$name"); fi
+done
+caprese report "$KEEP"/math-*.json "$KEEP"/fidelity-*.json "$KEEP"/xsum-*.json \
+    --distill "${runs[@]}" \
     --out "${REPORT:-docs/RESULTS.md}" --title "Results: qwen2.5-coder-1.5b-instruct" \
     --intro benchmarks/recovery_1p5b_intro.md
