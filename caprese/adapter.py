@@ -211,16 +211,20 @@ def set_reselection(model: nn.Module, every: int | None) -> None:
     handle.config = dataclasses.replace(handle.config, reselect_every=every)
 
 
-def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = None) -> Path:
+def save(model: nn.Module, directory: str | os.PathLike, trained: dict | None = None,
+         dtype: torch.dtype | None = None) -> Path:
     """Write the adapter (L, R per layer + config) to `directory`; returns its path.
-    `trained` says what produced the weights (distillation writes {"stage": ...})."""
+    `trained` says what produced the weights (distillation writes {"stage": ...}). `dtype`
+    stores L and R rounded to it (default: float32, as trained); a model computes the path in
+    its own dtype, so a bf16 file gives a bf16 model exactly what the float32 one gives."""
     config = config_of(model)
     if config.rank is None:
         raise ValueError("this model has the method alone (rank=None): there is nothing to save")
     directory = Path(directory)
     _refuse_foreign_files(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = lowrank_tensors(model)
+    tensors = {key: tensor.to(dtype or tensor.dtype)
+               for key, tensor in lowrank_tensors(model).items()}
     weights = directory / WEIGHTS_FILE
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "caprese"}))
     record = json.loads(config.to_json())

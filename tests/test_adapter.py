@@ -37,6 +37,24 @@ def test_save_then_load_reproduces_outputs_bit_for_bit(family, method, tmp_path)
     assert torch.equal(tokens, tokens2) and torch.equal(logits, logits2)
 
 
+def test_a_bf16_file_gives_a_bf16_model_the_float32_files_outputs(tmp_path):
+    base = tiny_model("llama").to(torch.bfloat16)
+    model = attached_copy(base, method="griffin", density=0.5, rank=8)  # L, R in float32
+    randomize_lowrank(model, scale=0.3)
+    caprese.save(model, tmp_path / "fp32")
+    caprese.save(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    size = {name: (tmp_path / name / "adapter.safetensors").stat().st_size
+            for name in ("fp32", "bf16")}
+    assert size["bf16"] < 0.6 * size["fp32"]
+    ids = prompt_ids()
+    outputs = []
+    for name in ("fp32", "bf16"):
+        loaded = caprese.load(copy.deepcopy(base), tmp_path / name)
+        with torch.no_grad():
+            outputs.append(generate_with_logits(loaded, ids))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
 def test_detach_restores_modules_and_outputs():
     base = tiny_model("qwen3")
     originals = [layer.mlp for layer in base.model.layers]
