@@ -17,8 +17,10 @@ the cache's length.
 Compilation happens at the first compiled decode step of each kind of variant: time it
 apart, as `caprese bench --compile` does in its warm-up run. transformers keeps the compiled
 call on the model; an attach that changes what the step reads (another method, another
-batch) compiles again, up to dynamo's recompile limit (8 by default), past which the step
-runs eager.
+batch, another cache length) compiles again. Dynamo counts these compiles per code object,
+for every model in the process together, and past its limit a one-graph step fails instead
+of running: caprese raises that limit to RECOMPILE_LIMIT (a bench of five variants at two
+prompt lengths compiles ten steps; dynamo's default is 8).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from caprese.kernels import cpu
 # of different lengths share one compiled step instead of compiling one each.
 CACHE_BUCKET = 256
 
+
+RECOMPILE_LIMIT = 64
 
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
 # "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code
@@ -102,6 +106,8 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
                                mode="reduce-overhead" if device.type == "cuda" else "default")
     if device.type == "cpu":
         cpu.module()
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     config._compile_all_devices = True  # transformers' generate compiles only on GPUs unless told
     return config
 

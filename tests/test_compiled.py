@@ -61,6 +61,20 @@ def test_compiled_decode_generates_the_eager_tokens(method, density, rank, batch
     assert torch.equal(again.tokens, eager.tokens)
 
 
+def test_more_compiled_variants_than_dynamos_limit_in_one_process():
+    """Each attach compiles its own step, and dynamo counts the compiles of every model in
+    the process against one limit: past it a fullgraph step fails. A bench of five variants
+    at two prompt lengths compiles ten; here the limit is made 1 and three variants run."""
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for method, density, rank in VARIANTS[:3]:
+            model = variant_model(method, density, rank)
+            eager = greedy_decode(model, prompt, 4)
+            assert torch.equal(greedy_decode(model, prompt, 4, compile="inductor").tokens,
+                               eager.tokens)
+    assert compiled_graphs() >= 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU "
                     "(scripts/gpu_checks.sh runs this on one)")
 @pytest.mark.parametrize("method, density, rank", VARIANTS)

@@ -43,6 +43,19 @@ def test_linear_kernel_equals_torch(dtype, shape, with_bias):
                                atol=TOLERANCE[dtype])
 
 
+def test_linear_kernel_keeps_float32_x_that_bf16_cannot_hold():
+    """With bf16 weights the kernel multiplies in bf16 pairs where x's entries are bf16 values
+    (AVX512_BF16); an x they are not is used as it is, never rounded to bf16 (that would
+    move the result by about 2^-9 relative)."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 96, generator=generator).to(torch.bfloat16)
+    for x in (torch.randn(1, 96, generator=generator),
+              torch.randn(1, 96, generator=generator).bfloat16().float()):
+        got = torch.ops.caprese.linear(x, weight)
+        torch.testing.assert_close(got.double(), x.double() @ weight.double().t(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_rows_product_equals_torch():
     dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(1)

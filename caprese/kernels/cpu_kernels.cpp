@@ -16,6 +16,7 @@
 #include <vector>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -124,8 +125,8 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
 template <typename T>
-static void dot_rows(const T* w, const float* x, int64_t in, int64_t o0, int64_t out_features,
-                     float* out, const int64_t* index = nullptr) {
+static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
+                     int64_t o0, int64_t out_features, float* out, const int64_t* index) {
   const int64_t nr = std::min<int64_t>(kRowsPerPass, out_features - o0);
   const T* row[kRowsPerPass];
   for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
@@ -138,6 +139,17 @@ static void dot_rows(const T* w, const float* x, int64_t in, int64_t o0, int64_t
   constexpr int64_t ahead = kPrefetchAhead / sizeof(T);
   vec acc[kRowsPerPass];
   for (int r = 0; r < kRowsPerPass; ++r) acc[r] = vzero();
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    for (; x_bf16 && d + 32 <= in; d += 32) {  // 32 weight-x pairs per instruction
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x_bf16 + d);
+      for (int r = 0; r < nr; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + d + ahead), _MM_HINT_T0);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(row[r] + d), xv);
+      }
+    }
+  }
+#endif
   for (; d + CAPRESE_SIMD <= in; d += CAPRESE_SIMD) {
     const vec xv = vload(x + d);
     for (int r = 0; r < nr; ++r) {
@@ -154,13 +166,37 @@ static void dot_rows(const T* w, const float* x, int64_t in, int64_t o0, int64_t
   }
 }
 
+// x as bf16, where every entry of x is a bf16 value (a bf16 model's activations are): then
+// AVX512_BF16's dot-product instruction multiplies 32 weight-x pairs at once, a quarter of
+// the instructions of widening each weight by a shift (on AMD's Zen 4, whose AVX-512 runs in
+// 256-bit halves, the widening loop could not keep up with memory). The products are exact
+// either way; only the order of the sums changes. Empty where it does not apply.
+template <typename T>
+static std::vector<at::BFloat16> exact_bf16(const float* x, int64_t in) {
+  std::vector<at::BFloat16> packed;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    packed.resize(in);
+    for (int64_t d = 0; d < in; ++d) {
+      uint32_t bits; std::memcpy(&bits, x + d, 4);
+      if (bits & 0xffffu) return {};
+      const uint16_t high = uint16_t(bits >> 16);
+      std::memcpy(&packed[d], &high, 2);
+    }
+  }
+#endif
+  return packed;
+}
+
 template <typename T>
 static void one_token(const T* w, const float* x, int64_t in, int64_t out_features, float* out,
                       const int64_t* index = nullptr) {
+  const std::vector<at::BFloat16> packed = exact_bf16<T>(x, in);
+  const at::BFloat16* x_bf16 = packed.empty() ? nullptr : packed.data();
   at::parallel_for(0, (out_features + kRowsPerPass - 1) / kRowsPerPass, 16,
                    [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block)
-      dot_rows(w, x, in, block * kRowsPerPass, out_features, out, index);
+      dot_rows(w, x, x_bf16, in, block * kRowsPerPass, out_features, out, index);
   });
 }
 
