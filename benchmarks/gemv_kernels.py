@@ -7,16 +7,26 @@ head (151936 x 1536). Each shape is timed over enough distinct random matrices (
 none stays in the caches; median of 9 after 2 untimed runs.
 
     python benchmarks/gemv_kernels.py --out benchmarks/results/gemv_kernels_<cpu>.json
+
+`--against REV` also builds the kernel source of git revision REV (under an operator
+namespace of its own) and times it against the working tree's, the two alternating run by run
+on the same matrices, so that a kernel change is measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
+import statistics
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import load
 
 from caprese.bench.latency import machine, median_seconds
 from caprese.kernels import cpu
@@ -31,15 +41,47 @@ def read_rate(tensors: list[torch.Tensor]) -> float:
         lambda: [f.sum() for f in flat])
 
 
-def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor) -> dict[str, float]:
+def kernels_at(revision: str):
+    """torch.ops namespace of caprese's CPU kernels as they were at git `revision`."""
+    source = subprocess.run(["git", "show", f"{revision}:{cpu.SOURCE.relative_to(Path.cwd())}"],
+                            capture_output=True, text=True, check=True).stdout
+    namespace = "caprese_at_" + re.sub(r"\W", "_", revision)
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+        source = source.replace(f"{macro}(caprese,", f"{macro}({namespace},")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cpu_kernels.cpp"
+        path.write_text(source)
+        load(name=f"{namespace}_{hashlib.sha256(source.encode()).hexdigest()[:8]}",
+             sources=[str(path)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+             extra_ldflags=["-fopenmp"])
+    return getattr(torch.ops, namespace)
+
+
+def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns, so that drift hits all alike."""
+    times = {name: [] for name in runs}
+    for _ in range(warmup + repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(spans[warmup:]) for name, spans in times.items()}
+
+
+def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor, against=None,
+                         revision: str = "") -> dict[str, float]:
     total = sum(w.numel() * w.element_size() for w in weights)
     runs = {"pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
             "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
+    if against is not None:  # the same work as cpu.linear: widen x, round the output
+        runs[f"caprese at {revision}"] = lambda: [
+            against.linear(x.reshape(1, -1).float(), w).to(x.dtype) for w in weights]
+    seconds = alternating_medians(runs)
     return {"read": read_rate(weights) / 1e9,
-            **{name: total / median_seconds(run) / 1e9 for name, run in runs.items()}}
+            **{name: total / spent / 1e9 for name, spent in seconds.items()}}
 
 
-def cats_rows(megabytes: int) -> dict:
+def cats_rows(megabytes: int, against=None, revision: str = "") -> dict:
     """CATS' sparse decode of one MLP's up and down rows (gate values drawn so that about
     half the rows survive), against a read of the same count of bytes."""
     d_ff, dim = SHAPES["gate/up"]
@@ -50,42 +92,57 @@ def cats_rows(megabytes: int) -> dict:
     act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
     tau = act.float().abs().median()
     kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
-    sparse = kept_bytes / median_seconds(lambda: [cpu.cats_decode(x, act, tau, up, down)
-                                                  for up, down in layers])
+    runs = {"caprese": lambda: [cpu.cats_decode(x, act, tau, up, down) for up, down in layers]}
+    if against is not None:  # the same work as cpu.cats_decode
+        flat_act, flat_x = act.reshape(-1).float(), x.reshape(-1).float()
+        runs[f"caprese at {revision}"] = lambda: [
+            against.cats_decode(flat_act, tau, up, down, flat_x).to(x.dtype)
+            for up, down in layers]
+    seconds = alternating_medians(runs)
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
             "read": read_rate([up for up, _ in layers]) / 1e9, "pytorch": None,
-            "caprese": sparse / 1e9}
+            **{name: kept_bytes / spent / 1e9 for name, spent in seconds.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=600)
+    parser.add_argument("--against", metavar="REV",
+                        help="also time the kernels of this git revision, side by side")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args()
     if cpu.module() is None:
         raise SystemExit("caprese's CPU kernels did not build on this machine")
+    against = kernels_at(args.against) if args.against else None
     rows = []
     for name, shape in SHAPES.items():
         count = max(1, args.megabytes * 2**20 // (shape[0] * shape[1] * 2))
         weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
         x = torch.randn(1, shape[1]).to(torch.bfloat16)
         rows.append({"matrix": name, "shape": list(shape), "matrices": count,
-                     **gigabytes_per_second(weights, x)})
-    rows.append(cats_rows(args.megabytes))
+                     **gigabytes_per_second(weights, x, against, args.against or "")})
+    rows.append(cats_rows(args.megabytes, against, args.against or ""))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")
-    print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |")
-    print("|---|---|---|---|---|---|")
+    old = f"caprese at {args.against}"
+    extra = f" {args.against} GB/s | {args.against} / caprese time |" if against else ""
+    print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |" + extra)
+    print("|---|---|---|---|---|---|" + ("---|---|" if against else ""))
     for r in rows:
         pytorch = "-" if r["pytorch"] is None else f"{r['pytorch']:.1f}"
-        print(f"| {r['matrix']} | {r['shape'][0]} x {r['shape'][1]} | {r['read']:.1f} | "
-              f"{pytorch} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
+        line = (f"| {r['matrix']} | {r['shape'][0]} x {r['shape'][1]} | {r['read']:.1f} | "
+                f"{pytorch} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
+        if against:
+            line += f" {r[old]:.1f} | {r['caprese'] / r[old]:.3f} |"
+        print(line)
     if args.out:
+        command = "python benchmarks/gemv_kernels.py" + (
+            f" --against {args.against}" if against else "")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
-             "command": "python benchmarks/gemv_kernels.py", "rows": rows}, indent=2))
+             "command": command, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

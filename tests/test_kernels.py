@@ -43,15 +43,17 @@ def test_linear_kernel_equals_torch(dtype, shape, with_bias):
                                atol=TOLERANCE[dtype])
 
 
-def test_linear_kernel_keeps_float32_x_that_bf16_cannot_hold():
-    """With bf16 weights the kernel multiplies in bf16 pairs where x's entries are bf16 values
-    (AVX512_BF16); an x they are not is used as it is, never rounded to bf16 (that would
-    move the result by about 2^-9 relative)."""
+def test_linear_kernel_takes_x_in_float32_or_bf16():
+    """With bf16 weights, a bf16 x is multiplied in bf16 pairs (AVX512_BF16) and a float32 x
+    as it is, never rounded to bf16 (that would move the result by about 2^-9 relative);
+    the result is float32 either way."""
+    assert module() is not None
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(40, 96, generator=generator).to(torch.bfloat16)
     for x in (torch.randn(1, 96, generator=generator),
-              torch.randn(1, 96, generator=generator).bfloat16().float()):
+              torch.randn(1, 96, generator=generator).bfloat16()):
         got = torch.ops.caprese.linear(x, weight)
+        assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), x.double() @ weight.double().t(),
                                    rtol=1e-5, atol=1e-5)
 

@@ -90,7 +90,7 @@ def _register_shapes() -> None:
     """The operators' output shapes, which torch.compile traces with instead of running them."""
     @torch.library.register_fake("caprese::linear")
     def _(x, weight):
-        return x.new_empty((x.shape[0], weight.shape[0]))
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("caprese::rows_product")
     def _(x, rows):
@@ -98,7 +98,7 @@ def _register_shapes() -> None:
 
     @torch.library.register_fake("caprese::cats_decode")
     def _(act, tau, up, down, x):
-        return x.new_empty((up.shape[1],))
+        return x.new_empty((up.shape[1],), dtype=torch.float32)
 
 
 def ready() -> bool:
@@ -120,9 +120,15 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
     if not ready():
         return None
     act = act_gate.reshape(-1).float().contiguous()
-    out = torch.ops.caprese.cats_decode(act, tau, up_rows, down_rows,
-                                        x.reshape(-1).float().contiguous())
+    out = torch.ops.caprese.cats_decode(act, tau, up_rows, down_rows, _as_kernel_input(x))
     return out.to(x.dtype).reshape(x.shape)
+
+
+def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x flat and contiguous, bf16 kept as it is: the kernel then multiplies bf16 pairs
+    (AVX512_BF16), and a compiled step must round x to bf16 where its graph hands it over
+    (inductor otherwise keeps fused values in fp32, which the bf16 pairs cannot take)."""
+    return x.reshape(-1).contiguous() if x.dtype == torch.bfloat16 else x.reshape(-1).float()
 
 
 def abs_order_statistic(values: torch.Tensor, valid: torch.Tensor, rank: int
@@ -176,7 +182,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x W^T + b for one token (weight (out, in)), or None where the kernel does not apply."""
     if not (_applies(x, weight) and ready()):
         return None
-    return _finish(torch.ops.caprese.linear(x.reshape(1, -1).float(), weight), bias, x)
+    return _finish(torch.ops.caprese.linear(_as_kernel_input(x).reshape(1, -1), weight), bias, x)
 
 
 def rows_product(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None

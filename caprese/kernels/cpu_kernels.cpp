@@ -1,9 +1,11 @@
 // caprese's CPU decode kernels (built by caprese/kernels/cpu.py with torch's C++ extension
 // loader, -march=native, once per kind of CPU). Tensors in, tensors out:
-//   linear(x, W)              x (rows, in) float32 times W^T, W (out, in) float32 or bf16
+//   linear(x, W)              x (rows, in) float32 or bf16 times W^T, W (out, in) float32 or
+//                             bf16; the result in float32
 //   rows_product(x, rows)     x (K,) float32 times rows (K, D): the down projection stored as rows
 //   cats_decode(act, tau, up, down, x)
-//                             one token through a CATS MLP reading only the kept rows
+//                             one token through a CATS MLP reading only the kept rows (x float32
+//                             or bf16, the result in float32)
 //   abs_order_statistic(values, valid, rank)
 //                             CATS' threshold: the rank-th smallest |value| of valid rows
 //   abs_histogram(values, valid) the same from a prompt's pieces: counts of 16-bit |value|s
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -166,33 +169,14 @@ static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int
   }
 }
 
-// x as bf16, where every entry of x is a bf16 value (a bf16 model's activations are): then
+// x_bf16: x itself where it came as bf16 (a bf16 model's activations), else null. Then
 // AVX512_BF16's dot-product instruction multiplies 32 weight-x pairs at once, a quarter of
 // the instructions of widening each weight by a shift (on AMD's Zen 4, whose AVX-512 runs in
 // 256-bit halves, the widening loop could not keep up with memory). The products are exact
-// either way; only the order of the sums changes. Empty where it does not apply.
+// either way; only the order of the sums changes.
 template <typename T>
-static std::vector<at::BFloat16> exact_bf16(const float* x, int64_t in) {
-  std::vector<at::BFloat16> packed;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    packed.resize(in);
-    for (int64_t d = 0; d < in; ++d) {
-      uint32_t bits; std::memcpy(&bits, x + d, 4);
-      if (bits & 0xffffu) return {};
-      const uint16_t high = uint16_t(bits >> 16);
-      std::memcpy(&packed[d], &high, 2);
-    }
-  }
-#endif
-  return packed;
-}
-
-template <typename T>
-static void one_token(const T* w, const float* x, int64_t in, int64_t out_features, float* out,
-                      const int64_t* index = nullptr) {
-  const std::vector<at::BFloat16> packed = exact_bf16<T>(x, in);
-  const at::BFloat16* x_bf16 = packed.empty() ? nullptr : packed.data();
+static void one_token(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
+                      int64_t out_features, float* out, const int64_t* index = nullptr) {
   at::parallel_for(0, (out_features + kRowsPerPass - 1) / kRowsPerPass, 16,
                    [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block)
@@ -200,30 +184,39 @@ static void one_token(const T* w, const float* x, int64_t in, int64_t out_featur
   });
 }
 
+// x as float32 (a copy only where it came as bf16), and its bf16 values where it came so.
+static std::pair<torch::Tensor, const at::BFloat16*> float_and_bf16(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  const at::BFloat16* raw = x.scalar_type() == at::kBFloat16 ? x.data_ptr<at::BFloat16>() : nullptr;
+  return {x.to(at::kFloat), raw};
+}
+
 torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous (out, in) matrix");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "weights must be float32 or bfloat16");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
-              x.size(1) == w.size(1), "x must be a contiguous float32 (rows, in) matrix");
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == w.size(1),
+              "x must be a contiguous (rows, in) matrix");
+  const auto [xf, x_bf16] = float_and_bf16(x);
   const int64_t rows = x.size(0), in = w.size(1), out_features = w.size(0);
-  auto out = torch::empty({rows, out_features}, x.options());
+  auto out = torch::empty({rows, out_features}, xf.options());
   if (rows == 1) {
     if (w.scalar_type() == at::kFloat)
-      one_token(w.data_ptr<float>(), x.data_ptr<float>(), in, out_features,
+      one_token(w.data_ptr<float>(), xf.data_ptr<float>(), nullptr, in, out_features,
                 out.data_ptr<float>());
     else
-      one_token(w.data_ptr<at::BFloat16>(), x.data_ptr<float>(), in, out_features,
+      one_token(w.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), x_bf16, in, out_features,
                 out.data_ptr<float>());
     return out;
   }
   at::parallel_for(0, (out_features + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       if (w.scalar_type() == at::kFloat)
-        linear_block(w.data_ptr<float>(), x.data_ptr<float>(), rows, in, block * 4,
+        linear_block(w.data_ptr<float>(), xf.data_ptr<float>(), rows, in, block * 4,
                      out_features, out.data_ptr<float>());
       else
-        linear_block(w.data_ptr<at::BFloat16>(), x.data_ptr<float>(), rows, in, block * 4,
+        linear_block(w.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), rows, in, block * 4,
                      out_features, out.data_ptr<float>());
     }
   });
@@ -275,7 +268,8 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor rows) {
 // (n_rows x dim, n_rows >= d_ff; rows past d_ff are always kept with weight 1).
 template <typename T>
 static void cats_mlp(const float* act, float tau, const T* up, const T* down, int64_t n_rows,
-                     int64_t d_ff, const float* x, int64_t dim, float* out) {
+                     int64_t d_ff, const float* x, const at::BFloat16* x_bf16, int64_t dim,
+                     float* out) {
   std::vector<int64_t> kept;
   std::vector<float> gate;
   kept.reserve(n_rows);
@@ -285,7 +279,7 @@ static void cats_mlp(const float* act, float tau, const T* up, const T* down, in
   for (int64_t j = d_ff; j < n_rows; ++j) { kept.push_back(j); gate.push_back(1.f); }
   const int64_t count = kept.size();
   std::vector<float> hidden(count);
-  one_token(up, x, dim, count, hidden.data(), kept.data());
+  one_token(up, x, x_bf16, dim, count, hidden.data(), kept.data());
   for (int64_t j = 0; j < count; ++j) hidden[j] *= gate[j];
   weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
 }
@@ -298,18 +292,19 @@ torch::Tensor cats_decode(torch::Tensor act, torch::Tensor tau, torch::Tensor up
               "up and down rows must be contiguous (rows x dim) tensors of one shape");
   TORCH_CHECK(up.scalar_type() == at::kFloat || up.scalar_type() == at::kBFloat16,
               "weights must be float32 or bfloat16");
-  TORCH_CHECK(act.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-              act.is_contiguous() && x.is_contiguous(), "act and x must be contiguous float32");
+  TORCH_CHECK(act.scalar_type() == at::kFloat && act.is_contiguous() && x.is_contiguous(),
+              "act must be contiguous float32, x contiguous");
   TORCH_CHECK(x.numel() == up.size(1) && act.numel() <= up.size(0), "shape mismatch");
-  auto out = torch::empty({up.size(1)}, x.options());
+  const auto [xf, x_bf16] = float_and_bf16(x);
+  auto out = torch::empty({up.size(1)}, xf.options());
   if (up.scalar_type() == at::kFloat)
     cats_mlp(act.data_ptr<float>(), tau.item<float>(), up.data_ptr<float>(),
-             down.data_ptr<float>(),
-             up.size(0), act.numel(), x.data_ptr<float>(), up.size(1), out.data_ptr<float>());
+             down.data_ptr<float>(), up.size(0), act.numel(), xf.data_ptr<float>(), nullptr,
+             up.size(1), out.data_ptr<float>());
   else
     cats_mlp(act.data_ptr<float>(), tau.item<float>(), up.data_ptr<at::BFloat16>(),
-             down.data_ptr<at::BFloat16>(), up.size(0), act.numel(), x.data_ptr<float>(),
-             up.size(1), out.data_ptr<float>());
+             down.data_ptr<at::BFloat16>(), up.size(0), act.numel(), xf.data_ptr<float>(),
+             x_bf16, up.size(1), out.data_ptr<float>());
   return out;
 }
 
