@@ -38,6 +38,7 @@ from caprese.kernels import cpu
 CACHE_BUCKET = 256
 
 
+# Compiles of decode steps allowed per process (dynamo's recompile limit, raised to this).
 RECOMPILE_LIMIT = 64
 
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.

@@ -125,9 +125,9 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """x flat and contiguous, bf16 kept as it is: the kernel then multiplies bf16 pairs
-    (AVX512_BF16), and a compiled step must round x to bf16 where its graph hands it over
-    (inductor otherwise keeps fused values in fp32, which the bf16 pairs cannot take)."""
+    """x flat and contiguous, bf16 kept as it is: the kernel multiplies bf16 pairs
+    (AVX512_BF16) only for an x that arrives in bf16. Widened here, a compiled step's x did
+    not (its fused values were not rounded to bf16), and its products took the slower loop."""
     return x.reshape(-1).contiguous() if x.dtype == torch.bfloat16 else x.reshape(-1).float()
 
 
