@@ -1,7 +1,7 @@
 """A compiled decode step's attention on the CPU: PyTorch's SDPA against transformers' eager
 attention (which inductor fuses into the step), full model with caprese's kernels, per
-prompt length. Prefill runs with SDPA either way (eager attention would hold every
-score of a long prompt); only the compiled decode step differs.
+prompt length. Prefill runs with the model's own attention (SDPA) either way (eager attention
+would hold every score of a long prompt); only the compiled decode step differs.
 
     python benchmarks/decode_attention.py --model qwen2.5-coder-1.5b-instruct \
         --prompt-lens 256 2048 --out benchmarks/results/decode_attention_<cpu>.json
@@ -28,7 +28,7 @@ def step_times(model, prompt_len: int, steps: int, attention: str) -> list[float
     name = phases.cache_argument(model)
     ids = torch.randint(100, 20000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = compiled.static_cache(model, prompt_len + steps + 1, 1)
-    model.set_attn_implementation("sdpa")
+    own = model.config._attn_implementation
     token = phases.prefill(model, ids, cache, 512).logits[:, -1].argmax(-1, keepdim=True)
     model.set_attn_implementation(attention)
     step = compiled.compiled_forward(model, "inductor")
@@ -39,7 +39,7 @@ def step_times(model, prompt_len: int, steps: int, attention: str) -> list[float
                       use_cache=True, logits_to_keep=1, **{name: cache}).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - started)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(own)
     return times
 
 

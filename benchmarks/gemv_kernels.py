@@ -52,8 +52,7 @@ def kernels_at(revision: str):
         path = Path(folder) / "cpu_kernels.cpp"
         path.write_text(source)
         load(name=f"{namespace}_{hashlib.sha256(source.encode()).hexdigest()[:8]}",
-             sources=[str(path)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"])
+             sources=[str(path)], **cpu.BUILD_FLAGS)
     return getattr(torch.ops, namespace)
 
 

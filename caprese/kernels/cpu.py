@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
 DISABLE_ENV = "CAPRESE_NO_KERNELS"
+BUILD_FLAGS = {"extra_cflags": ["-O3", "-march=native", "-fopenmp"],
+               "extra_ldflags": ["-fopenmp"]}
 
 _lock = threading.Lock()
 _module = None
@@ -77,8 +79,7 @@ def module():
                 log.info("building caprese's CPU decode kernels (once; cached afterwards)")
                 _module = load(
                     name=f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    **BUILD_FLAGS, verbose=False)
                 _register_shapes()
             except Exception as error:  # no compiler, no headers: the dense form still works
                 log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
