@@ -4,7 +4,7 @@ prompt length. Prefill runs with the model's own attention (SDPA) either way (ea
 would hold every score of a long prompt); only the compiled decode step differs.
 
     python benchmarks/decode_attention.py --model qwen2.5-coder-1.5b-instruct \
-        --prompt-lens 256 2048 --out benchmarks/results/decode_attention_<cpu>.json
+        --prompt-lens 256 2048 [--dtype fp32] --out benchmarks/results/decode_attention_<cpu>.json
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +29,8 @@ def step_times(model, prompt_len: int, steps: int, attention: str) -> list[float
     name = phases.cache_argument(model)
     ids = torch.randint(100, 20000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = compiled.static_cache(model, prompt_len + steps + 1, 1)
-    own = model.config._attn_implementation
     token = phases.prefill(model, ids, cache, 512).logits[:, -1].argmax(-1, keepdim=True)
-    model.set_attn_implementation(attention)
-    step = compiled.compiled_forward(model, "inductor")
+    step = compiled.compiled_forward(model, "inductor", attention=attention)
     times = []
     for position in range(prompt_len, prompt_len + steps):
         started = time.perf_counter()
@@ -39,7 +38,6 @@ def step_times(model, prompt_len: int, steps: int, attention: str) -> list[float
                       use_cache=True, logits_to_keep=1, **{name: cache}).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - started)
-    model.set_attn_implementation(own)
     return times
 
 
@@ -47,10 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[256, 2048])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=16, help="timed steps after 3 untimed")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args()
-    model, _ = load_model(args.model, dtype="bf16")
+    model, _ = load_model(args.model, dtype=args.dtype)
     phases.use_decode_kernels(model)
     rows = []
     with torch.no_grad():
@@ -61,7 +60,7 @@ def main() -> None:
                              "step_ms": 1e3 * statistics.median(times)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(f"{args.model}, bf16, batch 1, compiled (inductor), caprese's kernels, "
+    print(f"{args.model}, {args.dtype}, batch 1, compiled (inductor), caprese's kernels, "
           f"{torch.get_num_threads()} threads, {machine()}, commit {commit}; "
           f"median of {args.steps} steps")
     print("| prompt | SDPA step ms | eager-attention step ms | eager / SDPA |")
@@ -73,7 +72,9 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
-             "model": args.model, "command": "python benchmarks/decode_attention.py", "rows": rows},
+             "model": args.model, "dtype": args.dtype,
+             "command": " ".join(["python", "benchmarks/decode_attention.py", *sys.argv[1:]]),
+             "rows": rows},
             indent=2))
 
 

@@ -14,6 +14,12 @@ Prefill stays eager: its selection depends on the prompt, and it runs once per p
 phase hook knows a forward being compiled as a decode step, so the compiled graph never reads
 the cache's length.
 
+On a CPU the compiled step attends with transformers' eager attention (inductor fuses its
+matmuls, mask and softmax into the step), while prefill keeps the model's own (SDPA: eager
+would hold every score of a long prompt). PyTorch's CPU SDPA kernel is built for many
+queries; with one query per step it took 1.23x the eager step's time at 256 cached tokens
+and 1.54x at 2048 (benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
+
 Compilation happens at the first compiled decode step of each kind of variant: time it
 apart, as `caprese bench --compile` does in its warm-up run. transformers keeps the compiled
 call on the model; an attach that changes what the step reads (another method, another
@@ -40,6 +46,9 @@ CACHE_BUCKET = 256
 
 # Compiles of decode steps allowed per process (dynamo's recompile limit, raised to this).
 RECOMPILE_LIMIT = 64
+
+# The attention a compiled decode step uses, per device type (absent: the model's own).
+DECODE_ATTENTION = {"cpu": "eager"}
 
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
 # "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code
@@ -113,10 +122,64 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
     return config
 
 
-def compiled_forward(model: nn.Module, backend: str = "inductor"):
-    """The model's forward compiled for decode steps (transformers caches it on the model)."""
+def compiled_forward(model: nn.Module, backend: str = "inductor",
+                     attention: str | None = None):
+    """The model's forward compiled for decode steps. transformers caches the compiled call
+    on the model, and its generate() takes it from there: on a device with a DECODE_ATTENTION
+    (or given `attention`), the cached call becomes one that runs the compiled forward with
+    that attention implementation and restores the model's own after each step."""
+    device = next(model.parameters()).device
     _mark_decode_weights_static(model)
-    return model.get_compiled_call(compile_config(next(model.parameters()).device, backend))
+    call = model.get_compiled_call(compile_config(device, backend))
+    if isinstance(call, _AttentionSwitch):  # wrapped by an earlier call
+        call = call.compiled
+    attention = attention or DECODE_ATTENTION.get(device.type)
+    if attention is None or attention == model.config._attn_implementation:
+        step = call
+    else:
+        step = _AttentionSwitch(model, call, attention)
+    model._compiled_call = step
+    return step
+
+
+class _AttentionSwitch:
+    """A compiled forward run under another attention implementation. Dynamo guards on the
+    config's implementation, so the step compiles once, with this one. transformers'
+    generate builds a static cache's masks before the forward, for the model's own
+    implementation: SDPA's are boolean (True: attend), and eager attention adds its mask to
+    the scores, so those become 0 / the dtype's lowest value, as transformers' eager masks."""
+
+    def __init__(self, model: nn.Module, compiled: object, attention: str) -> None:
+        self.model, self.compiled, self.attention = model, compiled, attention
+
+    def __call__(self, *args, **kwargs):
+        configs = list(_with_sub_configs(self.model.config))  # parents before their parts
+        own = [config._attn_implementation for config in configs]
+        configs[0]._attn_implementation = self.attention  # the setter sets the sub-configs too
+        if self.attention == "eager" and "attention_mask" in kwargs:
+            kwargs["attention_mask"] = _additive(kwargs["attention_mask"], self.model.dtype)
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            for config, implementation in zip(configs, own, strict=True):
+                config._attn_implementation = implementation
+
+
+def _additive(mask, dtype: torch.dtype):
+    """A boolean mask (or a dict of them: one per kind of layer) as eager attention's."""
+    if isinstance(mask, dict):
+        return {kind: _additive(part, dtype) for kind, part in mask.items()}
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _with_sub_configs(config):
+    yield config
+    for key in config.sub_configs:
+        if getattr(config, key, None) is not None:
+            yield from _with_sub_configs(getattr(config, key))
 
 
 def static_cache(model: nn.Module, length: int, batch: int) -> StaticCache:

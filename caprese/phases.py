@@ -58,9 +58,19 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _valid_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
-    if attention_mask is not None and attention_mask.dim() == 2:
+def _valid_mask(attention_mask, shape: tuple[int, int], device, past: int) -> torch.Tensor:
+    """Which of the forward's tokens are real (not padding). transformers' generate hands a
+    static cache's forward 4D masks (one per kind of layer for Gemma 2/3) instead of the 2D
+    one: there, a token is real when some query attends to it (a real token attends to
+    itself), in the columns of the forward's tokens (past .. past + their count)."""
+    if isinstance(attention_mask, dict):  # any kind of layer's mask shows the padding
+        attention_mask = next(iter(attention_mask.values()), None)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         return attention_mask[:, -shape[1] :].to(device=device, dtype=torch.bool)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        attended = attention_mask if attention_mask.dtype == torch.bool else \
+            attention_mask > torch.finfo(attention_mask.dtype).min  # eager's additive mask
+        return attended[..., past : past + shape[1]].any(dim=2).any(dim=1).to(device)
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
@@ -98,7 +108,8 @@ class PhaseHook:
             state.phase = Phase.PREFILL if _past_length(cache) == 0 else Phase.DECODE
         forcing = state.phase in (Phase.SPLIT, Phase.CAPTURE)
         if tokens is not None and (forcing or state.phase in (Phase.PREFILL, Phase.RESCORE)):
-            state.valid = _valid_mask(bound.get("attention_mask"), tokens.shape[:2], tokens.device)
+            state.valid = _valid_mask(bound.get("attention_mask"), tokens.shape[:2],
+                                      tokens.device, _past_length(_cache_argument(bound)))
         if forcing:
             if state.boundary is None or tokens is None or len(state.boundary) != tokens.shape[0]:
                 raise ValueError("split forward needs one boundary per sample in the batch")

@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 from conftest import tiny_model
 from helpers import RecordedPeer, randomize_lowrank, word_tokenizer
+from transformers.masking_utils import create_masks_for_generate
 
 import caprese
 from caprese import compiled, phases
@@ -188,10 +189,14 @@ def test_bf16_compiled_logits_are_within_the_stated_tolerance(method, density, r
     assert (compiled_ - eager).abs().max() <= BF16_LOGITS_TOLERANCE * eager.abs().max()
 
 
-def test_generate_with_compile_gives_the_eager_texts():
+@pytest.mark.parametrize("family, method", [("llama", "cats"), ("gemma3_text", "griffin")])
+def test_generate_with_compile_gives_the_eager_texts(family, method):
     """Left-padded batches of different widths share one compiled step (the static cache is
-    rounded up to compiled.CACHE_BUCKET) and give what eager generation gives."""
-    model = variant_model("cats", 0.5, 8, family="llama")
+    rounded up to compiled.CACHE_BUCKET) and give what eager generation gives. With a static
+    cache, generate hands the forward 4D masks built for SDPA (Gemma 3: one per kind of
+    layer): GRIFFIN's prompt statistics still skip the padding, and the compiled CPU step
+    attends eagerly."""
+    model = variant_model(method, 0.5, 8, family=family)
     tokenizer = word_tokenizer()
     prompts = [" ".join(f"t{4 + (7 * i + j) % 90}" for j in range(5 + 3 * i)) for i in range(5)]
     settings = GenerationSettings(max_new_tokens=8, batch_size=2)
@@ -257,6 +262,40 @@ def test_a_compiled_step_keeps_the_cpu_kernels(method, rank):
         assert calls.get("caprese::cats_decode", 0) == decode_steps * layers
 
 
+def attention_ops(run) -> set[str]:
+    """The SDPA operators that ran during run()."""
+    with torch.profiler.profile() as profiler:
+        run()
+    return {e.name for e in profiler.events() if "scaled_dot_product" in e.name}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_a_cpu_compiled_step_attends_eagerly_while_prefill_keeps_sdpa(family):
+    model = variant_model("griffin", 0.5, 8, family=family)
+    assert model.config._attn_implementation == "sdpa"
+    name = phases.cache_argument(model)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = compiled.static_cache(model, 16, 1)
+    with torch.no_grad():
+        assert attention_ops(lambda: model(input_ids=prompt, use_cache=True, **{name: cache}))
+        step = compiled.compiled_forward(model)
+
+        def decode(position: int):
+            return step(input_ids=prompt[:, :1], position_ids=torch.tensor([[position]]),
+                        use_cache=True, logits_to_keep=1, **{name: cache})
+
+        decode(12)  # compiles
+        assert not attention_ops(lambda: decode(13))
+        assert model.config._attn_implementation == "sdpa"  # restored after each step
+        assert model.get_compiled_call(compiled.compile_config("cpu")) is step  # generate's
+        sdpa_step = compiled.compiled_forward(model, attention="sdpa")
+        sdpa_step(input_ids=prompt[:, :1], position_ids=torch.tensor([[14]]), use_cache=True,
+                  logits_to_keep=1, **{name: cache})
+        assert attention_ops(lambda: sdpa_step(
+            input_ids=prompt[:, :1], position_ids=torch.tensor([[15]]), use_cache=True,
+            logits_to_keep=1, **{name: cache}))
+
+
 def test_compile_backends_are_checked():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         compiled.compile_config("cpu", "cudagraphs")
@@ -279,3 +318,29 @@ def test_the_cli_refuses_compile_options_it_cannot_honour(tiny_dir, tmp_path, ca
     with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
         assert main([*flags, "--model", str(tiny_dir)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prompt_padding_is_read_from_generates_4d_masks(family, attention):
+    """With a static cache, transformers' generate hands the forward the 4D masks it builds
+    (boolean for SDPA, additive for eager, one per kind of layer for Gemma 3), not the 2D
+    one: the prompt's padding found in them is the 2D mask's, in a prompt's first forward
+    and in a later piece of it (after cached tokens)."""
+    model = variant_model("griffin", 0.5, None, family=family)
+    model.set_attn_implementation(attention)
+    name = phases.cache_argument(model)
+    padding = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    ids = torch.randint(3, 96, padding.shape, generator=torch.Generator().manual_seed(0))
+    cache = compiled.static_cache(model, 12, 3)
+    with torch.no_grad():
+        for past, width in ((0, 4), (4, 2)):  # the prompt in two forwards
+            seen = padding[:, : past + width]
+            positions = phases.mask_positions(seen)[:, past:]
+            masks = create_masks_for_generate(
+                config=model.config, inputs_embeds=torch.empty(3, width, 0), attention_mask=seen,
+                cache=cache, position_ids=positions)
+            with phases.forced_phase(model, phases.Phase.PREFILL):
+                model(input_ids=ids[:, past : past + width], attention_mask=masks,
+                      position_ids=positions, use_cache=True, **{name: cache})
+            assert torch.equal(phases.state_of(model).valid, padding[:, past : past + width] == 1)
