@@ -72,9 +72,14 @@ def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor, against=N
     total = sum(w.numel() * w.element_size() for w in weights)
     runs = {"pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
             "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
-    if against is not None:  # the same work as cpu.linear: widen x, round the output
+    if against is not None:  # the same work as cpu.linear, rounding the output
+        row = x.reshape(1, -1)
+        try:  # x as it is, where that revision's kernel takes a bf16 x
+            against.linear(row, weights[0])
+        except RuntimeError:
+            row = row.float()
         runs[f"caprese at {revision}"] = lambda: [
-            against.linear(x.reshape(1, -1).float(), w).to(x.dtype) for w in weights]
+            against.linear(row, w).to(x.dtype) for w in weights]
     seconds = alternating_medians(runs)
     return {"read": read_rate(weights) / 1e9,
             **{name: total / spent / 1e9 for name, spent in seconds.items()}}
@@ -93,7 +98,11 @@ def cats_rows(megabytes: int, against=None, revision: str = "") -> dict:
     kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
     runs = {"caprese": lambda: [cpu.cats_decode(x, act, tau, up, down) for up, down in layers]}
     if against is not None:  # the same work as cpu.cats_decode
-        flat_act, flat_x = act.reshape(-1).float(), x.reshape(-1).float()
+        flat_act, flat_x = act.reshape(-1).float(), x.reshape(-1)
+        try:  # x as it is, where that revision's kernel takes a bf16 x
+            against.cats_decode(flat_act, tau, *layers[0], flat_x)
+        except RuntimeError:
+            flat_x = flat_x.float()
         runs[f"caprese at {revision}"] = lambda: [
             against.cats_decode(flat_act, tau, up, down, flat_x).to(x.dtype)
             for up, down in layers]
