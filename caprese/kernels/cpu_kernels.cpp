@@ -66,7 +66,7 @@ static inline float vsum(vec v) {
 // Ask for a whole row ahead of its use. Rows picked by an index (CATS' kept rows) are
 // scattered, so the hardware prefetcher, which follows addresses in order, cannot. Into the
 // L2 cache, not L1: the next pass's eight rows beside the current pass's would overflow a
-// 32 KB L1 with 3 KB rows, and evict lines before their use (CATS' kept rows 1.44x on a
+// 32 KB L1 with 3 KB rows, and evict lines before their use (CATS' kept rows 1.33x on a
 // Zen 4: benchmarks/gemv_kernels.py --against, docs/BENCHMARKS.md).
 template <typename T>
 static inline void prefetch_row(const T* row, int64_t length) {
