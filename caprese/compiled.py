@@ -17,8 +17,9 @@ the cache's length.
 On a CPU the compiled step attends with transformers' eager attention (inductor fuses its
 matmuls, mask and softmax into the step), while prefill keeps the model's own (SDPA: eager
 would hold every score of a long prompt). PyTorch's CPU SDPA kernel is built for many
-queries; with one query per step it took 1.23x the eager step's time at 256 cached tokens
-and 1.54x at 2048 (benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
+queries; with one query per step a 1.5B model's compiled step took 1.23x the eager-attention
+step's time at 256 cached tokens and 1.54x at 2048 in bf16 on a Zen 4 EPYC (fp32: 1.04x,
+1.19x; benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
 
 Compilation happens at the first compiled decode step of each kind of variant: time it
 apart, as `caprese bench --compile` does in its warm-up run. transformers keeps the compiled

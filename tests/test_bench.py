@@ -211,3 +211,20 @@ def test_the_peer_is_compared_with_whichever_full_model_ran(full):
     peer = rows["llama.cpp"]
     assert peer["tokens_agree"] == 1.0
     assert peer["ttnt_cut"] == 1 - peer["ttnt"] / rows[full]["ttnt"]
+
+
+def test_peer_ratios_pair_each_repeat_with_the_peers():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_ratios.py"
+    spec = importlib.util.spec_from_file_location("peer_ratios", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = lambda name, ttnts: {"variant": name, "runs": [{"ttnt": t} for t in ttnts]}  # noqa: E731
+    results = {"runs": {"bf16 256+32": {"variants": [
+        row("full:k", [0.2, 0.3, 0.1]), row("llama.cpp", [0.1, 0.3, 0.2])]}}}
+    assert script.repeat_ratios(results) == {("bf16 256+32", "full:k"): [2.0, 1.0, 0.5]}
+    del results["runs"]["bf16 256+32"]["variants"][1]
+    with pytest.raises(SystemExit, match="no llama.cpp row"):
+        script.repeat_ratios(results)
