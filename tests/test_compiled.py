@@ -193,9 +193,9 @@ def test_bf16_compiled_logits_are_within_the_stated_tolerance(method, density, r
 def test_generate_with_compile_gives_the_eager_texts(family, method):
     """Left-padded batches of different widths share one compiled step (the static cache is
     rounded up to compiled.CACHE_BUCKET) and give what eager generation gives. With a static
-    cache, generate hands the forward 4D masks built for SDPA (Gemma 3: one per kind of
-    layer): GRIFFIN's prompt statistics still skip the padding, and the compiled CPU step
-    attends eagerly."""
+    cache, generate hands the forward 4D masks built for SDPA (Gemma 3: a dict, one per kind
+    of layer), which the prefill's phase hook reads and the compiled CPU step, attending
+    eagerly, takes as additive masks."""
     model = variant_model(method, 0.5, 8, family=family)
     tokenizer = word_tokenizer()
     prompts = [" ".join(f"t{4 + (7 * i + j) % 90}" for j in range(5 + 3 * i)) for i in range(5)]
