@@ -8,8 +8,13 @@ method alone and one with Caprese (an untrained path of the same rank: it times 
 one), both with the CPU kernels on and, with --compile, compiled; runs alternate between
 them every few seconds (--reattach: one model, attached afresh before every run, as
 `caprese bench` does). Each round gives the ratio of the two median steps, and the table
-gives the median of those ratios beside the ratio of the bytes each step reads. Prints a
-table and writes JSON:
+gives the median of those ratios beside the ratio of the bytes each step reads.
+
+--full adds a third copy, the full model (its linears on the same kernels), to the same
+rounds, and reports what the method and Caprese on it cut from the full model's step, in
+time and in bytes, paired the same way: the issue's "TTNT cut >= 80% of the byte cut" is a
+ratio of two such cuts, which variants timed minutes apart cannot settle on a noisy host.
+Prints a table and writes JSON:
 
     python benchmarks/path_cost.py --model qwen2.5-coder-1.5b-instruct --dtype bf16 --compile \\
         --out benchmarks/results/path_cost_xeon_bf16.json
@@ -39,16 +44,20 @@ PATH_VARIANT = {"griffin": "caprese", "cats": "caprese-cats"}  # caprese.bench.l
 
 
 @contextlib.contextmanager
-def attached(model, method: str, rank: int | None, args) -> Iterator[None]:
-    """`model` as the method (with a path of `rank`), its decode layouts built, kernels on."""
-    caprese.attach(model, caprese.CapreseConfig(method=method, density=args.density, rank=rank))
-    caprese.prepare_decode(model, batch=1)
+def attached(model, method: str | None, rank: int | None, args) -> Iterator[None]:
+    """`model` as the method (with a path of `rank`), its decode layouts built, kernels on;
+    method None: the full model, its linears on the kernels."""
+    if method:
+        caprese.attach(model, caprese.CapreseConfig(method=method, density=args.density,
+                                                    rank=rank))
+        caprese.prepare_decode(model, batch=1)
     caprese.use_decode_kernels(model)
     try:
         yield
     finally:
         caprese.use_decode_kernels(model, False)
-        caprese.detach(model)
+        if method:
+            caprese.detach(model)
 
 
 def paired_rounds(runs: dict[str, Callable[[], list[float]]], rounds: int
@@ -67,25 +76,47 @@ def paired_rounds(runs: dict[str, Callable[[], list[float]]], rounds: int
 
 def method_rounds(models: list, method: str, prompt: torch.Tensor, args
                   ) -> dict[str, list[float]]:
-    """paired_rounds of the method alone and Caprese on it: on two models attached once, or
-    with --reattach on one model attached afresh for every run (as `caprese bench` does)."""
-    variants = {method: None, f"caprese-{method}": args.rank}
+    """paired_rounds of the method alone and Caprese on it (and with --full the full model):
+    on a model each, attached once, or with --reattach on one model attached afresh for every
+    run (as `caprese bench` does)."""
+    variants = {method: (method, None), f"caprese-{method}": (method, args.rank)}
+    if args.full:
+        variants = {"full": (None, None), **variants}
 
     def decode(model) -> list[float]:
         return greedy_decode(model, prompt, args.gen_len, compile=args.compile).step_seconds
 
     if args.reattach:
-        def afresh(rank):
-            with attached(models[0], method, rank, args):
+        def afresh(as_method, rank):
+            with attached(models[0], as_method, rank, args):
                 return decode(models[0])
-        return paired_rounds({name: functools.partial(afresh, rank)
-                              for name, rank in variants.items()}, args.rounds)
+        return paired_rounds({name: functools.partial(afresh, *how)
+                              for name, how in variants.items()}, args.rounds)
     with contextlib.ExitStack() as stack:
-        for model, rank in zip(models, variants.values(), strict=True):
-            stack.enter_context(attached(model, method, rank, args))
+        for model, how in zip(models, variants.values(), strict=True):
+            stack.enter_context(attached(model, *how, args))
         return paired_rounds({name: functools.partial(decode, model)
                               for name, model in zip(variants, models, strict=True)},
                              args.rounds)
+
+
+def full_cuts(model, method: str, medians: dict[str, list[float]], density: float, rank: int,
+              context: int) -> dict[str, dict[str, float]]:
+    """What each variant cuts from the full model's step: in time (one minus the median over
+    rounds of the paired ratio), in bytes read, and the first as a fraction of the second."""
+    full_bytes = bytes_per_token(model, "full", density, rank, context)
+    cuts = {}
+    for name, steps in medians.items():
+        if name == "full":
+            continue
+        time_cut = 1 - statistics.median(s / f for s, f in zip(steps, medians["full"],
+                                                                strict=True))
+        latency_name = method if name == method else PATH_VARIANT[method]
+        bytes_cut = 1 - bytes_per_token(model, latency_name, density, rank,
+                                        context) / full_bytes
+        cuts[name] = {"time_cut": time_cut, "bytes_cut": bytes_cut,
+                      "cut_fraction": time_cut / bytes_cut}
+    return cuts
 
 
 def main() -> None:
@@ -104,6 +135,9 @@ def main() -> None:
     parser.add_argument("--reattach", action="store_true",
                         help="one model, attached afresh for every run (as `caprese bench` "
                         "does), instead of two models attached once")
+    parser.add_argument("--full", action="store_true",
+                        help="also time the full model in the same rounds and report each "
+                        "variant's cut from it, in time and in bytes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -111,7 +145,8 @@ def main() -> None:
     if not set(methods) <= set(METHODS):
         parser.error(f"--methods takes {', '.join(METHODS)}, got {args.methods!r}")
     torch.set_num_threads(args.threads)
-    models = [load_model(args.model, dtype=args.dtype)[0] for _ in range(1 + (not args.reattach))]
+    copies = 1 if args.reattach else 2 + args.full
+    models = [load_model(args.model, dtype=args.dtype)[0] for _ in range(copies)]
     prompt = torch.randint(0, models[0].config.vocab_size, (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(0))
     context = args.prompt_len + args.gen_len
@@ -119,7 +154,8 @@ def main() -> None:
     for method in methods:
         torch._dynamo.reset()
         medians = method_rounds(models, method, prompt, args)
-        ratios = [b / a for a, b in zip(*medians.values(), strict=True)]
+        ratios = [b / a for a, b in zip(medians[method], medians[f"caprese-{method}"],
+                                        strict=True)]
         read = [bytes_per_token(models[0], name, args.density, args.rank, context)
                 for name in (method, PATH_VARIANT[method])]
         quartiles = statistics.quantiles(ratios, n=4)
@@ -129,6 +165,10 @@ def main() -> None:
                      [quartiles[0], quartiles[2]], "bytes_ratio": read[1] / read[0],
                      "round_ratios": ratios, "round_medians_ms": {
                          name: [1e3 * s for s in values] for name, values in medians.items()}})
+        if args.full:
+            rows[-1]["full_ms"] = 1e3 * statistics.median(medians["full"])
+            rows[-1]["cuts"] = full_cuts(models[0], method, medians, args.density, args.rank,
+                                         context)
     setup = {"model": args.model, "dtype": str(next(models[0].parameters()).dtype),
              "compile": args.compile, "reattach": args.reattach,
              "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -141,6 +181,13 @@ def main() -> None:
         print(f"| {row['method']} | {row['alone_ms']:.1f} | {row['caprese_ms']:.1f} | "
               f"{row['time_ratio']:.3f} ({low:.3f}-{high:.3f}) | {row['bytes_ratio']:.3f} |")
     print(f"(medians over {args.rounds} rounds of the ratio of the two variants' median steps)")
+    if args.full:
+        print("| variant | full TTNT ms | time cut | bytes cut | time cut / bytes cut |\n"
+              "|---|---|---|---|---|")
+        for row in rows:
+            for name, cut in row["cuts"].items():
+                print(f"| {name} | {row['full_ms']:.1f} | {cut['time_cut']:.1%} | "
+                      f"{cut['bytes_cut']:.1%} | {cut['cut_fraction']:.2f} |")
     if args.out:
         atomic_write_text(Path(args.out), json.dumps({"setup": setup, "methods": rows},
                                                      indent=2))

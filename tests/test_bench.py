@@ -213,14 +213,20 @@ def test_the_peer_is_compared_with_whichever_full_model_ran(full):
     assert peer["ttnt_cut"] == 1 - peer["ttnt"] / rows[full]["ttnt"]
 
 
-def test_peer_ratios_pair_each_repeat_with_the_peers():
+def benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_ratios.py"
-    spec = importlib.util.spec_from_file_location("peer_ratios", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_peer_ratios_pair_each_repeat_with_the_peers():
+    script = benchmark_script("peer_ratios")
     row = lambda name, ttnts: {"variant": name, "runs": [{"ttnt": t} for t in ttnts]}  # noqa: E731
     results = {"runs": {"bf16 256+32": {"variants": [
         row("full:k", [0.2, 0.3, 0.1]), row("llama.cpp", [0.1, 0.3, 0.2])]}}}
@@ -228,3 +234,22 @@ def test_peer_ratios_pair_each_repeat_with_the_peers():
     del results["runs"]["bf16 256+32"]["variants"][1]
     with pytest.raises(SystemExit, match="no llama.cpp row"):
         script.repeat_ratios(results)
+
+
+def test_path_cost_cuts_pair_each_round_with_the_full_models():
+    from caprese.bench.latency import bytes_per_token
+
+    script = benchmark_script("path_cost")
+    model = tiny_model("llama")
+    medians = {"full": [0.10, 0.20, 0.10], "griffin": [0.08, 0.20, 0.09],
+               "caprese-griffin": [0.12, 0.10, 0.10]}
+    cuts = script.full_cuts(model, "griffin", medians, 0.5, 8, 40)
+    assert set(cuts) == {"griffin", "caprese-griffin"}
+    # per-round ratios 0.8, 1.0, 0.9 and 1.2, 0.5, 1.0: medians of ratios, not of times
+    assert cuts["griffin"]["time_cut"] == pytest.approx(0.1)
+    assert cuts["caprese-griffin"]["time_cut"] == pytest.approx(0.0)
+    full = bytes_per_token(model, "full", 0.5, 8, 40)
+    for name, latency_name in (("griffin", "griffin"), ("caprese-griffin", "caprese")):
+        bytes_cut = 1 - bytes_per_token(model, latency_name, 0.5, 8, 40) / full
+        assert 0 < cuts[name]["bytes_cut"] == pytest.approx(bytes_cut)
+        assert cuts[name]["cut_fraction"] == pytest.approx(cuts[name]["time_cut"] / bytes_cut)
