@@ -57,10 +57,13 @@ def kernels_at(revision: str):
 
 
 def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each run, the runs taking turns, so that drift hits all alike."""
+    """Median seconds of each run, the runs taking turns, so that drift hits all alike; the
+    order reverses every turn, since a run right after another finds different caches (the
+    same kernel timed twice in a fixed order came out 2-5% apart)."""
     times = {name: [] for name in runs}
-    for _ in range(warmup + repeats):
-        for name, run in runs.items():
+    order = list(runs.items())
+    for turn in range(warmup + repeats):
+        for name, run in order if turn % 2 else order[::-1]:
             started = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from contextlib import nullcontext
 
 import pytest
@@ -155,6 +157,33 @@ def test_one_static_cache_per_shape_is_reused_reset(monkeypatch):
     assert again is cache and again.get_seq_length() == 0
     assert all(not layer.keys.any() for layer in again.layers)
     assert compiled.static_cache(model, 20, batch=2) is not cache  # another shape: a new one
+
+
+@pytest.mark.parametrize("method, density, rank", [(None, 1.0, None), ("cats", 0.5, 8)])
+def test_the_run_that_compiles_frees_its_cache_when_it_ends(monkeypatch, method, density,
+                                                            rank):
+    """Dynamo's tracing objects hold the traced call's arguments in reference cycles: the
+    compiling run's KV cache must not outlive the run (beside the next run's own) until
+    Python's cycle collector happens to run."""
+    model = variant_model(method, density, rank)
+    caches = []
+
+    def recorded(*args, **kwargs):
+        cache = made(*args, **kwargs)
+        caches.append(weakref.ref(cache))
+        return cache
+
+    made = compiled.static_cache
+    monkeypatch.setattr(compiled, "static_cache", recorded)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    gc.disable()  # only what the decode itself frees
+    try:
+        greedy_decode(model, prompt, 6, compile="inductor")
+        alive = [cache() is not None for cache in caches]
+    finally:
+        gc.enable()
+    assert compiled_graphs() >= 1 and alive == [False]
 
 
 def forced_logits(model, prompt, continuation, compile):
