@@ -100,3 +100,24 @@ def test_only_a_process_that_measures_peaks_maps_large_blocks_afresh(
                  "--gen-len", "3", "--repeats", "1", "--memory", memory,
                  "--out", str(tmp_path / "bench.json")]) == 0
     assert len(calls) == expected
+
+
+@pytest.mark.parametrize("memory, compile, expected", [
+    ("together", True, ["compiler", "baseline"]), ("together", False, ["baseline"]),
+    ("off", True, [])])
+def test_a_compiled_bench_measures_peaks_above_the_compilers_code(
+        memory, compile, expected, tiny_dir, tmp_path, monkeypatch):
+    """Like the model's code, the compiler's modules load before the baseline RSS is read,
+    and only where peaks are measured (importing them costs a compile of a toy function)."""
+    import caprese.cli.bench as bench
+    from caprese.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench, "import_compiler", lambda: calls.append("compiler"))
+    settled = bench.settled_rss
+    monkeypatch.setattr(bench, "settled_rss", lambda: calls.append("baseline") or settled())
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "full", "--prompt-len", "8",
+                 "--gen-len", "3", "--repeats", "1", "--memory", memory,
+                 *(["--compile"] if compile else []),
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    assert calls == expected

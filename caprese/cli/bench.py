@@ -21,7 +21,7 @@ from caprese.bench.latency import (
 )
 from caprese.bench.memory import free_large_blocks_at_once, settled_rss
 from caprese.cli.common import add_model_options, count, fraction, load_for
-from caprese.compiled import BACKENDS
+from caprese.compiled import BACKENDS, import_compiler
 from caprese.io import atomic_write_text, json_object_with, refuse_foreign
 from caprese.models.builtin import BUILTIN_MODELS
 from caprese.models.load import import_model_code
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if memory_mode == "together":  # peaks measured in this process (a child of "alone" too)
         free_large_blocks_at_once()
     import_model_code(args.model)  # memory is measured above the code, before the weights
+    if memory_mode == "together" and args.compile:
+        import_compiler()  # and above the compiler's code
     # The children before our model loads: never two models in memory at once.
     alone = (peaks_alone({name: getattr(args, name) for name in FORWARDED}, variants)
              if memory_mode == "alone" else {})
