@@ -14,12 +14,14 @@ Prefill stays eager: its selection depends on the prompt, and it runs once per p
 phase hook knows a forward being compiled as a decode step, so the compiled graph never reads
 the cache's length.
 
-On a CPU the compiled step attends with transformers' eager attention (inductor fuses its
-matmuls, mask and softmax into the step), while prefill keeps the model's own (SDPA: eager
-would hold every score of a long prompt). PyTorch's CPU SDPA kernel is built for many
-queries; with one query per step a 1.5B model's compiled step took 1.23x the eager-attention
-step's time at 256 cached tokens and 1.54x at 2048 in bf16 on a Zen 4 EPYC (fp32: 1.04x,
-1.19x; benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
+On a CPU the compiled step attends with caprese's grouped-query attention
+(caprese.kernels.attention: transformers' eager attention without its copies of the KV
+heads; inductor fuses its mask and softmax into the step), while prefill keeps the model's
+own (SDPA: eager would hold every score of a long prompt). PyTorch's CPU SDPA kernel is
+built for many queries; with one query per step a 1.5B model's compiled step took 1.23x the
+eager-attention step's time at 256 cached tokens and 1.54x at 2048 in bf16 on a Zen 4 EPYC
+(fp32: 1.04x, 1.19x), and eager attention's copies cost a further 15% at 2048
+(benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
 
 Compilation happens at the first compiled decode step of each kind of variant: time it
 apart, as `caprese bench --compile` does in its warm-up run. transformers keeps the compiled
@@ -41,6 +43,7 @@ from transformers.generation import CompileConfig
 
 from caprese.block import CapreseBlock
 from caprese.kernels import cpu
+from caprese.kernels.attention import GROUPED
 
 # The static cache's length is rounded up to a multiple of this, so that batches of prompts
 # of different lengths share one compiled step instead of compiling one each.
@@ -51,7 +54,9 @@ CACHE_BUCKET = 256
 RECOMPILE_LIMIT = 64
 
 # The attention a compiled decode step uses, per device type (absent: the model's own).
-DECODE_ATTENTION = {"cpu": "eager"}
+DECODE_ATTENTION = {"cpu": GROUPED}
+# Implementations that add their mask to the scores (generate hands SDPA's boolean ones).
+ADDITIVE_MASKS = ("eager", GROUPED)
 
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
 # "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code
@@ -187,7 +192,7 @@ class _DecodeStep:
         configs = list(_with_sub_configs(self.model.config))  # parents before their parts
         own = [config._attn_implementation for config in configs]
         configs[0]._attn_implementation = self.attention  # the setter sets the sub-configs too
-        if self.attention == "eager" and "attention_mask" in kwargs:
+        if self.attention in ADDITIVE_MASKS and "attention_mask" in kwargs:
             kwargs["attention_mask"] = _additive(kwargs["attention_mask"], self.model.dtype)
         try:
             return self.compiled(*args, **kwargs)

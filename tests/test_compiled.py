@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 from conftest import tiny_model
 from helpers import RecordedPeer, randomize_lowrank, word_tokenizer
+from transformers import AttentionInterface
 from transformers.masking_utils import create_masks_for_generate
 
 import caprese
@@ -19,6 +20,7 @@ from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import cudagraph_skips, format_table, run_bench
 from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
+from caprese.kernels.attention import GROUPED, grouped_query_attention
 
 # (method, density, rank): the full model, each method alone and with the low-rank path.
 VARIANTS = [(None, 1.0, None), ("griffin", 0.5, None), ("griffin", 0.5, 8), ("cats", 0.5, None),
@@ -299,7 +301,15 @@ def attention_ops(run) -> set[str]:
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
-def test_a_cpu_compiled_step_attends_eagerly_while_prefill_keeps_sdpa(family):
+def test_a_cpu_compiled_step_attends_by_grouped_query_while_prefill_keeps_sdpa(
+        family, monkeypatch):
+    traced = []
+
+    def grouped(*args, **kwargs):  # runs while dynamo traces the step, once per layer
+        traced.append(1)
+        return grouped_query_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED, grouped)
     model = variant_model("griffin", 0.5, 8, family=family)
     assert model.config._attn_implementation == "sdpa"
     name = phases.cache_argument(model)
@@ -314,6 +324,7 @@ def test_a_cpu_compiled_step_attends_eagerly_while_prefill_keeps_sdpa(family):
                         use_cache=True, logits_to_keep=1, **{name: cache})
 
         decode(12)  # compiles
+        assert len(traced) == model.config.num_hidden_layers
         assert not attention_ops(lambda: decode(13))
         assert model.config._attn_implementation == "sdpa"  # restored after each step
         assert model.get_compiled_call(compiled.compile_config("cpu")) is step  # generate's
