@@ -20,7 +20,7 @@ heads; inductor fuses its mask and softmax into the step), while prefill keeps t
 own (SDPA: eager would hold every score of a long prompt). PyTorch's CPU SDPA kernel is
 built for many queries; with one query per step a 1.5B model's compiled step took 1.23x the
 eager-attention step's time at 256 cached tokens and 1.54x at 2048 in bf16 on a Zen 4 EPYC
-(fp32: 1.04x, 1.19x), and eager attention's copies cost a further 15% at 2048
+(fp32: 1.04x, 1.19x), and eager attention's copies cost a further 17% at 2048
 (benchmarks/decode_attention.py, docs/BENCHMARKS.md). GPUs keep SDPA.
 
 Compilation happens at the first compiled decode step of each kind of variant: time it
