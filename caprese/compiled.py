@@ -133,7 +133,7 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
 def import_compiler() -> None:
     """Import the code torch.compile runs, by compiling a trivial function: a process that
     measures memory from here on counts what a model's own step compiles and holds, not
-    the compiler's modules (about 60 MiB beside transformers' model code, part of them
+    the compiler's modules (tens of MiB beside transformers' model code, part of them
     imported only by a first compile)."""
     torch.compile(lambda x: (x * 2).sin().sum(), fullgraph=True)(torch.ones(8))
 
