@@ -12,7 +12,7 @@ gives the median of those ratios beside the ratio of the bytes each step reads.
 
 --full adds a third copy, the full model (its linears on the same kernels), to the same
 rounds, and reports what the method and Caprese on it cut from the full model's step, in
-time and in bytes, paired the same way: the issue's "TTNT cut >= 80% of the byte cut" is a
+time and in bytes, paired the same way: the target "TTNT cut >= 80% of the byte cut" is a
 ratio of two such cuts, which variants timed minutes apart cannot settle on a noisy host.
 Prints a table and writes JSON:
 
