@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 from conftest import prompt_ids, tiny_model
-from helpers import RecordedPeer, attached_copy, randomize_lowrank, set_fused
+from helpers import (
+    BENCHMARKS,
+    RecordedPeer,
+    attached_copy,
+    benchmark_script,
+    randomize_lowrank,
+    set_fused,
+)
 
 import caprese
 from caprese.bench.decode import greedy_decode
@@ -124,26 +131,15 @@ def test_the_4bit_variants_read_fewer_bytes_and_show_their_copy():
 
 def test_gpu_table5_config_runs_with_tiny_shapes(tmp_path):
     """The Table-5 experiment through the one driver, with tiny shapes on the CPU."""
-    driver, root = _load_driver()
+    driver = benchmark_script("run")
     out = tmp_path / "t5.json"
-    results = driver.main([str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
+    results = driver.main([str(BENCHMARKS / "configs" / "gpu_table5.toml"), "tiny=true",
                            'setups=["16+4"]', "repeats=1", "rank=8", f"out={out}",
                            'compile=""'])  # its CUDA graphs need a GPU: eager here
     rows = {r["variant"]: r for r in results["runs"]["bf16 16+4"]["variants"]}
     assert set(rows) == {"full", "griffin", "lora", "caprese", "cats", "caprese-cats"}
     assert rows["griffin"]["bytes_per_token"] < rows["full"]["bytes_per_token"]
     assert out.is_file() and results["experiment"]["tiny"] is True
-
-
-def _load_driver():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
-    return driver, root
 
 
 @pytest.mark.parametrize("interrupt_at", [15, 3])  # in the second timed round; in warm-up
@@ -161,9 +157,9 @@ def test_an_interrupted_bench_writes_the_runs_that_ended(tmp_path, monkeypatch, 
         return greedy_decode(*args, **kwargs)
 
     monkeypatch.setattr(latency, "greedy_decode", decode_until_interrupted)
-    driver, root = _load_driver()
+    driver = benchmark_script("run")
     out = tmp_path / "t5.json"
-    argv = [str(root / "benchmarks" / "configs" / "gpu_table5.toml"), "tiny=true",
+    argv = [str(BENCHMARKS / "configs" / "gpu_table5.toml"), "tiny=true",
             'setups=["16+4", "24+4"]', "repeats=2", "rank=8", f"out={out}", 'compile=""']
     if interrupt_at <= 6:  # six variants warm up first: nothing timed yet
         with pytest.raises(KeyboardInterrupt):
@@ -211,18 +207,6 @@ def test_the_peer_is_compared_with_whichever_full_model_ran(full):
     peer = rows["llama.cpp"]
     assert peer["tokens_agree"] == 1.0
     assert peer["ttnt_cut"] == 1 - peer["ttnt"] / rows[full]["ttnt"]
-
-
-def benchmark_script(name: str):
-    """A script of benchmarks/ (not a package) imported as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_peer_ratios_pair_each_repeat_with_the_peers():

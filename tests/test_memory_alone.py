@@ -69,14 +69,10 @@ def test_a_failing_child_says_which_variant_and_what_to_do(tmp_path, monkeypatch
 
 
 def test_the_benchmark_driver_measures_a_named_models_memory_alone(tiny_dir, tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from helpers import BENCHMARKS, benchmark_script
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("run", root / "benchmarks" / "run.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
-    results = driver.main([str(root / "benchmarks" / "configs" / "decode_latency_cpu.toml"),
+    driver = benchmark_script("run")
+    results = driver.main([str(BENCHMARKS / "configs" / "decode_latency_cpu.toml"),
                            f"model={tiny_dir}", 'dtypes=["fp32"]', 'setups=["8+3"]',
                            'variants=["griffin"]', "repeats=1", "rank=4",
                            f"out={tmp_path / 'latency.json'}"])
