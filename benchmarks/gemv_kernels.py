@@ -11,6 +11,12 @@ none stays in the caches; median of 9 after 2 untimed runs.
 `--against REV` also builds the kernel source of git revision REV (under an operator
 namespace of its own) and times it against the working tree's, the two alternating run by run
 on the same matrices, so that a kernel change is measured side by side.
+
+The matrices lie on 2 MiB pages, as a model's weights do under the decode kernels
+(caprese/kernels/huge_pages.py); `--pages` also times the kernel and the read on copies kept
+on 4 KiB pages, side by side:
+
+    python benchmarks/gemv_kernels.py --pages --out benchmarks/results/huge_pages_<cpu>.json
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch.utils.cpp_extension import load
 
 from caprese.bench.latency import machine, median_seconds
 from caprese.kernels import cpu
+from caprese.kernels.huge_pages import collapse, keep_off
 
 SHAPES = {"gate/up": (8960, 1536), "down": (1536, 8960), "lm head": (151936, 1536)}
 
@@ -39,6 +46,11 @@ def read_rate(tensors: list[torch.Tensor]) -> float:
     flat = [t.view(-1).view(torch.float32) for t in tensors]
     return sum(t.numel() * t.element_size() for t in tensors) / median_seconds(
         lambda: [f.sum() for f in flat])
+
+
+def on_small_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` on 4 KiB pages."""
+    return [keep_off(torch.empty_like(t)).copy_(t) for t in tensors]
 
 
 def kernels_at(revision: str):
@@ -71,10 +83,13 @@ def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[s
 
 
 def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor, against=None,
-                         revision: str = "") -> dict[str, float]:
+                         revision: str = "", pages: bool = False) -> dict[str, float]:
     total = sum(w.numel() * w.element_size() for w in weights)
     runs = {"pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
             "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
+    small = on_small_pages(weights) if pages else []
+    if pages:
+        runs["caprese, 4 KiB pages"] = lambda: [cpu.linear(x, w, None) for w in small]
     if against is not None:  # the same work as cpu.linear, rounding the output
         row = x.reshape(1, -1)
         try:  # x as it is, where that revision's kernel takes a bf16 x
@@ -85,21 +100,27 @@ def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor, against=N
             against.linear(row, w).to(x.dtype) for w in weights]
     seconds = alternating_medians(runs)
     return {"read": read_rate(weights) / 1e9,
+            **({"read, 4 KiB pages": read_rate(small) / 1e9} if pages else {}),
             **{name: total / spent / 1e9 for name, spent in seconds.items()}}
 
 
-def cats_rows(megabytes: int, against=None, revision: str = "") -> dict:
+def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = False) -> dict:
     """CATS' sparse decode of one MLP's up and down rows (gate values drawn so that about
     half the rows survive), against a read of the same count of bytes."""
     d_ff, dim = SHAPES["gate/up"]
     count = max(1, megabytes * 2**20 // (2 * d_ff * dim * 2))
     layers = [(torch.randn(d_ff, dim).to(torch.bfloat16), torch.randn(d_ff, dim).to(torch.bfloat16))
               for _ in range(count)]
+    collapse(t for pair in layers for t in pair)
     x = torch.randn(1, 1, dim).to(torch.bfloat16)
     act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
     tau = act.float().abs().median()
     kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
     runs = {"caprese": lambda: [cpu.cats_decode(x, act, tau, up, down) for up, down in layers]}
+    small = [on_small_pages(pair) for pair in layers] if pages else []
+    if pages:
+        runs["caprese, 4 KiB pages"] = lambda: [cpu.cats_decode(x, act, tau, up, down)
+                                                for up, down in small]
     if against is not None:  # the same work as cpu.cats_decode
         flat_act, flat_x = act.reshape(-1).float(), x.reshape(-1)
         try:  # x as it is, where that revision's kernel takes a bf16 x
@@ -112,6 +133,7 @@ def cats_rows(megabytes: int, against=None, revision: str = "") -> dict:
     seconds = alternating_medians(runs)
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
             "read": read_rate([up for up, _ in layers]) / 1e9, "pytorch": None,
+            **({"read, 4 KiB pages": read_rate([up for up, _ in small]) / 1e9} if pages else {}),
             **{name: kept_bytes / spent / 1e9 for name, spent in seconds.items()}}
 
 
@@ -120,6 +142,8 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=600)
     parser.add_argument("--against", metavar="REV",
                         help="also time the kernels of this git revision, side by side")
+    parser.add_argument("--pages", action="store_true",
+                        help="also time the kernels and the read on copies on 4 KiB pages")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args()
     if cpu.module() is None:
@@ -129,27 +153,37 @@ def main() -> None:
     for name, shape in SHAPES.items():
         count = max(1, args.megabytes * 2**20 // (shape[0] * shape[1] * 2))
         weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
+        collapse(weights)
         x = torch.randn(1, shape[1]).to(torch.bfloat16)
         rows.append({"matrix": name, "shape": list(shape), "matrices": count,
-                     **gigabytes_per_second(weights, x, against, args.against or "")})
-    rows.append(cats_rows(args.megabytes, against, args.against or ""))
+                     **gigabytes_per_second(weights, x, against, args.against or "",
+                                            args.pages)})
+    rows.append(cats_rows(args.megabytes, against, args.against or "", args.pages))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")
     old = f"caprese at {args.against}"
     extra = f" {args.against} GB/s | {args.against} / caprese time |" if against else ""
-    print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |" + extra)
-    print("|---|---|---|---|---|---|" + ("---|---|" if against else ""))
+    small = " read, 4 KiB pages | caprese, 4 KiB pages | huge / 4 KiB, read | huge / 4 KiB, " \
+        "caprese |" if args.pages else ""
+    print("| matrix | shape | read GB/s | PyTorch GB/s | caprese GB/s | caprese / read |" + extra
+          + small)
+    print("|---|---|---|---|---|---|" + ("---|---|" if against else "")
+          + ("---|---|---|---|" if args.pages else ""))
     for r in rows:
         pytorch = "-" if r["pytorch"] is None else f"{r['pytorch']:.1f}"
         line = (f"| {r['matrix']} | {r['shape'][0]} x {r['shape'][1]} | {r['read']:.1f} | "
                 f"{pytorch} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
         if against:
             line += f" {r[old]:.1f} | {r['caprese'] / r[old]:.3f} |"
+        if args.pages:
+            read, kernel = r["read, 4 KiB pages"], r["caprese, 4 KiB pages"]
+            line += (f" {read:.1f} | {kernel:.1f} | {r['read'] / read:.3f} | "
+                     f"{r['caprese'] / kernel:.3f} |")
         print(line)
     if args.out:
         command = "python benchmarks/gemv_kernels.py" + (
-            f" --against {args.against}" if against else "")
+            f" --against {args.against}" if against else "") + (" --pages" if args.pages else "")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,

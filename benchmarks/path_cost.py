@@ -35,7 +35,7 @@ import torch._dynamo
 
 import caprese
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import bytes_per_token, machine
+from caprese.bench.latency import bandwidth_probe, bytes_per_token, machine
 from caprese.io import atomic_write_text
 from caprese.models import load_model
 
@@ -60,22 +60,28 @@ def attached(model, method: str | None, rank: int | None, args) -> Iterator[None
             caprese.detach(model)
 
 
-def paired_rounds(runs: dict[str, Callable[[], list[float]]], rounds: int
-                  ) -> dict[str, list[float]]:
+def paired_rounds(runs: dict[str, Callable[[], list[float]]], rounds: int,
+                  read_rate: Callable[[], float] | None = None
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Median step seconds of each variant, per round; rounds alternate which variant goes
-    first so that neither always runs right after the other's warm caches."""
+    first so that neither always runs right after the other's warm caches. With `read_rate`,
+    also the machine's read rate measured right after each run (bytes per second)."""
     medians: dict[str, list[float]] = {name: [] for name in runs}
+    rates: dict[str, list[float]] = {name: [] for name in runs} if read_rate else {}
     order = list(runs)
     for round_ in range(rounds + 1):  # round 0 compiles (or warms) and is dropped
         for name in order if round_ % 2 else order[::-1]:
             steps = runs[name]()
             if round_:
                 medians[name].append(statistics.median(steps))
-    return medians
+                if read_rate:
+                    rates[name].append(read_rate())
+    return medians, rates
 
 
-def method_rounds(models: list, method: str, prompt: torch.Tensor, args
-                  ) -> dict[str, list[float]]:
+def method_rounds(models: list, method: str, prompt: torch.Tensor, args,
+                  read_rate: Callable[[], float] | None
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """paired_rounds of the method alone and Caprese on it (and with --full the full model):
     on a model each, attached once, or with --reattach on one model attached afresh for every
     run (as `caprese bench` does)."""
@@ -91,32 +97,54 @@ def method_rounds(models: list, method: str, prompt: torch.Tensor, args
             with attached(models[0], as_method, rank, args):
                 return decode(models[0])
         return paired_rounds({name: functools.partial(afresh, *how)
-                              for name, how in variants.items()}, args.rounds)
+                              for name, how in variants.items()}, args.rounds, read_rate)
     with contextlib.ExitStack() as stack:
         for model, how in zip(models, variants.values(), strict=True):
             stack.enter_context(attached(model, *how, args))
         return paired_rounds({name: functools.partial(decode, model)
                               for name, model in zip(variants, models, strict=True)},
-                             args.rounds)
+                             args.rounds, read_rate)
+
+
+def bytes_read(model, method: str, name: str, density: float, rank: int, context: int) -> int:
+    """bytes_per_token of this script's variant `name` (full, the method, caprese-method)."""
+    latency_name = {method: method, f"caprese-{method}": PATH_VARIANT[method]}.get(name, name)
+    return bytes_per_token(model, latency_name, density, rank, context)
 
 
 def full_cuts(model, method: str, medians: dict[str, list[float]], density: float, rank: int,
               context: int) -> dict[str, dict[str, float]]:
     """What each variant cuts from the full model's step: in time (one minus the median over
     rounds of the paired ratio), in bytes read, and the first as a fraction of the second."""
-    full_bytes = bytes_per_token(model, "full", density, rank, context)
+    full_bytes = bytes_read(model, method, "full", density, rank, context)
     cuts = {}
     for name, steps in medians.items():
         if name == "full":
             continue
         time_cut = 1 - statistics.median(s / f for s, f in zip(steps, medians["full"],
                                                                 strict=True))
-        latency_name = method if name == method else PATH_VARIANT[method]
-        bytes_cut = 1 - bytes_per_token(model, latency_name, density, rank,
-                                        context) / full_bytes
+        bytes_cut = 1 - bytes_read(model, method, name, density, rank, context) / full_bytes
         cuts[name] = {"time_cut": time_cut, "bytes_cut": bytes_cut,
                       "cut_fraction": time_cut / bytes_cut}
     return cuts
+
+
+def floor_fractions(model, method: str, medians: dict[str, list[float]],
+                    rates: dict[str, list[float]], density: float, rank: int, context: int
+                    ) -> dict[str, dict[str, float | list[float]]]:
+    """Each variant's step against the time its bytes take at the read rate measured right
+    after it, per round: the fraction of the floor, paired with the bandwidth the step saw
+    (a rate measured minutes away can be off by a third on a shared host). Medians over
+    rounds, with quartiles."""
+    fractions = {}
+    for name, steps in medians.items():
+        read = bytes_read(model, method, name, density, rank, context)
+        per_round = [read / rate / step for step, rate in zip(steps, rates[name], strict=True)]
+        quartiles = statistics.quantiles(per_round, n=4)
+        fractions[name] = {"of_floor": statistics.median(per_round),
+                           "of_floor_quartiles": [quartiles[0], quartiles[2]],
+                           "read_gb_s": statistics.median(rates[name]) / 1e9}
+    return fractions
 
 
 def main() -> None:
@@ -150,10 +178,12 @@ def main() -> None:
     prompt = torch.randint(0, models[0].config.vocab_size, (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(0))
     context = args.prompt_len + args.gen_len
+    probe = bandwidth_probe(next(models[0].parameters()).dtype)
     rows = []
     for method in methods:
         torch._dynamo.reset()
-        medians = method_rounds(models, method, prompt, args)
+        medians, rates = method_rounds(models, method, prompt, args,
+                                       functools.partial(probe, repeats=7, warmup=1))
         ratios = [b / a for a, b in zip(medians[method], medians[f"caprese-{method}"],
                                         strict=True)]
         read = [bytes_per_token(models[0], name, args.density, args.rank, context)
@@ -164,7 +194,9 @@ def main() -> None:
                      "time_ratio": statistics.median(ratios), "time_ratio_quartiles":
                      [quartiles[0], quartiles[2]], "bytes_ratio": read[1] / read[0],
                      "round_ratios": ratios, "round_medians_ms": {
-                         name: [1e3 * s for s in values] for name, values in medians.items()}})
+                         name: [1e3 * s for s in values] for name, values in medians.items()},
+                     "floor": floor_fractions(models[0], method, medians, rates, args.density,
+                                              args.rank, context)})
         if args.full:
             rows[-1]["full_ms"] = 1e3 * statistics.median(medians["full"])
             rows[-1]["cuts"] = full_cuts(models[0], method, medians, args.density, args.rank,
@@ -181,6 +213,16 @@ def main() -> None:
         print(f"| {row['method']} | {row['alone_ms']:.1f} | {row['caprese_ms']:.1f} | "
               f"{row['time_ratio']:.3f} ({low:.3f}-{high:.3f}) | {row['bytes_ratio']:.3f} |")
     print(f"(medians over {args.rounds} rounds of the ratio of the two variants' median steps)")
+    print("| rounds of | variant | TTNT ms | read GB/s, right after | of floor (quartiles) |\n"
+          "|---|---|---|---|---|")
+    for row in rows:
+        for name, floor in row["floor"].items():
+            low, high = floor["of_floor_quartiles"]
+            ms = statistics.median(row["round_medians_ms"][name])
+            print(f"| {row['method']} | {name} | {ms:.1f} | {floor['read_gb_s']:.1f} | "
+                  f"{floor['of_floor']:.0%} ({low:.0%}-{high:.0%}) |")
+    print("(the fraction of the floor per round: the step's bytes at the read rate measured "
+          "right after its run, over the step's time)")
     if args.full:
         print("| variant | full TTNT ms | time cut | bytes cut | time cut / bytes cut |\n"
               "|---|---|---|---|---|")

@@ -31,6 +31,7 @@ from caprese.block import DecodeOptions, Phase
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, distill, run_job
 from caprese.families import UnsupportedModelError
+from caprese.kernels.huge_pages import enable_for_new_tensors
 from caprese.models import load_model
 from caprese.phases import (
     forced_phase,
@@ -41,6 +42,8 @@ from caprese.phases import (
     use_decode_kernels,
 )
 from caprese.version import __version__
+
+enable_for_new_tensors()  # PyTorch reads it at its first allocation: before any tensor exists
 
 __all__ = [
     "AdapterError",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from caprese.block import CapreseBlock, DecodeOptions, Phase, PhaseState
 from caprese.kernels.cpu import route_linears
+from caprese.kernels.huge_pages import collapse
 
 
 def _past_length(cache) -> int:
@@ -219,8 +221,11 @@ def rescore(model: nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor
 
 def use_decode_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Decode single tokens with caprese's CPU kernels everywhere: every nn.Linear (attention,
-    LM head) and, on an attached model, the blocks' fused products. enabled=False restores
-    PyTorch (and "auto" kernels in the blocks)."""
+    LM head) and, on an attached model, the blocks' fused products, their weights on huge
+    pages (kernels/huge_pages.py). enabled=False restores PyTorch (and "auto" kernels in the
+    blocks)."""
+    if enabled:
+        collapse(itertools.chain(model.parameters(), model.buffers()))
     route_linears(model, enabled)
     if any(isinstance(m, CapreseBlock) for m in model.modules()):
         set_decode(model, kernels="cpu" if enabled else "auto")

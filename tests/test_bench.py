@@ -237,3 +237,31 @@ def test_path_cost_cuts_pair_each_round_with_the_full_models():
         bytes_cut = 1 - bytes_per_token(model, latency_name, 0.5, 8, 40) / full
         assert 0 < cuts[name]["bytes_cut"] == pytest.approx(bytes_cut)
         assert cuts[name]["cut_fraction"] == pytest.approx(cuts[name]["time_cut"] / bytes_cut)
+
+
+def test_path_cost_measures_the_read_rate_after_each_timed_run():
+    script = benchmark_script("path_cost")
+    calls = iter(range(1, 100))
+    medians, rates = script.paired_rounds({"a": lambda: [1.0, 3.0], "b": lambda: [2.0]},
+                                          rounds=2, read_rate=lambda: next(calls))
+    # round 0 (b, a) warms, is dropped and measures no rate; round 1 runs a, b; round 2 b, a
+    assert medians == {"a": [2.0, 2.0], "b": [2.0, 2.0]}
+    assert rates == {"a": [1, 4], "b": [2, 3]}
+    assert script.paired_rounds({"a": lambda: [1.0]}, rounds=1)[1] == {}
+
+
+def test_path_cost_floor_pairs_each_step_with_its_own_read_rate():
+    from caprese.bench.latency import bytes_per_token
+
+    script = benchmark_script("path_cost")
+    model = tiny_model("llama")
+    medians = {"full": [0.1, 0.2, 0.4], "griffin": [0.1, 0.1, 0.1]}
+    rates = {"full": [4e9, 1e9, 1e9], "griffin": [1e9, 1e9, 1e9]}
+    floor = script.floor_fractions(model, "griffin", medians, rates, 0.5, 8, 40)
+    full = bytes_per_token(model, "full", 0.5, 8, 40)
+    # per round: bytes / (rate x step) = full / 4e8, / 2e8, / 4e8; the median pairs them
+    # (the median step at the median rate would give full / 2e8)
+    assert floor["full"]["of_floor"] == pytest.approx(full / 4e8)
+    assert floor["full"]["read_gb_s"] == pytest.approx(1.0)
+    griffin = bytes_per_token(model, "griffin", 0.5, 8, 40)
+    assert floor["griffin"]["of_floor"] == pytest.approx(griffin / 1e8)

@@ -13,6 +13,7 @@ import dataclasses
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from caprese.config import CapreseConfig
 from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
+from caprese.kernels.huge_pages import collapse
 from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
 from caprese.phases import prepare_decode, use_decode_kernels
 
@@ -140,21 +142,35 @@ def bytes_per_token(model, name: str, density: float, rank: int, context: int) -
     return round(read) + kv_cache_bytes(model, 1, context)
 
 
-def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
-                      repeats: int = 15, warmup: int = 2) -> float:
-    """Bytes per second the machine reads: the better of a large matrix-vector product in
-    `dtype` and a plain sum over as many bytes (medians of `repeats` after `warmup` untimed
-    runs each). The product alone understates the limit where the dtype's products are
-    compute-bound: PyTorch's bf16 product reads 11 GB/s on a 2-core AMD EPYC that sums
-    42 GB/s, which made the full model decode at "136% of the floor"."""
+def bandwidth_probe(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512
+                    ) -> Callable[..., float]:
+    """A function measuring the bytes per second the machine reads now: the better of a large
+    matrix-vector product in `dtype` and a plain sum over as many bytes (medians of `repeats`
+    after `warmup` untimed runs each). Its buffers are allocated once, so a benchmark can
+    measure the rate beside every run on a host whose bandwidth wanders; they lie on huge
+    pages where the system allows, as the weights do under the decode kernels
+    (kernels/huge_pages.py), since a read from them is faster. The product alone
+    understates the limit where the dtype's products are compute-bound: PyTorch's bf16
+    product reads 11 GB/s on a 2-core AMD EPYC that sums 42 GB/s, which made the full model
+    decode at "136% of the floor"."""
     columns = 4096
     rows = megabytes * 2**20 // (columns * torch.empty((), dtype=dtype).element_size())
     matrix = torch.randn(rows, columns, device=device).to(dtype)
     vector = torch.randn(columns, device=device).to(dtype)
+    collapse([matrix])
     flat = matrix.view(-1).view(torch.uint8).view(torch.float32)  # the same bytes
-    product = median_seconds(lambda: torch.mv(matrix, vector), device, repeats, warmup)
-    total = median_seconds(lambda: flat.sum(), device, repeats, warmup)
-    return matrix.numel() * matrix.element_size() / min(product, total)
+
+    def rate(repeats: int = 15, warmup: int = 2) -> float:
+        product = median_seconds(lambda: torch.mv(matrix, vector), device, repeats, warmup)
+        total = median_seconds(lambda: flat.sum(), device, repeats, warmup)
+        return matrix.numel() * matrix.element_size() / min(product, total)
+    return rate
+
+
+def measure_bandwidth(dtype: torch.dtype, device: str = "cpu", megabytes: int = 512,
+                      repeats: int = 15, warmup: int = 2) -> float:
+    """The read rate of bandwidth_probe, measured once."""
+    return bandwidth_probe(dtype, device, megabytes)(repeats, warmup)
 
 
 def median_seconds(run, device: str = "cpu", repeats: int = 9, warmup: int = 2) -> float:

@@ -4,4 +4,7 @@
     cpu.py           builds them once per kind of CPU; Python wrappers; route_linears
     triton.py        CATS' sparse decode on CUDA (Triton)
     select.py        the backend a block uses: select_backend(device, kernels)
+    attention.py     grouped-query attention for compiled CPU decode steps
+    layout.py        the decoding layouts the model's projections become views of
+    huge_pages.py    weights on 2 MiB pages (fewer TLB misses when a step reads them all)
 """
