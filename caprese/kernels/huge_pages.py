@@ -2,9 +2,10 @@
 
 A decode step reads every weight once. On 4 KiB pages the CPU looks up a page table entry
 for every 4 KiB it reads (the 1.5B model's 3 GB are 750,000 pages, far more than its TLB
-holds); on 2 MiB pages it looks up 512 times fewer. On a 2-core AMD EPYC (Zen 4) bf16
-matrix-vector products and CATS' kept rows read 5-23% faster from them, and so does a plain
-read (benchmarks/huge_pages.py, docs/BENCHMARKS.md).
+holds); on 2 MiB pages it looks up 512 times fewer. On a 2-core AMD EPYC (Zen 4) a plain
+read is 14-17% faster from them, caprese's bf16 matrix-vector products up to 19% (not the
+long-row down product, compute-bound in that run) and CATS' kept rows 7%
+(benchmarks/gemv_kernels.py --pages, docs/BENCHMARKS.md).
 
 Two ways in. PyTorch puts every CPU allocation of 2 MiB or more on huge pages when
 THP_MEM_ALLOC_ENABLE=1 is set before its first allocation: `import caprese` sets it unless
