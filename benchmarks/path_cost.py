@@ -14,7 +14,11 @@ gives the median of those ratios beside the ratio of the bytes each step reads.
 rounds, and reports what the method and Caprese on it cut from the full model's step, in
 time and in bytes, paired the same way: the target "TTNT cut >= 80% of the byte cut" is a
 ratio of two such cuts, which variants timed minutes apart cannot settle on a noisy host.
-Prints a table and writes JSON:
+
+Every run is followed by a read of 512 MB (caprese.bench.latency.bandwidth_probe), and each
+variant's fraction of the bandwidth floor is taken per round against the rate read right
+after it: the >= 75%-of-floor target, judged at the bandwidth the steps saw. Prints tables
+and writes JSON:
 
     python benchmarks/path_cost.py --model qwen2.5-coder-1.5b-instruct --dtype bf16 --compile \\
         --out benchmarks/results/path_cost_xeon_bf16.json
@@ -186,8 +190,8 @@ def main() -> None:
                                        functools.partial(probe, repeats=7, warmup=1))
         ratios = [b / a for a, b in zip(medians[method], medians[f"caprese-{method}"],
                                         strict=True)]
-        read = [bytes_per_token(models[0], name, args.density, args.rank, context)
-                for name in (method, PATH_VARIANT[method])]
+        read = [bytes_read(models[0], method, name, args.density, args.rank, context)
+                for name in (method, f"caprese-{method}")]
         quartiles = statistics.quantiles(ratios, n=4)
         rows.append({"method": method, "alone_ms": 1e3 * statistics.median(medians[method]),
                      "caprese_ms": 1e3 * statistics.median(medians[f"caprese-{method}"]),
