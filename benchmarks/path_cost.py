@@ -84,7 +84,7 @@ def paired_rounds(runs: dict[str, Callable[[], list[float]]], rounds: int,
 
 
 def method_rounds(models: list, method: str, prompt: torch.Tensor, args,
-                  read_rate: Callable[[], float] | None
+                  read_rate: Callable[[], float]
                   ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """paired_rounds of the method alone and Caprese on it (and with --full the full model):
     on a model each, attached once, or with --reattach on one model attached afresh for every
@@ -108,6 +108,12 @@ def method_rounds(models: list, method: str, prompt: torch.Tensor, args,
         return paired_rounds({name: functools.partial(decode, model)
                               for name, model in zip(variants, models, strict=True)},
                              args.rounds, read_rate)
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles of `values`."""
+    first, _, third = statistics.quantiles(values, n=4)
+    return [first, third]
 
 
 def bytes_read(model, method: str, name: str, density: float, rank: int, context: int) -> int:
@@ -144,9 +150,8 @@ def floor_fractions(model, method: str, medians: dict[str, list[float]],
     for name, steps in medians.items():
         read = bytes_read(model, method, name, density, rank, context)
         per_round = [read / rate / step for step, rate in zip(steps, rates[name], strict=True)]
-        quartiles = statistics.quantiles(per_round, n=4)
         fractions[name] = {"of_floor": statistics.median(per_round),
-                           "of_floor_quartiles": [quartiles[0], quartiles[2]],
+                           "of_floor_quartiles": quartiles(per_round),
                            "read_gb_s": statistics.median(rates[name]) / 1e9}
     return fractions
 
@@ -192,11 +197,10 @@ def main() -> None:
                                         strict=True)]
         read = [bytes_read(models[0], method, name, args.density, args.rank, context)
                 for name in (method, f"caprese-{method}")]
-        quartiles = statistics.quantiles(ratios, n=4)
         rows.append({"method": method, "alone_ms": 1e3 * statistics.median(medians[method]),
                      "caprese_ms": 1e3 * statistics.median(medians[f"caprese-{method}"]),
-                     "time_ratio": statistics.median(ratios), "time_ratio_quartiles":
-                     [quartiles[0], quartiles[2]], "bytes_ratio": read[1] / read[0],
+                     "time_ratio": statistics.median(ratios),
+                     "time_ratio_quartiles": quartiles(ratios), "bytes_ratio": read[1] / read[0],
                      "round_ratios": ratios, "round_medians_ms": {
                          name: [1e3 * s for s in values] for name, values in medians.items()},
                      "floor": floor_fractions(models[0], method, medians, rates, args.density,

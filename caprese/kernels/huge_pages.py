@@ -18,6 +18,7 @@ copy of a weight exists even for a moment.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -40,6 +41,14 @@ def enable_for_new_tensors() -> None:
         os.environ.setdefault(ENVIRONMENT, "1")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once, its madvise typed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def _whole_pages(tensor: torch.Tensor) -> tuple[int, int]:
     """The 2 MiB-aligned address range inside the tensor's storage (empty if none)."""
     start = tensor.untyped_storage().data_ptr()
@@ -54,9 +63,7 @@ def _advise(tensor: torch.Tensor, advice: int) -> int:
     low, high = _whole_pages(tensor)
     if sys.platform != "linux" or tensor.device.type != "cpu" or high == low:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(low, high - low, advice):
+    if _libc().madvise(low, high - low, advice):
         log.debug("madvise(%d) refused: %s", advice, os.strerror(ctypes.get_errno()))
         return 0
     return high - low
