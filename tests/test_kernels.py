@@ -71,6 +71,28 @@ def test_rows_product_equals_torch():
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d_ff=st.integers(1, 700), extra=st.integers(0, 9), dim=st.integers(1, 200),
+       kept=st.floats(0, 1), bf16=st.booleans(), bf16_x=st.booleans(), seed=st.integers(0, 2**16))
+def test_cats_kernel_equals_masked_dense(d_ff, extra, dim, kept, bf16, bf16_x, seed):
+    """Any count of kept rows (none, all, fewer than a thread's rows ahead), any row length
+    (tails of a cache line and of a SIMD vector), rows past d_ff always kept with weight 1."""
+    assert module() is not None
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    up = torch.randn(d_ff + extra, dim, generator=generator).to(dtype)
+    down = torch.randn(d_ff + extra, dim, generator=generator).to(dtype)
+    act = torch.randn(d_ff, generator=generator)
+    tau = act.abs().quantile(1 - kept).reshape(1) if kept < 1 else torch.tensor([-1.0])
+    x = torch.randn(dim, generator=generator).to(torch.bfloat16 if bf16_x else torch.float32)
+    got = torch.ops.caprese.cats_decode(act, tau, up, down, x)
+    weight = torch.cat([torch.where(act.abs() > tau, act, 0.0), torch.ones(extra)]).double()
+    reference = ((up.double() @ x.double()) * weight) @ down.double()
+    scale = (up.double().abs() @ x.double().abs() * weight.abs()) @ down.double().abs()
+    assert got.dtype == torch.float32 and got.shape == (dim,)
+    assert ((got.double() - reference).abs() <= 1e-5 * scale + 1e-6).all()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), quantile=st.floats(0, 1),
        bf16=st.booleans(), seed=st.integers(0, 2**16), ties=st.booleans())
 def test_abs_order_statistic_equals_kthvalue(rows, cols, quantile, bf16, seed, ties):

@@ -63,29 +63,45 @@ static inline float vsum(vec v) {
 }
 #endif
 
-// Ask for a whole row ahead of its use. Rows picked by an index (CATS' kept rows) are
-// scattered, so the hardware prefetcher, which follows addresses in order, cannot. Into the
-// L2 cache, not L1: the next pass's eight rows beside the current pass's would overflow a
-// 32 KB L1 with 3 KB rows, and evict lines before their use (CATS' kept rows 1.33x on a
-// Zen 4: benchmarks/gemv_kernels.py --against, docs/BENCHMARKS.md).
+// CATS' kept rows lie scattered, so the hardware prefetcher, which follows addresses in
+// order, cannot fetch them ahead. Its passes read the kept rows one at a time, front to back,
+// and while reading a row they ask for the row about kKeptAhead bytes later, one cache line
+// per line read. Spread that way, the requests keep the memory system busy without the bursts
+// of asking for eight whole rows at once, which stalled the loads they were meant to feed
+// (benchmarks/gemv_kernels.py --against, docs/BENCHMARKS.md). Into the L2 cache, not L1,
+// where rows ahead would evict lines before their use.
+constexpr int64_t kLine = 64;  // bytes
+constexpr int64_t kKeptAhead = 6144;  // bytes
 template <typename T>
-static inline void prefetch_row(const T* row, int64_t length) {
+static inline void prefetch_line(const T* row, int64_t element) {
 #if defined(CAPRESE_SIMD)
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t at = 0; at < length * int64_t(sizeof(T)); at += 64)
-    _mm_prefetch(bytes + at, _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(row + element), _MM_HINT_T1);
 #endif
 }
-
 template <typename T>
-static void axpy(float w, const T* row, float* out, int64_t begin, int64_t end) {
-  int64_t d = begin;
+static inline void prefetch_row(const T* row, int64_t length) {
+  for (int64_t at = 0; at < length; at += kLine / int64_t(sizeof(T))) prefetch_line(row, at);
+}
+// How many rows ahead to ask for: about kKeptAhead bytes' worth, at least the next row.
+static inline int64_t rows_ahead(int64_t row_bytes) {
+  return std::max<int64_t>(1, (kKeptAhead + row_bytes - 1) / row_bytes);
+}
+
+// out += w row, asking for the line of `ahead` (a row read later) beside each line read.
+template <typename T>
+static void axpy(float w, const T* row, float* out, int64_t length, const T* ahead = nullptr) {
+  int64_t d = 0;
 #if defined(CAPRESE_SIMD)
+  constexpr int64_t per_line = kLine / sizeof(T);
   const vec wv = vset(w);
-  for (; d + CAPRESE_SIMD <= end; d += CAPRESE_SIMD)
-    vstore(out + d, vfma(wv, vload(row + d), vload(out + d)));
+  for (; d + per_line <= length; d += per_line) {
+    if (ahead) prefetch_line(ahead, d);
+#pragma GCC unroll 4
+    for (int64_t v = d; v < d + per_line; v += CAPRESE_SIMD)
+      vstore(out + v, vfma(wv, vload(row + v), vload(out + v)));
+  }
 #endif
-  for (; d < end; ++d) out[d] += w * to_float(row[d]);
+  for (; d < length; ++d) out[d] += w * to_float(row[d]);
 }
 
 // out (rows, O) = x (rows, I) W^T, W (O, I) row-major; four weight rows per pass share the
@@ -124,8 +140,7 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 }
 
 // One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
-// its loads; index (optional): output o reads weight row index[o] (CATS' kept rows). More
-// streams in flight and the prefetch keep the memory system busy: on a 2-core AMD EPYC in
+// its loads. More streams in flight and the prefetch keep the memory system busy: on a 2-core AMD EPYC in
 // bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of 16-19 GB/s
 // (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
 constexpr int kRowsPerPass = 8;
@@ -133,13 +148,10 @@ constexpr int64_t kPrefetchAhead = 1024;  // bytes
 constexpr int64_t kShortRow = 4096;  // bf16 values
 template <typename T>
 static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
-                     int64_t o0, int64_t out_features, float* out, const int64_t* index) {
+                     int64_t o0, int64_t out_features, float* out) {
   const int64_t nr = std::min<int64_t>(kRowsPerPass, out_features - o0);
   const T* row[kRowsPerPass];
-  for (int r = 0; r < nr; ++r) row[r] = w + (index ? index[o0 + r] : o0 + r) * in;
-  if (index)  // the next pass's rows, while this one computes
-    for (int64_t o = o0 + kRowsPerPass; o < std::min(o0 + 2 * kRowsPerPass, out_features); ++o)
-      prefetch_row(w + index[o] * in, in);
+  for (int r = 0; r < nr; ++r) row[r] = w + (o0 + r) * in;
   float sums[kRowsPerPass] = {};
   int64_t d = 0;
 #if defined(CAPRESE_SIMD)
@@ -196,11 +208,64 @@ static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int
 // either way; only the order of the sums changes.
 template <typename T>
 static void one_token(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
-                      int64_t out_features, float* out, const int64_t* index = nullptr) {
+                      int64_t out_features, float* out) {
   at::parallel_for(0, (out_features + kRowsPerPass - 1) / kRowsPerPass, 16,
                    [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block)
-      dot_rows(w, x, x_bf16, in, block * kRowsPerPass, out_features, out, index);
+      dot_rows(w, x, x_bf16, in, block * kRowsPerPass, out_features, out);
+  });
+}
+
+// x . row, asking for the line of `ahead` (a row read later) beside each line read.
+template <typename T>
+static float dot_prefetching(const T* row, const T* ahead, const float* x,
+                             const at::BFloat16* x_bf16, int64_t in) {
+  float total = 0.f;
+  int64_t d = 0;
+#if defined(CAPRESE_SIMD)
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (x_bf16) {  // two lines of 32 weight-x pairs per step, one instruction each
+      __m512 even = vzero(), odd = vzero();
+      for (; d + 64 <= in; d += 64) {
+        prefetch_line(ahead, d);
+        prefetch_line(ahead, d + 32);
+        even = _mm512_dpbf16_ps(even, (__m512bh)_mm512_loadu_si512(row + d),
+                                (__m512bh)_mm512_loadu_si512(x_bf16 + d));
+        odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_loadu_si512(row + d + 32),
+                               (__m512bh)_mm512_loadu_si512(x_bf16 + d + 32));
+      }
+      total = vsum(_mm512_add_ps(even, odd));
+    }
+  }
+#endif
+  constexpr int64_t per_line = kLine / sizeof(T);
+  if (d + per_line <= in) {  // whole lines left (none after the bf16 pairs of a 3 KB row)
+    vec acc = vzero();
+    for (; d + per_line <= in; d += per_line) {
+      prefetch_line(ahead, d);
+      for (int64_t v = d; v < d + per_line; v += CAPRESE_SIMD)
+        acc = vfma(vload(row + v), vload(x + v), acc);
+    }
+    total += vsum(acc);
+  }
+#endif
+  for (; d < in; ++d) total += to_float(row[d]) * x[d];
+  return total;
+}
+
+// out[j] = x . w[index[j]] for CATS' kept rows: threads split the rows, each reads its share
+// one row at a time front to back, asking for the rows ahead as it goes.
+template <typename T>
+static void kept_dots(const T* w, const float* x, const at::BFloat16* x_bf16, int64_t in,
+                      const int64_t* index, int64_t count, float* out) {
+  const int64_t ahead = rows_ahead(in * int64_t(sizeof(T)));
+  at::parallel_for(0, count, 64, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < std::min(last, first + ahead); ++j)
+      prefetch_row(w + index[j] * in, in);
+    for (int64_t j = first; j < last; ++j)
+      out[j] = dot_prefetching(w + index[j] * in, w + index[std::min(j + ahead, last - 1)] * in,
+                               x, x_bf16, in);
   });
 }
 
@@ -244,21 +309,28 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
 }
 
 // Threads split the rows, each reads its rows whole (front to back) into a private
-// accumulator; the accumulators are added up at the end.
+// accumulator; the accumulators are added up at the end. index (optional): row j is
+// rows[index[j]] (CATS' kept rows, asked for ahead as in kept_dots).
 template <typename T>
 static void weighted_rows(const float* weight, const T* rows, int64_t count, int64_t dim,
                           const int64_t* index, float* out) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                    count / 256 + 1));
+  const int64_t ahead = rows_ahead(dim * int64_t(sizeof(T)));
   std::vector<float> partial(threads * dim, 0.f);
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       float* acc = partial.data() + t * dim;
-      const int64_t last_row = (t + 1) * count / threads;
-      for (int64_t j = t * count / threads; j < last_row; ++j) {
-        if (index && j + 1 < last_row) prefetch_row(rows + index[j + 1] * dim, dim);
-        axpy(weight[j], rows + (index ? index[j] : j) * dim, acc, 0, dim);
+      const int64_t first_row = t * count / threads, last_row = (t + 1) * count / threads;
+      if (!index) {
+        for (int64_t j = first_row; j < last_row; ++j) axpy(weight[j], rows + j * dim, acc, dim);
+        continue;
       }
+      for (int64_t j = first_row; j < std::min(last_row, first_row + ahead); ++j)
+        prefetch_row(rows + index[j] * dim, dim);
+      for (int64_t j = first_row; j < last_row; ++j)
+        axpy(weight[j], rows + index[j] * dim, acc, dim,
+             rows + index[std::min(j + ahead, last_row - 1)] * dim);
     }
   });
   for (int64_t d = 0; d < dim; ++d) {
@@ -299,7 +371,7 @@ static void cats_mlp(const float* act, float tau, const T* up, const T* down, in
   for (int64_t j = d_ff; j < n_rows; ++j) { kept.push_back(j); gate.push_back(1.f); }
   const int64_t count = kept.size();
   std::vector<float> hidden(count);
-  one_token(up, x, x_bf16, dim, count, hidden.data(), kept.data());
+  kept_dots(up, x, x_bf16, dim, kept.data(), count, hidden.data());
   for (int64_t j = 0; j < count; ++j) hidden[j] *= gate[j];
   weighted_rows(hidden.data(), down, count, dim, kept.data(), out);
 }
