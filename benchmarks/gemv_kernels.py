@@ -3,7 +3,9 @@ kernel, and a plain read of the same bytes (the limit), in GB/s; and CATS' spars
 counted in the bytes of the rows it keeps.
 
 The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
-head (151936 x 1536). Each shape is timed over enough distinct random matrices (600 MB) that
+head (151936 x 1536), and the down projection as rows the way GRIFFIN's gathered matrices
+store it at density 0.5 with the low-rank path's r = 256 rows appended (4736 x 1536,
+`rows_product`). Each shape is timed over enough distinct random matrices (600 MB) that
 none stays in the caches; median of 9 after 2 untimed runs.
 
     python benchmarks/gemv_kernels.py --out benchmarks/results/gemv_kernels_<cpu>.json
@@ -82,26 +84,64 @@ def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[s
     return {name: statistics.median(spans[warmup:]) for name, spans in times.items()}
 
 
-def gigabytes_per_second(weights: list[torch.Tensor], x: torch.Tensor, against=None,
+def gigabytes_per_second(weights: list[torch.Tensor], ours, theirs, old=None,
                          revision: str = "", pages: bool = False) -> dict[str, float]:
+    """Rates of ours(w) (caprese's kernel), theirs(w) (PyTorch) and old(w) (the kernel of
+    `revision`, if given) over all `weights`, alternating, and of a plain read of them."""
     total = sum(w.numel() * w.element_size() for w in weights)
-    runs = {"pytorch": lambda: [torch.nn.functional.linear(x, w) for w in weights],
-            "caprese": lambda: [cpu.linear(x, w, None) for w in weights]}
+    runs = {"pytorch": lambda: [theirs(w) for w in weights],
+            "caprese": lambda: [ours(w) for w in weights]}
     small = on_small_pages(weights) if pages else []
     if pages:
-        runs["caprese, 4 KiB pages"] = lambda: [cpu.linear(x, w, None) for w in small]
+        runs["caprese, 4 KiB pages"] = lambda: [ours(w) for w in small]
+    if old is not None:
+        runs[f"caprese at {revision}"] = lambda: [old(w) for w in weights]
+    seconds = alternating_medians(runs)
+    return {"read": read_rate(weights) / 1e9,
+            **({"read, 4 KiB pages": read_rate(small) / 1e9} if pages else {}),
+            **{name: total / spent / 1e9 for name, spent in seconds.items()}}
+
+
+def random_weights(megabytes: int, shape: tuple[int, int]) -> list[torch.Tensor]:
+    """Enough distinct bf16 matrices of `shape` that none stays in the caches, on huge pages."""
+    count = max(1, megabytes * 2**20 // (shape[0] * shape[1] * 2))
+    weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
+    collapse(weights)
+    return weights
+
+
+def linear_rows(megabytes: int, name: str, shape: tuple[int, int], against=None,
+                revision: str = "", pages: bool = False) -> dict:
+    """y = x W^T, W (out, in)."""
+    weights = random_weights(megabytes, shape)
+    x = torch.randn(1, shape[1]).to(torch.bfloat16)
+    old = None
     if against is not None:  # the same work as cpu.linear, rounding the output
         row = x.reshape(1, -1)
         try:  # x as it is, where that revision's kernel takes a bf16 x
             against.linear(row, weights[0])
         except RuntimeError:
             row = row.float()
-        runs[f"caprese at {revision}"] = lambda: [
-            against.linear(row, w).to(x.dtype) for w in weights]
-    seconds = alternating_medians(runs)
-    return {"read": read_rate(weights) / 1e9,
-            **({"read, 4 KiB pages": read_rate(small) / 1e9} if pages else {}),
-            **{name: total / spent / 1e9 for name, spent in seconds.items()}}
+
+        def old(w):
+            return against.linear(row, w).to(x.dtype)
+    return {"matrix": name, "shape": list(shape), "matrices": len(weights),
+            **gigabytes_per_second(weights, lambda w: cpu.linear(x, w, None),
+                                   lambda w: torch.nn.functional.linear(x, w), old, revision,
+                                   pages)}
+
+
+def down_rows(megabytes: int, against=None, revision: str = "", pages: bool = False) -> dict:
+    """y = h M for M stored as rows (GRIFFIN's gathered W2^T with R below it)."""
+    shape = (4480 + 256, SHAPES["down"][0])
+    weights = random_weights(megabytes, shape)
+    h = torch.randn(1, shape[0]).to(torch.bfloat16)
+    flat = h.reshape(-1).float()
+    old = None if against is None else (
+        lambda w: against.rows_product(flat, w).to(h.dtype))  # as cpu.rows_product does
+    return {"matrix": "down as rows", "shape": list(shape), "matrices": len(weights),
+            **gigabytes_per_second(weights, lambda w: cpu.rows_product(h, w, None),
+                                   lambda w: h @ w, old, revision, pages)}
 
 
 def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = False) -> dict:
@@ -149,15 +189,9 @@ def main() -> None:
     if cpu.module() is None:
         raise SystemExit("caprese's CPU kernels did not build on this machine")
     against = kernels_at(args.against) if args.against else None
-    rows = []
-    for name, shape in SHAPES.items():
-        count = max(1, args.megabytes * 2**20 // (shape[0] * shape[1] * 2))
-        weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
-        collapse(weights)
-        x = torch.randn(1, shape[1]).to(torch.bfloat16)
-        rows.append({"matrix": name, "shape": list(shape), "matrices": count,
-                     **gigabytes_per_second(weights, x, against, args.against or "",
-                                            args.pages)})
+    rows = [linear_rows(args.megabytes, name, shape, against, args.against or "", args.pages)
+            for name, shape in SHAPES.items()]
+    rows.append(down_rows(args.megabytes, against, args.against or "", args.pages))
     rows.append(cats_rows(args.megabytes, against, args.against or "", args.pages))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

@@ -58,12 +58,14 @@ def test_linear_kernel_takes_x_in_float32_or_bf16():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_rows_product_equals_torch():
+@pytest.mark.parametrize("shape", [(300, 70), (5, 1), (600, 200), (1, 64), (513, 97)])
+def test_rows_product_equals_torch(shape):
+    """Tails of a cache line and of a SIMD vector, one thread's rows and two threads'."""
     dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(1)
-    rows = torch.randn(300, 70, generator=generator).to(dtype)
-    x = torch.randn(1, 1, 300, generator=generator).to(dtype)
-    bias = torch.randn(70, generator=generator).to(dtype)
+    rows = torch.randn(*shape, generator=generator).to(dtype)
+    x = torch.randn(1, 1, shape[0], generator=generator).to(dtype)
+    bias = torch.randn(shape[1], generator=generator).to(dtype)
     got = decode_rows_product(x, rows, bias)
     reference = x.double() @ rows.double() + bias.double()
     torch.testing.assert_close(got.double(), reference, rtol=TOLERANCE[dtype],
