@@ -79,8 +79,9 @@ static inline float vsum(vec v) {
 // and while reading a row they ask for the row about kKeptAhead bytes later, one cache line
 // per line read. Spread that way, the requests keep the memory system busy without the bursts
 // of asking for eight whole rows at once, which stalled the loads they were meant to feed
-// (benchmarks/gemv_kernels.py --against, docs/BENCHMARKS.md). Into the L2 cache, not L1,
-// where rows ahead would evict lines before their use.
+// (1.14x on a Zen 4, side by side: benchmarks/results/gemv_kernels_epyc_zen4_bf16_kept_spread.json,
+// docs/BENCHMARKS.md). Into the L2 cache, not L1, where rows ahead would evict lines
+// before their use.
 constexpr int64_t kLine = 64;  // bytes
 constexpr int64_t kKeptAhead = 6144;  // bytes
 template <typename T>
@@ -101,8 +102,8 @@ static inline int64_t rows_ahead(int64_t row_bytes) {
 // 2 x CAPRESE_SIMD bf16 values as two vectors of floats, widened within each 128-bit lane by
 // one unpack each (lo: values 0-3 of every eight, hi: values 4-7) instead of in order, which
 // takes a lane-crossing widen and a shift per vector. Sums kept in that order are read back
-// through unpacked_at. On a Zen 4, the down projection's rows (rows_product) read 1.15x
-// faster so (benchmarks/gemv_kernels.py --against, docs/BENCHMARKS.md).
+// through unpacked_at. On a Zen 4, GRIFFIN's gathered down rows (rows_product) read 1.21x
+// faster so, side by side (benchmarks/results/gemv_kernels_epyc_zen4_bf16_unpacked_rows.json).
 template <typename T>
 static inline int64_t unpacked_at(int64_t d, int64_t length) {
 #if defined(CAPRESE_SIMD)
@@ -178,8 +179,8 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 }
 
 // One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
-// its loads. More streams in flight and the prefetch keep the memory system busy: on a 2-core AMD EPYC in
-// bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of 16-19 GB/s
+// its loads. More streams in flight and the prefetch keep the memory system busy: on a
+// 2-core AMD EPYC in bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of 16-19 GB/s
 // (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
