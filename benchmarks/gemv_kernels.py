@@ -24,17 +24,14 @@ on 4 KiB pages, side by side:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 from caprese.bench.latency import machine, median_seconds
 from caprese.kernels import cpu
@@ -59,15 +56,7 @@ def kernels_at(revision: str):
     """torch.ops namespace of caprese's CPU kernels as they were at git `revision`."""
     source = subprocess.run(["git", "show", f"{revision}:{cpu.SOURCE.relative_to(Path.cwd())}"],
                             capture_output=True, text=True, check=True).stdout
-    namespace = "caprese_at_" + re.sub(r"\W", "_", revision)
-    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
-        source = source.replace(f"{macro}(caprese,", f"{macro}({namespace},")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "cpu_kernels.cpp"
-        path.write_text(source)
-        load(name=f"{namespace}_{hashlib.sha256(source.encode()).hexdigest()[:8]}",
-             sources=[str(path)], **cpu.BUILD_FLAGS)
-    return getattr(torch.ops, namespace)
+    return cpu.build_variant(source, "caprese_at_" + re.sub(r"\W", "_", revision))
 
 
 def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[str, float]:

@@ -213,6 +213,44 @@ def test_decode_kernels_match_torch_in_bf16():
     assert torch.equal(tokens, ref_tokens)
 
 
+def _x86_with_avx2() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.skipif(not _x86_with_avx2(), reason="builds x86 code: needs an x86 CPU with AVX2")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA; no SIMD path at all
+def test_kernels_built_for_other_cpus_compute_the_same(march):
+    """The kernels' AVX2 and plain-loop paths, which an AVX-512 machine never runs natively,
+    against float64 products: every operator, fp32 and bf16 weights, fp32 and bf16 x, shapes
+    with line and vector tails, CATS with rows past d_ff."""
+    ops = cpu.build_variant(cpu.SOURCE.read_text(), "caprese_" + march.replace("-", "_"), march)
+    generator = torch.Generator().manual_seed(3)
+    for dtype, x_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                           (torch.bfloat16, torch.float32)]:
+        weight = torch.randn(131, 97, generator=generator).to(dtype)
+        x = torch.randn(1, 97, generator=generator).to(x_dtype)
+        reference = x.double() @ weight.double().t()
+        torch.testing.assert_close(ops.linear(x, weight).double(), reference,
+                                   rtol=1e-5, atol=1e-5)
+        rows = torch.randn(600, 77, generator=generator).to(dtype)
+        h = torch.randn(600, generator=generator)
+        torch.testing.assert_close(ops.rows_product(h, rows).double(),
+                                   h.double() @ rows.double(), rtol=1e-5, atol=1e-4)
+        d_ff, extra = 700, 5
+        up = torch.randn(d_ff + extra, 97, generator=generator).to(dtype)
+        down = torch.randn(d_ff + extra, 97, generator=generator).to(dtype)
+        act = torch.randn(d_ff, generator=generator)
+        tau = act.abs().median().reshape(1)
+        kept = torch.cat([torch.where(act.abs() > tau, act, 0.0), torch.ones(extra)]).double()
+        reference = ((up.double() @ x.double().reshape(-1)) * kept) @ down.double()
+        torch.testing.assert_close(ops.cats_decode(act, tau, up, down, x.reshape(-1)).double(),
+                                   reference, rtol=1e-5, atol=1e-3)
+
+
 def test_the_kernel_cache_is_per_cpu_kind(tmp_path):
     """-march=native code is cached under a name that changes with the CPU's flags."""
     avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"

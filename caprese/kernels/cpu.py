@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 import threading
 from pathlib import Path
 
@@ -85,6 +86,26 @@ def module():
                 log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
                 _failed = True
     return _module
+
+
+def build_variant(source: str, namespace: str, march: str = "native"):
+    """`source` (a version of cpu_kernels.cpp) compiled with -march=`march`, its operators
+    registered as torch.ops.<namespace>.* beside caprese's own: benchmarks time another
+    revision's kernels side by side, and tests check the AVX2 and plain-loop paths on any
+    x86 CPU. Returns that namespace."""
+    from torch.utils.cpp_extension import load
+
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+        source = source.replace(f"{macro}(caprese,", f"{macro}({namespace},")
+    flags = [f"-march={march}" if flag.startswith("-march=") else flag
+             for flag in BUILD_FLAGS["extra_cflags"]]
+    tag = hashlib.sha256(f"{march} {source}".encode()).hexdigest()[:8]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cpu_kernels.cpp"
+        path.write_text(source)
+        load(name=f"{namespace}_{tag}_{cpu_tag()}", sources=[str(path)], extra_cflags=flags,
+             extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
+    return getattr(torch.ops, namespace)
 
 
 def _register_shapes() -> None:

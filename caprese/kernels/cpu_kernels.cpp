@@ -79,9 +79,9 @@ static inline float vsum(vec v) {
 // and while reading a row they ask for the row about kKeptAhead bytes later, one cache line
 // per line read. Spread that way, the requests keep the memory system busy without the bursts
 // of asking for eight whole rows at once, which stalled the loads they were meant to feed
-// (1.14x on a Zen 4, side by side: benchmarks/results/gemv_kernels_epyc_zen4_bf16_kept_spread.json,
-// docs/BENCHMARKS.md). Into the L2 cache, not L1, where rows ahead would evict lines
-// before their use.
+// (1.14x on a Zen 4, side by side: docs/BENCHMARKS.md,
+// benchmarks/results/gemv_kernels_epyc_zen4_bf16_kept_spread.json). Into the L2 cache, not
+// L1, where rows ahead would evict lines before their use.
 constexpr int64_t kLine = 64;  // bytes
 constexpr int64_t kKeptAhead = 6144;  // bytes
 template <typename T>
@@ -180,8 +180,8 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 
 // One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
 // its loads. More streams in flight and the prefetch keep the memory system busy: on a
-// 2-core AMD EPYC in bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of 16-19 GB/s
-// (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
+// 2-core AMD EPYC in bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of
+// 16-19 GB/s (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
 constexpr int64_t kShortRow = 4096;  // bf16 values
