@@ -77,9 +77,9 @@ static inline float vsum(vec v) {
 // CATS' kept rows lie scattered, so the hardware prefetcher, which follows addresses in
 // order, cannot fetch them ahead. Its passes read the kept rows one at a time, front to back,
 // and while reading a row they ask for the row about kKeptAhead bytes later, one cache line
-// per line read. Spread that way, the requests keep the memory system busy without the bursts
-// of asking for eight whole rows at once, which stalled the loads they were meant to feed
-// (1.14x on a Zen 4, side by side: docs/BENCHMARKS.md,
+// per line read. Spread that way, the requests keep the memory system busy without bursts of
+// eight whole rows asked for at once, which measured slower (1.14x on a Zen 4 against
+// them, side by side: docs/BENCHMARKS.md,
 // benchmarks/results/gemv_kernels_epyc_zen4_bf16_kept_spread.json). Into the L2 cache, not
 // L1, where rows ahead would evict lines before their use.
 constexpr int64_t kLine = 64;  // bytes
