@@ -72,6 +72,14 @@ def test_rows_product_equals_torch(shape):
                                atol=TOLERANCE[dtype] * 10)
 
 
+def masked_dense_cats(act, tau, up, down, x):
+    """CATS' MLP the plain way, in float64: gate entries at or under tau zeroed, rows past
+    d_ff (the low-rank path's) weighted 1."""
+    extra = up.shape[0] - act.numel()
+    weight = torch.cat([torch.where(act.abs() > tau, act, 0.0), torch.ones(extra)]).double()
+    return ((up.double() @ x.double().reshape(-1)) * weight) @ down.double(), weight
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(d_ff=st.integers(1, 700), extra=st.integers(0, 9), dim=st.integers(1, 200),
        kept=st.floats(0, 1), bf16=st.booleans(), bf16_x=st.booleans(), seed=st.integers(0, 2**16))
@@ -87,8 +95,7 @@ def test_cats_kernel_equals_masked_dense(d_ff, extra, dim, kept, bf16, bf16_x, s
     tau = act.abs().quantile(1 - kept).reshape(1) if kept < 1 else torch.tensor([-1.0])
     x = torch.randn(dim, generator=generator).to(torch.bfloat16 if bf16_x else torch.float32)
     got = torch.ops.caprese.cats_decode(act, tau, up, down, x)
-    weight = torch.cat([torch.where(act.abs() > tau, act, 0.0), torch.ones(extra)]).double()
-    reference = ((up.double() @ x.double()) * weight) @ down.double()
+    reference, weight = masked_dense_cats(act, tau, up, down, x)
     scale = (up.double().abs() @ x.double().abs() * weight.abs()) @ down.double().abs()
     assert got.dtype == torch.float32 and got.shape == (dim,)
     assert ((got.double() - reference).abs() <= 1e-5 * scale + 1e-6).all()
@@ -213,15 +220,8 @@ def test_decode_kernels_match_torch_in_bf16():
     assert torch.equal(tokens, ref_tokens)
 
 
-def _x86_with_avx2() -> bool:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
-@pytest.mark.skipif(not _x86_with_avx2(), reason="builds x86 code: needs an x86 CPU with AVX2")
+@pytest.mark.skipif(not {"avx2", "fma"} <= set(cpu.cpu_flags()),
+                    reason="builds x86 code: needs an x86 CPU with AVX2")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA; no SIMD path at all
 def test_kernels_built_for_other_cpus_compute_the_same(march):
     """The kernels' AVX2 and plain-loop paths, which an AVX-512 machine never runs natively,
@@ -245,8 +245,7 @@ def test_kernels_built_for_other_cpus_compute_the_same(march):
         down = torch.randn(d_ff + extra, 97, generator=generator).to(dtype)
         act = torch.randn(d_ff, generator=generator)
         tau = act.abs().median().reshape(1)
-        kept = torch.cat([torch.where(act.abs() > tau, act, 0.0), torch.ones(extra)]).double()
-        reference = ((up.double() @ x.double().reshape(-1)) * kept) @ down.double()
+        reference, _ = masked_dense_cats(act, tau, up, down, x)
         torch.testing.assert_close(ops.cats_decode(act, tau, up, down, x.reshape(-1)).double(),
                                    reference, rtol=1e-5, atol=1e-3)
 

@@ -55,12 +55,17 @@ def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
     The module is compiled with -march=native, and torch caches it by name: a home directory
     shared by an AVX-512 and an AVX2 machine would hand the second one code it cannot run
     (SIGILL). The name carries this tag, so each kind of CPU builds its own."""
+    flags = " ".join(cpu_flags(cpuinfo)) or f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them (none without it)."""
     try:
         with open(cpuinfo) as lines:
-            flags = next(line for line in lines if line.startswith("flags"))
+            return next(line for line in lines if line.startswith("flags")).split()
     except (OSError, StopIteration):
-        flags = f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+        return []
 
 
 def module():
