@@ -1,6 +1,7 @@
 """A compiled decode step's attention on the CPU: PyTorch's SDPA, transformers' eager attention
-(which inductor fuses into the step) and caprese's grouped-query attention (eager without its
-copies of the KV heads), full model with caprese's kernels, per prompt length. Prefill runs
+(which inductor fuses into the step), caprese's grouped-query attention (eager without its
+copies of the KV heads) and the same with caprese's decode attention kernel (what compiled
+CPU steps use), full model with caprese's kernels, per prompt length. Prefill runs
 with the model's own attention (SDPA) for all; only the compiled decode step differs. The
 attentions take turns in rounds of a few steps on one cache (the order reversing every
 round), so that the machine's drift hits all alike; the table gives the median over rounds
@@ -24,10 +25,10 @@ import torch
 
 from caprese import compiled, phases
 from caprese.bench.latency import machine
-from caprese.kernels.attention import GROUPED
+from caprese.kernels.attention import DECODE, GROUPED
 from caprese.models.load import load_model
 
-ATTENTIONS = ("sdpa", "eager", GROUPED)
+ATTENTIONS = ("sdpa", "eager", GROUPED, DECODE)
 
 
 def round_medians(model, prompt_len: int, rounds: int, steps: int) -> dict[str, list[float]]:

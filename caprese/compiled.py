@@ -43,7 +43,7 @@ from transformers.generation import CompileConfig
 
 from caprese.block import CapreseBlock
 from caprese.kernels import cpu
-from caprese.kernels.attention import GROUPED
+from caprese.kernels.attention import DECODE, GROUPED
 
 # The static cache's length is rounded up to a multiple of this, so that batches of prompts
 # of different lengths share one compiled step instead of compiling one each.
@@ -54,9 +54,9 @@ CACHE_BUCKET = 256
 RECOMPILE_LIMIT = 64
 
 # The attention a compiled decode step uses, per device type (absent: the model's own).
-DECODE_ATTENTION = {"cpu": GROUPED}
+DECODE_ATTENTION = {"cpu": DECODE}
 # Implementations that add their mask to the scores (generate hands SDPA's boolean ones).
-ADDITIVE_MASKS = ("eager", GROUPED)
+ADDITIVE_MASKS = ("eager", GROUPED, DECODE)
 
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
 # "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code

@@ -20,7 +20,7 @@ from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import cudagraph_skips, format_table, run_bench
 from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
-from caprese.kernels.attention import GROUPED, grouped_query_attention
+from caprese.kernels.attention import DECODE, decode_attention
 
 # (method, density, rank): the full model, each method alone and with the low-rank path.
 VARIANTS = [(None, 1.0, None), ("griffin", 0.5, None), ("griffin", 0.5, 8), ("cats", 0.5, None),
@@ -293,23 +293,24 @@ def test_a_compiled_step_keeps_the_cpu_kernels(method, rank):
         assert calls.get("caprese::cats_decode", 0) == decode_steps * layers
 
 
-def attention_ops(run) -> set[str]:
-    """The SDPA operators that ran during run()."""
+def attention_ops(run) -> list[str]:
+    """The SDPA operators and caprese's decode attention kernels that ran during run()."""
     with torch.profiler.profile() as profiler:
         run()
-    return {e.name for e in profiler.events() if "scaled_dot_product" in e.name}
+    return [e.name for e in profiler.events()
+            if "scaled_dot_product" in e.name or e.name == "caprese::decode_attention"]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
-def test_a_cpu_compiled_step_attends_by_grouped_query_while_prefill_keeps_sdpa(
+def test_a_cpu_compiled_step_attends_by_the_decode_kernel_while_prefill_keeps_sdpa(
         family, monkeypatch):
     traced = []
 
     def grouped(*args, **kwargs):  # runs while dynamo traces the step, once per layer
         traced.append(1)
-        return grouped_query_attention(*args, **kwargs)
+        return decode_attention(*args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED, grouped)
+    monkeypatch.setitem(AttentionInterface._global_mapping, DECODE, grouped)
     model = variant_model("griffin", 0.5, 8, family=family)
     assert model.config._attn_implementation == "sdpa"
     name = phases.cache_argument(model)
@@ -325,7 +326,9 @@ def test_a_cpu_compiled_step_attends_by_grouped_query_while_prefill_keeps_sdpa(
 
         decode(12)  # compiles
         assert len(traced) == model.config.num_hidden_layers
-        assert not attention_ops(lambda: decode(13))
+        kernels = attention_ops(lambda: decode(13))  # each call shows as two events or one
+        assert set(kernels) == {"caprese::decode_attention"}
+        assert len(kernels) >= model.config.num_hidden_layers
         assert model.config._attn_implementation == "sdpa"  # restored after each step
         assert model.get_compiled_call(compiled.compile_config("cpu")) is step  # generate's
         sdpa_step = compiled.compiled_forward(model, attention="sdpa")

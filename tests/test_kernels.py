@@ -226,11 +226,15 @@ def test_decode_kernels_match_torch_in_bf16():
 def test_kernels_built_for_other_cpus_compute_the_same(march):
     """The kernels' AVX2 and plain-loop paths, which an AVX-512 machine never runs natively,
     against float64 products: every operator, fp32 and bf16 weights, fp32 and bf16 x, shapes
-    with line and vector tails, CATS with rows past d_ff."""
+    with line and vector tails, CATS with rows past d_ff, decode attention with more query
+    heads per KV head than one pass takes."""
     ops = cpu.build_variant(cpu.SOURCE.read_text(), "caprese_" + march.replace("-", "_"), march)
     generator = torch.Generator().manual_seed(3)
     for dtype, x_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                            (torch.bfloat16, torch.float32)]:
+        # decode attention rounds scores and weights to bf16, as PyTorch's bf16 products do
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {
+            "rtol": 2e-2, "atol": 2e-2}
         weight = torch.randn(131, 97, generator=generator).to(dtype)
         x = torch.randn(1, 97, generator=generator).to(x_dtype)
         reference = x.double() @ weight.double().t()
@@ -248,6 +252,15 @@ def test_kernels_built_for_other_cpus_compute_the_same(march):
         reference, _ = masked_dense_cats(act, tau, up, down, x)
         torch.testing.assert_close(ops.cats_decode(act, tau, up, down, x.reshape(-1)).double(),
                                    reference, rtol=1e-5, atol=1e-3)
+        query = torch.randn(2, 1, 14, 40, generator=generator).to(dtype).transpose(1, 2)
+        key, value = (torch.randn(2, 2, 9, 40, generator=generator).to(dtype) for _ in range(2))
+        mask = torch.zeros(2, 9).masked_fill(torch.rand(2, 9, generator=generator) < 0.3, -1e38)
+        mask[:, 0] = 0
+        weights = torch.softmax((query.double().reshape(2, 2, 7, 40) @ key.double().transpose(
+            -1, -2)) * 40 ** -0.5 + mask.double()[:, None, None], dim=-1)
+        reference = (weights @ value.double()).reshape(2, 1, 14, 40)
+        torch.testing.assert_close(ops.decode_attention(query, key, value, mask, 40 ** -0.5)
+                                   .double(), reference, **tolerance)
 
 
 def test_the_kernel_cache_is_per_cpu_kind(tmp_path):

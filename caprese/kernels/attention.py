@@ -1,4 +1,4 @@
-"""Grouped-query attention without copying the KV cache: what compiled CPU decode steps use.
+"""Grouped-query attention without copying the KV cache, for compiled CPU decode steps.
 
 transformers' eager attention first repeats each key and value head once per query head that
 shares it (`repeat_kv`): on qwen2.5-coder-1.5b (12 query heads, 2 KV heads) a decode step
@@ -7,6 +7,12 @@ weights take. Here the query heads that share a KV head multiply that head's key
 as they are, one batched product per KV head; the arithmetic is eager attention's (scores in
 the model's dtype, softmax in float32). Registered with transformers under GROUPED, with
 eager attention's additive masks.
+
+What those steps use is DECODE: the same, but a decode token's attention (one query) comes
+from caprese's CPU kernel (cpu_kernels.cpp). PyTorch's batched products read a KV cache that
+the weights streamed since have pushed out of the caches, without fetching ahead, and read
+a static cache's masked tail too; the kernel reads each KV head's open positions once, front
+to back, for all the query heads that share it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from caprese.kernels import cpu
+
 GROUPED = "caprese_grouped"
+DECODE = "caprese_decode"
 
 
 def grouped_query_attention(
@@ -49,5 +58,28 @@ def grouped_query_attention(
     return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(GROUPED, grouped_query_attention)
-AttentionMaskInterface.register(GROUPED, eager_mask)
+def decode_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """grouped_query_attention, a decode token's by caprese's CPU kernel where it applies
+    (one query, no soft cap, float32 or bf16, kernels built)."""
+    if query.shape[2] == 1 and softcap is None:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = cpu.decode_attention(query, key, value, attention_mask, scale)
+        if out is not None:
+            return out, None
+    return grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                   softcap, **kwargs)
+
+
+for _name, _attention in ((GROUPED, grouped_query_attention), (DECODE, decode_attention)):
+    AttentionInterface.register(_name, _attention)
+    AttentionMaskInterface.register(_name, eager_mask)

@@ -16,8 +16,10 @@ AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCH
   only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop. PyTorch
   has no fused gather + matrix-vector product (index_select copies the rows first, which
   costs more than it saves).
+- `decode_attention`: one decode token's grouped-query attention over a KV cache
+  (caprese.kernels.attention).
 
-The three are torch operators (torch.ops.caprese.linear, ...), so a decode step compiled by
+The four are torch operators (torch.ops.caprese.linear, ...), so a decode step compiled by
 torch.compile calls them inside its one graph.
 """
 
@@ -127,6 +129,10 @@ def _register_shapes() -> None:
     def _(act, tau, up, down, x):
         return x.new_empty((up.shape[1],), dtype=torch.float32)
 
+    @torch.library.register_fake("caprese::decode_attention")
+    def _(query, key, value, mask, scale):
+        return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
+
 
 def ready() -> bool:
     """Whether the decode kernels can run. A step being traced cannot build them (a lock and a
@@ -149,6 +155,26 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
     act = act_gate.reshape(-1).float().contiguous()
     out = torch.ops.caprese.cats_decode(act, tau, up_rows, down_rows, _as_kernel_input(x))
     return out.to(x.dtype).reshape(x.shape)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """One decode token's grouped-query attention, (B, 1, H, D), or None where the kernel
+    does not apply. query (B, H, 1, D); key and value (B, KV, S, D); mask additive,
+    (B or 1, 1, 1, >= S), or None."""
+    if not (query.device.type == "cpu" and query.shape[2] == 1 and ready()
+            and query.dtype in (torch.float32, torch.bfloat16)
+            and query.dtype == key.dtype == value.dtype
+            and not (torch.is_grad_enabled() and query.requires_grad)):
+        return None
+    batch, positions = key.shape[0], key.shape[2]
+    if mask is None:
+        mask = query.new_empty((0,), dtype=torch.float32)
+    else:
+        mask = mask[:, 0, -1, :positions].float().expand(batch, positions).contiguous()
+    if key.stride() != value.stride() or key.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    return torch.ops.caprese.decode_attention(query, key, value, mask, scale)
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:

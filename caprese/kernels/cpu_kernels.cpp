@@ -6,10 +6,12 @@
 //   cats_decode(act, tau, up, down, x)
 //                             one token through a CATS MLP reading only the kept rows (x float32
 //                             or bf16, the result in float32)
+//   decode_attention(query, key, value, mask, scale)
+//                             one decode token's grouped-query attention over a KV cache
 //   abs_order_statistic(values, valid, rank)
 //                             CATS' threshold: the rank-th smallest |value| of valid rows
 //   abs_histogram(values, valid) the same from a prompt's pieces: counts of 16-bit |value|s
-// The three decode kernels are registered as the operators torch.ops.caprese.*: a decode step
+// The four decode kernels are registered as the operators torch.ops.caprese.*: a decode step
 // compiled by torch.compile calls them as nodes of its graph instead of breaking it there
 // (their output shapes for tracing are registered in cpu.py).
 #include <torch/extension.h>
@@ -440,6 +442,183 @@ torch::Tensor cats_decode(torch::Tensor act, torch::Tensor tau, torch::Tensor up
   return out;
 }
 
+// One decode token's attention, for caprese.kernels.attention. PyTorch's batched products
+// read a KV cache that the weights streamed since have pushed out of the caches, without
+// fetching ahead, and read a static cache's masked tail too. Here each KV head's keys, then
+// its values, are read once, front to back, for all the query heads that share it (their
+// sums in registers), only at the positions the mask leaves open: an additive mask of -1e30
+// or less weighs a position exactly 0 in float32. The arithmetic is a compiled step's:
+// scores rounded to the cache's dtype, as the product stores them, then scaled, masked and
+// normalized in float32; the weights rounded to the dtype before they weigh the values; the
+// sums in float32.
+template <typename T>
+static inline float as_stored(float v) {  // v as a tensor of T holds it
+  if constexpr (std::is_same_v<T, at::BFloat16>) return static_cast<float>(at::BFloat16(v));
+  return v;
+}
+
+constexpr int64_t kPositionsAhead = 8;
+constexpr int kHeadsPerPass = 6;  // query heads whose sums stay in registers at once
+
+// run(std::integral_constant<int, G>(), first) for the query heads first .. first + G - 1,
+// in passes of at most kHeadsPerPass heads (G a constant, so the sums are registers).
+template <typename Run>
+static void in_head_passes(int64_t group, Run&& run) {
+  for (int64_t first = 0; first < group; first += kHeadsPerPass) {
+    switch (std::min<int64_t>(kHeadsPerPass, group - first)) {
+      case 1: run(std::integral_constant<int, 1>(), first); break;
+      case 2: run(std::integral_constant<int, 2>(), first); break;
+      case 3: run(std::integral_constant<int, 3>(), first); break;
+      case 4: run(std::integral_constant<int, 4>(), first); break;
+      case 5: run(std::integral_constant<int, 5>(), first); break;
+      default: run(std::integral_constant<int, 6>(), first);
+    }
+  }
+}
+
+// scores (G rows of n) = q (G rows of dim, float) . the keys at positions open[0 .. n-1].
+template <int G, typename T>
+static void score_keys(const float* q, const T* k, int64_t step, const int64_t* open, int64_t n,
+                       int64_t dim, float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kPositionsAhead < n) prefetch_row(k + open[j + kPositionsAhead] * step, dim);
+    const T* key = k + open[j] * step;
+    float sums[G] = {};
+    int64_t d = 0;
+#if defined(CAPRESE_SIMD)
+    vec acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = vzero();
+    for (; d + CAPRESE_SIMD <= dim; d += CAPRESE_SIMD) {
+      const vec x = vload(key + d);
+      for (int g = 0; g < G; ++g) acc[g] = vfma(vload(q + g * dim + d), x, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) sums[g] = vsum(acc[g]);
+#endif
+    for (; d < dim; ++d)
+      for (int g = 0; g < G; ++g) sums[g] += q[g * dim + d] * to_float(key[d]);
+    for (int g = 0; g < G; ++g) scores[g * n + j] = sums[g];
+  }
+}
+
+// out (G rows of dim, float) = weights (G rows of n) times the values at open[0 .. n-1],
+// kValueVectors vectors' width of every head at a time, their sums in registers.
+#if CAPRESE_SIMD == 16
+constexpr int kValueVectors = 4;
+#else
+constexpr int kValueVectors = 2;
+#endif
+template <int G, typename T>
+static void weigh_values(const float* weights, const T* v, int64_t step, const int64_t* open,
+                         int64_t n, int64_t dim, float* out) {
+  int64_t d0 = 0;
+#if defined(CAPRESE_SIMD)
+  constexpr int64_t width = kValueVectors * CAPRESE_SIMD;
+  for (; d0 + width <= dim; d0 += width) {
+    vec acc[G][kValueVectors];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < kValueVectors; ++c) acc[g][c] = vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* row = v + open[j] * step + d0;
+      if (d0 == 0 && j + kPositionsAhead < n)
+        prefetch_row(v + open[j + kPositionsAhead] * step, dim);
+      vec x[kValueVectors];
+      for (int c = 0; c < kValueVectors; ++c) x[c] = vload(row + c * CAPRESE_SIMD);
+      for (int g = 0; g < G; ++g) {
+        const vec w = vset(weights[g * n + j]);
+        for (int c = 0; c < kValueVectors; ++c) acc[g][c] = vfma(w, x[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < kValueVectors; ++c)
+        vstore(out + g * dim + d0 + c * CAPRESE_SIMD, acc[g][c]);
+  }
+#endif
+  for (; d0 < dim; ++d0)
+    for (int g = 0; g < G; ++g) {
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j)
+        total += weights[g * n + j] * to_float(v[open[j] * step + d0]);
+      out[g * dim + d0] = total;
+    }
+}
+
+// The `group` query heads q (rows `q_step` apart) of one KV head: keys and values at
+// positions `step` apart, mask (per position, float32) or null; out rows `out_step` apart.
+template <typename T>
+static void attend(const T* q, int64_t q_step, int64_t group, const T* k, const T* v,
+                   int64_t step, const float* mask, int64_t positions, float scale,
+                   int64_t dim, T* out, int64_t out_step) {
+  std::vector<int64_t> open;
+  open.reserve(positions);
+  for (int64_t s = 0; s < positions; ++s)
+    if (!mask || mask[s] > -1e30f) open.push_back(s);
+  if (open.empty())  // nothing open: every position weighs alike, as with the dense product
+    for (int64_t s = 0; s < positions; ++s) open.push_back(s);
+  const int64_t n = open.size();
+  std::vector<float> qf(group * dim), weights(group * n), sums(group * dim);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[g * q_step + d]);
+  in_head_passes(group, [&](auto heads, int64_t first) {
+    score_keys<decltype(heads)::value>(qf.data() + first * dim, k, step, open.data(), n, dim,
+                                       weights.data() + first * n);
+  });
+  for (int64_t g = 0; g < group; ++g) {
+    float* w = weights.data() + g * n;
+    for (int64_t j = 0; j < n; ++j)
+      w[j] = as_stored<T>(w[j]) * scale + (mask ? mask[open[j]] : 0.f);
+    const float top = *std::max_element(w, w + n);
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (w[j] = std::exp(w[j] - top));
+    for (int64_t j = 0; j < n; ++j) w[j] = as_stored<T>(w[j] / total);
+  }
+  in_head_passes(group, [&](auto heads, int64_t first) {
+    weigh_values<decltype(heads)::value>(weights.data() + first * n, v, step, open.data(), n,
+                                         dim, sums.data() + first * dim);
+  });
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; ++d) out[g * out_step + d] = T(sums[g * dim + d]);
+}
+
+// query (B, H, 1, D), key and value (B, KV, S, D) with unit stride in D and the same strides,
+// mask (B, S) float32 additive or empty; out (B, 1, H, D). Threads split the (B, KV) heads.
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value,
+                               torch::Tensor mask, double scale) {
+  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1, "query must be (batch, heads, 1, dim)");
+  TORCH_CHECK(key.dim() == 4 && key.sizes() == value.sizes() && key.strides() == value.strides()
+              && key.stride(3) == 1 && query.stride(3) == 1,
+              "key and value must be (batch, kv_heads, positions, dim) alike, dim contiguous");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type() && key.scalar_type() == value.scalar_type()
+              && (key.scalar_type() == at::kFloat || key.scalar_type() == at::kBFloat16),
+              "query, key and value must all be float32 or all bfloat16");
+  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(3);
+  const int64_t kv_heads = key.size(1), positions = key.size(2);
+  TORCH_CHECK(key.size(0) == batch && key.size(3) == dim && heads % kv_heads == 0,
+              "query and key shapes do not match");
+  const bool masked = mask.numel() > 0;
+  TORCH_CHECK(!masked || (mask.scalar_type() == at::kFloat && mask.is_contiguous() &&
+                          mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == positions),
+              "mask must be a contiguous float32 (batch, positions) tensor, or empty");
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty({batch, 1, heads, dim}, query.options());
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const float* row_mask = masked ? mask.data_ptr<float>() + b * positions : nullptr;
+      auto run = [&](auto* typed) {
+        using T = std::remove_pointer_t<decltype(typed)>;
+        const T* q = query.data_ptr<T>() + b * query.stride(0) + h * group * query.stride(1);
+        const int64_t at = b * key.stride(0) + h * key.stride(1);
+        attend(q, query.stride(1), group, key.data_ptr<T>() + at, value.data_ptr<T>() + at,
+               key.stride(2), row_mask, positions, float(scale), dim,
+               out.data_ptr<T>() + b * heads * dim + h * group * dim, dim);
+      };
+      if (key.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+      else run(static_cast<at::BFloat16*>(nullptr));
+    }
+  });
+  return out;
+}
+
 // The bit pattern of |v| read as an integer orders like |v|; bf16 is the high half of fp32.
 static inline uint32_t abs_bits(float v) {
   uint32_t bits; std::memcpy(&bits, &v, 4); return bits & 0x7fffffffu;
@@ -623,10 +802,13 @@ TORCH_LIBRARY(caprese, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("rows_product(Tensor x, Tensor rows) -> Tensor");
   m.def("cats_decode(Tensor act, Tensor tau, Tensor up, Tensor down, Tensor x) -> Tensor");
+  m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(caprese, CPU, m) {
   m.impl("linear", &linear);
   m.impl("rows_product", &rows_product);
   m.impl("cats_decode", &cats_decode);
+  m.impl("decode_attention", &decode_attention);
 }
