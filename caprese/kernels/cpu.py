@@ -160,20 +160,23 @@ def cats_decode(x: torch.Tensor, act_gate: torch.Tensor, tau: torch.Tensor,
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     """One decode token's grouped-query attention, (B, 1, H, D), or None where the kernel
-    does not apply. query (B, H, 1, D); key and value (B, KV, S, D); mask additive,
-    (B or 1, 1, 1, >= S), or None."""
-    if not (query.device.type == "cpu" and query.shape[2] == 1 and ready()
+    does not apply. query (B, H, 1, D); key and value (B, KV, S >= 1, D); mask additive
+    (floating point), (B or 1, 1, 1, >= S), or None."""
+    batch, positions = key.shape[0], key.shape[2]
+    if not (query.device.type == "cpu" and query.shape[2] == 1 and positions and ready()
             and query.dtype in (torch.float32, torch.bfloat16)
             and query.dtype == key.dtype == value.dtype
+            and (mask is None or mask.is_floating_point())
             and not (torch.is_grad_enabled() and query.requires_grad)):
         return None
-    batch, positions = key.shape[0], key.shape[2]
     if mask is None:
         mask = query.new_empty((0,), dtype=torch.float32)
     else:
         mask = mask[:, 0, -1, :positions].float().expand(batch, positions).contiguous()
     if key.stride() != value.stride() or key.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
+    if query.stride(-1) != 1:
+        query = query.contiguous()
     return torch.ops.caprese.decode_attention(query, key, value, mask, scale)
 
 

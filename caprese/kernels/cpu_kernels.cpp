@@ -604,6 +604,7 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor key, torch::Te
   const int64_t kv_heads = key.size(1), positions = key.size(2);
   TORCH_CHECK(key.size(0) == batch && key.size(3) == dim && heads % kv_heads == 0,
               "query and key shapes do not match");
+  TORCH_CHECK(positions > 0, "the KV cache must hold at least one position");
   const bool masked = mask.numel() > 0;
   TORCH_CHECK(!masked || (mask.scalar_type() == at::kFloat && mask.is_contiguous() &&
                           mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == positions),
