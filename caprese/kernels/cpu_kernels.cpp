@@ -313,7 +313,7 @@ static void kept_dots(const T* w, const float* x, const at::BFloat16* x_bf16, in
 
 // x as float32 (a copy only where it came as bf16), and its bf16 values where it came so.
 // pairs_only: the products read bf16 pairs only, so a bf16 x needs no float32 copy (an
-// undefined tensor instead; one copy per product was 2% of a decode step on a Zen 4).
+// undefined tensor instead of a copy per product: 197 per step of the 1.5B model).
 static std::pair<torch::Tensor, const at::BFloat16*> float_and_bf16(const torch::Tensor& x,
                                                                     bool pairs_only = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
