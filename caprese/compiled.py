@@ -58,6 +58,13 @@ DECODE_ATTENTION = {"cpu": DECODE}
 # Implementations that add their mask to the scores (generate hands SDPA's boolean ones).
 ADDITIVE_MASKS = ("eager", GROUPED, DECODE)
 
+# Inductor's settings for CPU decode steps. cpp_wrapper: the step's few hundred calls (its
+# generated kernels, caprese's products, buffer allocations) run from generated C++ instead of
+# a generated Python function. A step streams the weights through every CPU cache, so the
+# Python interpreter ran each call with its own code and objects evicted. Compared side by
+# side by benchmarks/wrapper_ab.py (docs/BENCHMARKS.md).
+CPU_OPTIONS = {"cpp_wrapper": True}
+
 # "inductor": generated kernels (fused elementwise ops), replayed as CUDA graphs on GPUs.
 # "cudagraphs": PyTorch's own kernels replayed as one CUDA graph (GPUs only): no code
 # generation, so it compiles in the time of one trace, where inductor takes minutes for a
@@ -119,9 +126,10 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
                          f"{device.type}: use inductor")
     if backend == "cudagraphs":
         config = CompileConfig(fullgraph=True, dynamic=False, backend=_cuda_graphs, mode=None)
+    elif device.type == "cuda":
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
-        config = CompileConfig(fullgraph=True, dynamic=False,
-                               mode="reduce-overhead" if device.type == "cuda" else "default")
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=CPU_OPTIONS)
     if device.type == "cpu":
         cpu.module()
     dynamo = torch._dynamo.config
@@ -150,12 +158,26 @@ def compiled_forward(model: nn.Module, backend: str = "inductor",
     call = model.get_compiled_call(compile_config(device, backend))
     if isinstance(call, _DecodeStep):  # wrapped by an earlier call
         call = call.compiled
-    attention = attention or DECODE_ATTENTION.get(device.type)
-    if attention == model.config._attn_implementation:
-        attention = None
-    step = _DecodeStep(model, call, attention)
+    step = _DecodeStep(model, call, _step_attention(model, attention))
     model._compiled_call = step
     return step
+
+
+def compiled_step_with(model: nn.Module, options: dict) -> _DecodeStep:
+    """A CPU decode step compiled by inductor with `options` instead of CPU_OPTIONS, held
+    apart from the step generate takes from the model: a benchmark alternates two of them on
+    one model and one cache."""
+    compile_config("cpu")  # loads the kernels, raises the recompile limit
+    _mark_decode_weights_static(model)
+    call = torch.compile(model.__call__, fullgraph=True, dynamic=False, options=options)
+    return _DecodeStep(model, call, _step_attention(model, None))
+
+
+def _step_attention(model: nn.Module, attention: str | None) -> str | None:
+    """The attention a decode step runs with, None where it is the model's own."""
+    device = next(model.parameters()).device
+    attention = attention or DECODE_ATTENTION.get(device.type)
+    return None if attention == model.config._attn_implementation else attention
 
 
 class _DecodeStep:

@@ -331,10 +331,17 @@ def test_a_cpu_compiled_step_attends_by_the_decode_kernel_while_prefill_keeps_sd
         assert len(kernels) >= model.config.num_hidden_layers
         assert model.config._attn_implementation == "sdpa"  # restored after each step
         assert model.get_compiled_call(compiled.compile_config("cpu")) is step  # generate's
+        # A step compiled with inductor's C++ wrapper may call PyTorch's own operators past
+        # the profiler, so SDPA is seen where it is traced, and the kernel must be gone.
+        sdpa = AttentionInterface._global_mapping["sdpa"]
+        traced_sdpa = []
+        monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa",
+                            lambda *args, **kwargs: traced_sdpa.append(1) or sdpa(*args, **kwargs))
         sdpa_step = compiled.compiled_forward(model, attention="sdpa")
         sdpa_step(input_ids=prompt[:, :1], position_ids=torch.tensor([[14]]), use_cache=True,
                   logits_to_keep=1, **{name: cache})
-        assert attention_ops(lambda: sdpa_step(
+        assert len(traced_sdpa) == model.config.num_hidden_layers
+        assert "caprese::decode_attention" not in attention_ops(lambda: sdpa_step(
             input_ids=prompt[:, :1], position_ids=torch.tensor([[15]]), use_cache=True,
             logits_to_keep=1, **{name: cache}))
 
