@@ -1,6 +1,7 @@
 """One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
-kernel, and a plain read of the same bytes (the limit), in GB/s; and CATS' sparse decode,
-counted in the bytes of the rows it keeps.
+kernel, and a plain read of the same bytes (the limit), in GB/s; CATS' sparse decode,
+counted in the bytes of the rows it keeps; and a decode token's attention after a 2048-token
+prompt (decode_attention), counted in the bytes of the keys and values it reads.
 
 The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
 head (151936 x 1536), and the down projection as rows the way GRIFFIN's gathered matrices
@@ -54,9 +55,13 @@ def on_small_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def kernels_at(revision: str):
     """torch.ops namespace of caprese's CPU kernels as they were at git `revision`."""
-    source = subprocess.run(["git", "show", f"{revision}:{cpu.SOURCE.relative_to(Path.cwd())}"],
-                            capture_output=True, text=True, check=True).stdout
-    return cpu.build_variant(source, "caprese_at_" + re.sub(r"\W", "_", revision))
+    folder = cpu.SOURCE.parent.relative_to(Path.cwd())
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:{folder}"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    files = {name: subprocess.run(["git", "show", f"{revision}:{folder / name}"],
+                                  capture_output=True, text=True, check=True).stdout
+             for name in names if name.endswith((".cpp", ".h"))}
+    return cpu.build_variant(files, "caprese_at_" + re.sub(r"\W", "_", revision))
 
 
 def alternating_medians(runs: dict, repeats: int = 9, warmup: int = 2) -> dict[str, float]:
@@ -166,6 +171,33 @@ def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
             **{name: kept_bytes / spent / 1e9 for name, spent in seconds.items()}}
 
 
+def attention_rows(megabytes: int, against=None, revision: str = "", pages: bool = False
+                   ) -> dict:
+    """One decode token's attention (decode_attention) after a 2048-token prompt: the 1.5B
+    model's 12 query heads on 2 KV heads of 128, bf16, in a static cache of 2304 positions
+    whose last 255 the mask closes; in GB/s of the open keys and values it reads."""
+    heads, kv_heads, dim, positions, open_positions = 12, 2, 128, 2304, 2049
+    shape = (1, kv_heads, positions, dim)
+    count = max(1, megabytes * 2**20 // (2 * positions * kv_heads * dim * 2))
+    layers = [(torch.randn(shape).to(torch.bfloat16), torch.randn(shape).to(torch.bfloat16))
+              for _ in range(count)]
+    collapse(t for pair in layers for t in pair)
+    query = torch.randn(1, heads, 1, dim).to(torch.bfloat16)
+    mask = torch.zeros(1, positions)
+    mask[:, open_positions:] = torch.finfo(torch.bfloat16).min
+    open_bytes = count * 2 * kv_heads * open_positions * dim * 2
+    runs = {"caprese": lambda: [torch.ops.caprese.decode_attention(query, k, v, mask, dim**-0.5)
+                                for k, v in layers]}
+    if against is not None:
+        runs[f"caprese at {revision}"] = lambda: [
+            against.decode_attention(query, k, v, mask, dim**-0.5) for k, v in layers]
+    seconds = alternating_medians(runs)
+    return {"matrix": "decode attention, open keys + values",
+            "shape": [kv_heads * positions, dim],
+            "matrices": 2 * count, "read": read_rate([k for k, _ in layers]) / 1e9,
+            "pytorch": None, **{name: open_bytes / spent / 1e9 for name, spent in seconds.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=600)
@@ -182,6 +214,7 @@ def main() -> None:
             for name, shape in SHAPES.items()]
     rows.append(down_rows(args.megabytes, against, args.against or "", args.pages))
     rows.append(cats_rows(args.megabytes, against, args.against or "", args.pages))
+    rows.append(attention_rows(args.megabytes, against, args.against or ""))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")
@@ -199,7 +232,7 @@ def main() -> None:
                 f"{pytorch} | {r['caprese']:.1f} | {r['caprese'] / r['read']:.0%} |")
         if against:
             line += f" {r[old]:.1f} | {r['caprese'] / r[old]:.3f} |"
-        if args.pages:
+        if args.pages and "caprese, 4 KiB pages" in r:
             read, kernel = r["read, 4 KiB pages"], r["caprese, 4 KiB pages"]
             line += (f" {read:.1f} | {kernel:.1f} | {r['read'] / read:.3f} | "
                      f"{r['caprese'] / kernel:.3f} |")

@@ -228,7 +228,7 @@ def test_kernels_built_for_other_cpus_compute_the_same(march):
     against float64 products: every operator, fp32 and bf16 weights, fp32 and bf16 x, shapes
     with line and vector tails, CATS with rows past d_ff, decode attention with more query
     heads per KV head than one pass takes."""
-    ops = cpu.build_variant(cpu.SOURCE.read_text(), "caprese_" + march.replace("-", "_"), march)
+    ops = cpu.build_variant(cpu.source_files(), "caprese_" + march.replace("-", "_"), march)
     generator = torch.Generator().manual_seed(3)
     for dtype, x_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                            (torch.bfloat16, torch.float32)]:

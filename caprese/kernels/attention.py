@@ -9,7 +9,7 @@ the model's dtype, softmax in float32). Registered with transformers under GROUP
 eager attention's additive masks.
 
 What those steps use is DECODE: the same, but a decode token's attention (one query) comes
-from caprese's CPU kernel (cpu_kernels.cpp). PyTorch's batched products read a KV cache that
+from caprese's CPU kernel (decode_attention.h). PyTorch's batched products read a KV cache that
 the weights streamed since have pushed out of the caches, without fetching ahead, and read
 a static cache's masked tail too; the kernel reads each KV head's open positions once, front
 to back, for all the query heads that share it.

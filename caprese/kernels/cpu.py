@@ -37,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
+SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"  # includes the headers beside it
 DISABLE_ENV = "CAPRESE_NO_KERNELS"
 BUILD_FLAGS = {"extra_cflags": ["-O3", "-march=native", "-fopenmp"],
                "extra_ldflags": ["-fopenmp"]}
@@ -83,7 +83,9 @@ def module():
             try:
                 from torch.utils.cpp_extension import load
 
-                source_tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+                source_tag = hashlib.sha256("".join(
+                    name + text for name, text in sorted(source_files().items())).encode()
+                ).hexdigest()[:8]
                 log.info("building caprese's CPU decode kernels (once; cached afterwards)")
                 _module = load(
                     name=f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}", sources=[str(SOURCE)],
@@ -95,23 +97,33 @@ def module():
     return _module
 
 
-def build_variant(source: str, namespace: str, march: str = "native"):
-    """`source` (a version of cpu_kernels.cpp) compiled with -march=`march`, its operators
-    registered as torch.ops.<namespace>.* beside caprese's own: benchmarks time another
-    revision's kernels side by side, and tests check the AVX2 and plain-loop paths on any
-    x86 CPU. Returns that namespace."""
+def source_files() -> dict[str, str]:
+    """The kernels' source files (cpu_kernels.cpp and the headers it includes), by name."""
+    return {path.name: path.read_text() for path in sorted(SOURCE.parent.iterdir())
+            if path.suffix in (".cpp", ".h")}
+
+
+def build_variant(files: dict[str, str], namespace: str, march: str = "native"):
+    """The kernels' source `files` (name -> text, as source_files gives them, perhaps of
+    another revision) compiled with -march=`march`, their operators registered as
+    torch.ops.<namespace>.* beside caprese's own: benchmarks time another revision's kernels
+    side by side, and tests check the AVX2 and plain-loop paths on any x86 CPU. Returns that
+    namespace."""
     from torch.utils.cpp_extension import load
 
-    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
-        source = source.replace(f"{macro}(caprese,", f"{macro}({namespace},")
+    renamed = {}
+    for name, text in files.items():
+        for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+            text = text.replace(f"{macro}(caprese,", f"{macro}({namespace},")
+        renamed[name] = text
     flags = [f"-march={march}" if flag.startswith("-march=") else flag
              for flag in BUILD_FLAGS["extra_cflags"]]
-    tag = hashlib.sha256(f"{march} {source}".encode()).hexdigest()[:8]
+    tag = hashlib.sha256(f"{march} {sorted(renamed.items())}".encode()).hexdigest()[:8]
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "cpu_kernels.cpp"
-        path.write_text(source)
-        load(name=f"{namespace}_{tag}_{cpu_tag()}", sources=[str(path)], extra_cflags=flags,
-             extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
+        for name, text in renamed.items():
+            (Path(folder) / name).write_text(text)
+        load(name=f"{namespace}_{tag}_{cpu_tag()}", sources=[str(Path(folder) / SOURCE.name)],
+             extra_cflags=flags, extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
     return getattr(torch.ops, namespace)
 
 
@@ -196,7 +208,7 @@ def abs_order_statistic(values: torch.Tensor, valid: torch.Tensor, rank: int
     prompt's S x D_FF fp32 activations took 45 ms per layer of the 1.5B model at 256 tokens
     (368 ms at 2048), most of CATS' extra time to first token. The kernel reads the
     activations in place, brackets the rank from a sample and selects among the few values
-    inside (9 and 58 ms; `python benchmarks/per_prompt_work.py`, see cpu_kernels.cpp)."""
+    inside (9 and 58 ms; `python benchmarks/per_prompt_work.py`, see threshold.h)."""
     compiled = module()
     if (compiled is None or values.device.type != "cpu" or values.dim() != 2
             or values.dtype not in (torch.float32, torch.bfloat16)):
