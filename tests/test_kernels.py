@@ -300,3 +300,20 @@ def test_eval_decodes_with_the_kernels_when_asked(method, tmp_path, tiny_dir, mo
     with pytest.raises(ValueError, match="drop --cpu-kernels"):
         with applied(model.to("meta"), Variant("m", cpu_kernels=True)):
             pass
+
+
+def test_every_kernel_source_ships_with_the_package():
+    """cpu_kernels.cpp includes the headers beside it; an installed package (not a checkout)
+    carries only what pyproject's package data names."""
+    import fnmatch
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["caprese"]
+    sources = cpu.source_files()
+    included = set(re.findall(r'#include "([^"]+)"', "".join(sources.values())))
+    assert included and included <= set(sources)  # every include is a file beside it
+    for name in included | {cpu.SOURCE.name}:
+        assert any(fnmatch.fnmatch(f"kernels/{name}", pattern) for pattern in shipped), name
