@@ -188,6 +188,25 @@ def test_the_run_that_compiles_frees_its_cache_when_it_ends(monkeypatch, method,
     assert compiled_graphs() >= 1 and alive == [False]
 
 
+@pytest.mark.parametrize("method, density, rank", [(None, 1.0, None), ("griffin", 0.5, 8)])
+def test_a_compile_keeps_nothing_of_its_trace(method, density, rank):
+    """Dynamo keeps each compiled step for the life of the process; the trace it was compiled
+    from (every FX node of the step, with its fake tensors and stack traces) must not stay
+    alive with it."""
+    from torch.fx import Node
+
+    def nodes() -> set[int]:
+        gc.collect()
+        return {id(item) for item in gc.get_objects() if type(item) is Node}
+
+    model = variant_model(method, density, rank)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    before = nodes()
+    greedy_decode(model, prompt, 6, compile="inductor")
+    assert compiled_graphs() >= 1
+    assert nodes() <= before
+
+
 def forced_logits(model, prompt, continuation, compile):
     """Logits of each decode step, teacher-forced on `continuation` (the same inputs for the
     eager and the compiled step, whatever either would have picked)."""
