@@ -61,6 +61,23 @@ def test_decode_kernel_equals_grouped_attention(batch, kv_heads, group, dim, pos
     positions past `positions`): any grouping (more query heads per KV head than one pass
     of the kernel takes), head size (vector tails), share of closed positions (none, all),
     no mask, and a query laid out as the model's (heads transposed, not contiguous)."""
+    check_decode_kernel(batch, kv_heads, group, dim, positions, tail, closed, masked, bf16,
+                        seed)
+
+
+@pytest.mark.parametrize("dim", [64, 96, 128])
+@pytest.mark.parametrize("positions, closed", [(16, 0.0), (33, 0.0), (70, 0.3)])
+def test_decode_kernel_at_model_head_sizes(dim, positions, closed):
+    """Head sizes of real models, where the bf16 kernel scores whole blocks of 16 positions
+    and weighs values two positions at a time (an odd count of open positions among them),
+    64 dimensions a pass (96: a pass and a tail)."""
+    for bf16 in (True, False):
+        check_decode_kernel(batch=2, kv_heads=2, group=6, dim=dim, positions=positions, tail=5,
+                            closed=closed, masked=True, bf16=bf16, seed=dim + positions)
+
+
+def check_decode_kernel(batch, kv_heads, group, dim, positions, tail, closed, masked, bf16,
+                        seed):
     assert cpu.module() is not None
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -62,13 +62,50 @@ static void score_keys(const float* q, const T* k, int64_t step, const int64_t* 
 }
 
 #if defined(__AVX512BF16__)
+// The sums of 16 vectors, lane p of the result the sum of s[p]: a transpose by halves, each
+// step adding pairs, about 3 instructions a sum instead of 8 for each vector's own.
+static inline __m512 sum_each_of_16(__m512 s[16]) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // a 128-bit lane: 2 partial sums each of s[2i], s[2i + 1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]),
+                         _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // a 128-bit lane: one partial sum each of s[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // the 128-bit lanes of u[2i], u[2i + 1] added in pairs
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                       _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+}
+
 // score_keys for bf16 queries and keys: 32 query-key pairs per instruction (the products
-// exact, as the widened ones are), q as G rows of dim bf16 values.
+// exact, as the widened ones are), q as G rows of dim bf16 values. Where dim is a multiple
+// of 32, positions go in blocks of 16, one head at a time over a block (its keys read from
+// memory once, then from the first-level cache), and each head's 16 sums reduce together.
 template <int G>
 static void score_keys_in_pairs(const at::BFloat16* q, const at::BFloat16* k, int64_t step,
                                 const int64_t* open, int64_t n, int64_t dim, float* scores) {
   const int64_t whole = dim / 32 * 32;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  for (; whole == dim && j + 16 <= n; j += 16) {
+    for (int64_t p = 16; p < 32 && j + p < n; ++p) prefetch_row(k + open[j + p] * step, dim);
+    const at::BFloat16* key[16];
+    for (int p = 0; p < 16; ++p) key[p] = k + open[j + p] * step;
+    for (int g = 0; g < G; ++g) {
+      __m512 acc[16];
+      for (int p = 0; p < 16; ++p) acc[p] = vzero();
+      for (int64_t d = 0; d < dim; d += 32) {
+        const __m512bh query = (__m512bh)_mm512_loadu_si512(q + g * dim + d);
+        for (int p = 0; p < 16; ++p)
+          acc[p] = _mm512_dpbf16_ps(acc[p], query, (__m512bh)_mm512_loadu_si512(key[p] + d));
+      }
+      _mm512_storeu_ps(scores + g * n + j, sum_each_of_16(acc));
+    }
+  }
+  for (; j < n; ++j) {
     if (j + kPositionsAhead < n) prefetch_row(k + open[j + kPositionsAhead] * step, dim);
     const at::BFloat16* key = k + open[j] * step;
     __m512 acc[G];
@@ -94,10 +131,10 @@ constexpr int kValueVectors = 4;
 #else
 constexpr int kValueVectors = 2;
 #endif
+// (From dimension `d0` on: the dimensions before it may have been weighed by another way.)
 template <int G, typename T>
 static void weigh_values(const float* weights, const T* v, int64_t step, const int64_t* open,
-                         int64_t n, int64_t dim, float* out) {
-  int64_t d0 = 0;
+                         int64_t n, int64_t dim, float* out, int64_t d0 = 0) {
 #if defined(CAPRESE_SIMD)
   constexpr int64_t width = kValueVectors * CAPRESE_SIMD;
   for (; d0 + width <= dim; d0 += width) {
@@ -128,6 +165,60 @@ static void weigh_values(const float* weights, const T* v, int64_t step, const i
       out[g * dim + d0] = total;
     }
 }
+
+#if defined(__AVX512BF16__)
+// weigh_values for bf16 values and weights (bf16 already: softmax_in_place rounds them), two
+// positions per instruction: positions j and j + 1 have their value rows interleaved into
+// bf16 pairs, each met by the pair of a head's two weights (the products exact, as the
+// widened ones are). An odd last position pairs with itself at weight 0. Dimensions past
+// the last whole 64 go to weigh_values.
+template <int G>
+static void weigh_values_in_pairs(const float* weights, const at::BFloat16* v, int64_t step,
+                                  const int64_t* open, int64_t n, int64_t dim, float* out) {
+  const int64_t halves = (n + 1) / 2, whole = dim / 64 * 64;
+  std::vector<uint32_t> pairs(G * halves);  // a head's weights j, j + 1 as one bf16 pair
+  for (int g = 0; g < G; ++g)
+    for (int64_t h = 0; h < halves; ++h) {
+      uint32_t first, second = 0;
+      std::memcpy(&first, weights + g * n + 2 * h, 4);
+      if (2 * h + 1 < n) std::memcpy(&second, weights + g * n + 2 * h + 1, 4);
+      pairs[g * halves + h] = (first >> 16) | (second & 0xffff0000u);
+    }
+  alignas(64) int16_t low[32], high[32];  // element 2i from the first row, 2i + 1 the second
+  for (int i = 0; i < 16; ++i) {
+    low[2 * i] = int16_t(i), low[2 * i + 1] = int16_t(32 + i);
+    high[2 * i] = int16_t(16 + i), high[2 * i + 1] = int16_t(48 + i);
+  }
+  const __m512i take_low = _mm512_load_si512(low), take_high = _mm512_load_si512(high);
+  for (int64_t d0 = 0; d0 < whole; d0 += 64) {
+    __m512 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = vzero();
+    for (int64_t h = 0; h < halves; ++h) {
+      const int64_t j = 2 * h, j2 = j + 1 < n ? j + 1 : j;
+      if (d0 == 0 && j + kPositionsAhead + 1 < n) {
+        prefetch_row(v + open[j + kPositionsAhead] * step, dim);
+        prefetch_row(v + open[j + kPositionsAhead + 1] * step, dim);
+      }
+      const at::BFloat16* a = v + open[j] * step + d0;
+      const at::BFloat16* b = v + open[j2] * step + d0;
+      __m512bh x[4];
+      for (int c = 0; c < 2; ++c) {
+        const __m512i ra = _mm512_loadu_si512(a + 32 * c), rb = _mm512_loadu_si512(b + 32 * c);
+        x[2 * c] = (__m512bh)_mm512_permutex2var_epi16(ra, take_low, rb);
+        x[2 * c + 1] = (__m512bh)_mm512_permutex2var_epi16(ra, take_high, rb);
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pairs[g * halves + h]));
+        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], w, x[c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) vstore(out + g * dim + d0 + 16 * c, acc[g][c]);
+  }
+  if (whole < dim) weigh_values<G>(weights, v, step, open, n, dim, out, whole);
+}
+#endif
 
 // One head's n scores in place into its softmax weights, as a compiled step computes them:
 // each score rounded to T (as the product stores it), scaled, masked (mask_open: the mask at
@@ -214,8 +305,16 @@ static void attend(const T* q, int64_t q_step, int64_t group, const T* k, const 
   for (int64_t g = 0; g < group; ++g)
     softmax_in_place<T>(weights.data() + g * n, mask ? mask_open.data() : nullptr, n, scale);
   in_head_passes(group, [&](auto heads, int64_t first) {
-    weigh_values<decltype(heads)::value>(weights.data() + first * n, v, step, open.data(), n,
-                                         dim, sums.data() + first * dim);
+    constexpr int G = decltype(heads)::value;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      weigh_values_in_pairs<G>(weights.data() + first * n, v, step, open.data(), n, dim,
+                               sums.data() + first * dim);
+      return;
+    }
+#endif
+    weigh_values<G>(weights.data() + first * n, v, step, open.data(), n, dim,
+                    sums.data() + first * dim);
   });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < dim; ++d) out[g * out_step + d] = T(sums[g * dim + d]);
