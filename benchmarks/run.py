@@ -308,7 +308,7 @@ def decode_latency(ex: dict) -> Iterator[dict]:
     measured_here = not alone_memory and ex["memory"] != "off"
     for dtype in ex["dtypes"]:
         choice = resolve_dtype(dtype, device)
-        alone = {}  # setup -> variant -> peak bytes, measured before our model loads
+        alone = {}  # setup -> peaks_alone(), measured before our model loads
         for setup in ex["setups"] if alone_memory else ():
             prompt_len, gen_len = (int(n) for n in setup.split("+"))
             alone[setup] = peaks_alone(

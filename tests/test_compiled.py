@@ -265,6 +265,13 @@ def test_the_bench_compiles_in_the_warm_up_and_refuses_reselection():
     assert result["setup"]["compiled"] and compiled_graphs() >= 1
     for row in result["variants"]:
         assert row["warmup"] > row["total"]  # the warm-up compiled; the timed run did not
+    cache = result["setup"]["compile_cache"]
+    assert cache["hits"] + cache["misses"] >= 1
+    torch._dynamo.reset()  # as a new process: the step comes from torch.compile's disk cache
+    again = run_bench(model, ["caprese-cats:k"], prompt_len=16, gen_len=4, repeats=1, rank=8,
+                      compile="inductor")
+    assert again["setup"]["compile_cache"]["hits"] >= 1
+    assert again["setup"]["compile_cache"]["misses"] == 0
     with pytest.raises(ValueError, match="reselects"):
         run_bench(model, ["griffin@4"], prompt_len=16, gen_len=4, repeats=1, compile="inductor")
 

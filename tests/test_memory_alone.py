@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,49 @@ def test_a_compiled_bench_measures_peaks_above_the_compilers_code(
                  *(["--compile"] if compile else []),
                  "--out", str(tmp_path / "bench.json")]) == 0
     assert calls == expected
+
+
+@pytest.mark.parametrize("second_compiled", [False, True])
+def test_a_compiled_variants_peak_is_measured_where_its_step_loads(tmp_path, monkeypatch,
+                                                                   second_compiled):
+    """A compile leaves the compiler's working memory in its process: a compiled variant's
+    peak comes from a second child, which loads the step the first one compiled; the first
+    child's peak is reported beside it, and a second child that compiled too is flagged."""
+    import caprese.bench.alone as alone
+    from caprese.bench.latency import format_table
+
+    children = []
+
+    def child(argv, **kwargs):
+        first = len(children) % 2 == 0
+        children.append(argv[argv.index("--variants") + 1])
+        cache = ({"hits": 0, "misses": 2} if first or second_compiled
+                 else {"hits": 2, "misses": 0})
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps(
+            {"setup": {"compile_cache": cache},
+             "variants": [{"peak_bytes": (300 if first else 200) << 20}]}))
+
+        class Done:
+            returncode, stdout, stderr = 0, "", ""
+        return Done()
+
+    monkeypatch.setattr(alone.subprocess, "run", child)
+    peaks = alone.peaks_alone({"model": "m", "compile": "inductor"}, ["full", "cats"])
+    assert children == ["full", "full", "cats", "cats"]
+    assert peaks["cats"] == {"peak_bytes": 200 << 20, "compiling_peak_bytes": 300 << 20,
+                             "step_from_cache": not second_compiled}
+    result = {"setup": {"prompt_len": 8, "gen_len": 3, "batch": 1, "dtype": "bf16",
+                        "threads": 2, "device": "cpu", "machine": "a CPU", "repeats": 1,
+                        "compiled": "inductor"},
+              "bandwidth_gb_s": 30.0,
+              "variants": [{"variant": "cats", "total": 1.0, "prepare": 0.0, "warmup": 9.0,
+                            "ttft": 0.1, "ttnt": 0.01, "tokens_per_s": 100.0,
+                            "bytes_per_token": 1e6, "floor_ttnt": 0.005,
+                            "floor_fraction": 0.5, "allowed_bytes": 250 << 20}]}
+    alone.record_peaks(result, peaks, "alone")
+    row = format_table(result).splitlines()[-1]
+    assert row.endswith("| 200 | 300" + (" (both compiled)" if second_compiled else "")
+                        + " | 250 |")
+    children.clear()
+    assert set(alone.peaks_alone({"model": "m"}, ["cats"])["cats"]) == {"peak_bytes"}
+    assert children == ["cats"]  # uncompiled: one child

@@ -215,6 +215,16 @@ def cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """Compiled graphs this process has taken from torch.compile's on-disk caches (hits:
+    inductor's FX graph cache or AOTAutograd's) and compiled afresh (misses), so far."""
+    from torch._dynamo.utils import counters
+
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return {"hits": inductor["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
+            "misses": inductor["fxgraph_cache_miss"] + aot["autograd_cache_miss"]}
+
+
 def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batch: int = 1,
               density: float = 0.5, rank: int = 256, adapter: str | None = None,
               seed: int = 0, baseline_rss: int | None = None, peer=None,
@@ -245,7 +255,7 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
     # A bar per run, with the last run's time: a run cut off at a time limit still shows how
     # far it got and how long each variant takes.
     progress = tqdm(total=(repeats + 1) * len(variants), desc="bench", unit="run")
-    skips_before = cudagraph_skips()
+    skips_before, cache_before = cudagraph_skips(), compile_cache_counts()
 
     def time_one(name: str, repeat: int) -> None:
         if name == PEER:
@@ -340,7 +350,11 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
                   "compiled": compile, "prefill_chunk": prefill_chunk, "cut_off": cut_off,
                   # graphs that torch.compile ran without CUDA graphs (its log says why)
                   "cudagraph_skips": (cudagraph_skips() - skips_before
-                                      if compile and device.type == "cuda" else None)},
+                                      if compile and device.type == "cuda" else None),
+                  # hits and no misses: every compiled step came from the on-disk caches
+                  "compile_cache": ({kind: count - cache_before[kind]
+                                     for kind, count in compile_cache_counts().items()}
+                                    if compile else None)},
         "bandwidth_gb_s": bandwidth / 1e9,
         "weights_bytes": weights,
         "kv_cache_bytes": kv_cache,
@@ -370,6 +384,15 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
+def _compiling(row: dict) -> str:
+    """The compiling child's peak; flagged where the measured child compiled its step too
+    (torch.compile's cache did not keep it), so its peak is a compiling one."""
+    if "compiling_peak_bytes" not in row:
+        return "-"
+    return _mib(row["compiling_peak_bytes"]) + ("" if row["step_from_cache"] else
+                                                " (both compiled)")
+
+
 def _thousands(count: float | None) -> str:
     return "-" if count is None else f"{count / 1e3:.0f}k"
 
@@ -381,6 +404,7 @@ MEMORY_NOTES = {"alone": "; peak MiB: each variant in a process of its own",
 def format_table(result: dict) -> str:
     s = result["setup"]
     compiled = bool(s.get("compiled"))
+    compiling = any("compiling_peak_bytes" in r for r in result["variants"])
     lines = [f"prompt {s['prompt_len']} + gen {s['gen_len']}, batch {s['batch']}, {s['dtype']}, "
              f"{s['threads']} threads, {s['device']} ({s['machine']}); median of {s['repeats']}; "
              f"measured bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
@@ -392,11 +416,14 @@ def format_table(result: dict) -> str:
                 if s.get("cut_off") else "")
              + (f"; CUDA graphs SKIPPED for {s['cudagraph_skips']} compiled graph(s): those "
                 "steps ran eagerly (torch's log says why)" if s.get("cudagraph_skips") else "")
-             + MEMORY_NOTES.get(s.get("memory"), ""),
+             + MEMORY_NOTES.get(s.get("memory"), "")
+             + (", its decode step loaded from torch.compile's cache (compiling MiB: the "
+                "process that compiled it)" if compiling else ""),
              "| variant | total s | build s | " + ("warm-up s | " if compiled else "")
              + "TTFT s | TTFT added | TTFT page faults | TTNT ms | tok/s | MB/token "
-             "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | allowed MiB |",
-             "|---" * (16 if compiled else 15) + "|"]
+             "| floor ms | of floor | TTNT cut | bytes cut | peak MiB | "
+             + ("compiling MiB | " if compiling else "") + "allowed MiB |",
+             "|---" * (15 + compiled + compiling) + "|"]
     for r in result["variants"]:
         warmup = f"{r['warmup']:.2f} | " if compiled else ""
         lines.append(
@@ -407,7 +434,8 @@ def format_table(result: dict) -> str:
             f"{r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
             f"{1e3 * r['floor_ttnt']:.1f} | {100 * r['floor_fraction']:.0f}% | "
             f"{100 * r.get('ttnt_cut', 0):.1f}% | {100 * r.get('bytes_cut', 0):.1f}% | "
-            f"{_mib(r['peak_bytes'])} | {_mib(r['allowed_bytes'])} |")
+            f"{_mib(r['peak_bytes'])} | "
+            + (f"{_compiling(r)} | " if compiling else "") + f"{_mib(r['allowed_bytes'])} |")
     lines += [f"{r['variant']}: its 4-bit copy of the MLPs holds {_mib(r['quantized_bytes'])} "
               "MiB beside the dense weights (counted in allowed MiB)"
               for r in result["variants"] if r.get("quantized_bytes")]
