@@ -8,9 +8,9 @@ alone, stayed within it. So `caprese bench --memory alone` (the default on a CPU
 A forked child would save loading the model again, but OpenMP's thread pool does not survive
 a fork (the child hangs in its first parallel product), so each child starts fresh.
 
-A compiled decode step is measured in two children: the first compiles it, and the compile
-leaves tens of MiB of the compiler's working memory in its process (docs/BENCHMARKS.md, the
-1.5B model at 2048 tokens); torch.compile keeps the step in its on-disk cache, and the second child
+A compiled decode step is measured in two children: the first compiles it, and a process
+that compiles its step holds tens of MiB more than one that loads it (docs/BENCHMARKS.md,
+the 1.5B model); torch.compile keeps the step in its on-disk cache, and the second child
 loads it from there, as every later process of a user does. The second's peak is the
 variant's; the first's is reported beside it as the compiling peak.
 """
