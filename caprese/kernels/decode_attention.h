@@ -172,6 +172,16 @@ static void weigh_values(const float* weights, const T* v, int64_t step, const i
 // bf16 pairs, each met by the pair of a head's two weights (the products exact, as the
 // widened ones are). An odd last position pairs with itself at weight 0. Dimensions past
 // the last whole 64 go to weigh_values.
+// _mm512_permutex2var_epi16 indices that interleave two rows of 32 bf16 values (0-31: the
+// first row, 32-63: the second) into pairs: element 2i from the first row, 2i + 1 from the
+// second, for the rows' elements 0-15 (low) and 16-31 (high).
+alignas(64) static constexpr int16_t kPairsLow[32] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) static constexpr int16_t kPairsHigh[32] = {
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
 template <int G>
 static void weigh_values_in_pairs(const float* weights, const at::BFloat16* v, int64_t step,
                                   const int64_t* open, int64_t n, int64_t dim, float* out) {
@@ -184,12 +194,8 @@ static void weigh_values_in_pairs(const float* weights, const at::BFloat16* v, i
       if (2 * h + 1 < n) std::memcpy(&second, weights + g * n + 2 * h + 1, 4);
       pairs[g * halves + h] = (first >> 16) | (second & 0xffff0000u);
     }
-  alignas(64) int16_t low[32], high[32];  // element 2i from the first row, 2i + 1 the second
-  for (int i = 0; i < 16; ++i) {
-    low[2 * i] = int16_t(i), low[2 * i + 1] = int16_t(32 + i);
-    high[2 * i] = int16_t(16 + i), high[2 * i + 1] = int16_t(48 + i);
-  }
-  const __m512i take_low = _mm512_load_si512(low), take_high = _mm512_load_si512(high);
+  const __m512i take_low = _mm512_load_si512(kPairsLow);
+  const __m512i take_high = _mm512_load_si512(kPairsHigh);
   for (int64_t d0 = 0; d0 < whole; d0 += 64) {
     __m512 acc[G][4];
     for (int g = 0; g < G; ++g)
