@@ -1,6 +1,7 @@
 """One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
 kernel, and a plain read of the same bytes (the limit), in GB/s; CATS' sparse decode,
-counted in the bytes of the rows it keeps; and a decode token's attention after a 2048-token
+counted in the bytes of the rows it keeps, against a plain read of those same scattered rows
+too (its own limit); and a decode token's attention after a 2048-token
 prompt (decode_attention), counted in the bytes of the keys and values it reads.
 
 The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import load_inline
 
 from caprese.bench.latency import machine, median_seconds
 from caprese.kernels import cpu
@@ -46,6 +48,41 @@ def read_rate(tensors: list[torch.Tensor]) -> float:
     flat = [t.view(-1).view(torch.float32) for t in tensors]
     return sum(t.numel() * t.element_size() for t in tensors) / median_seconds(
         lambda: [f.sum() for f in flat])
+
+
+# A plain read of the rows index[...] of w: threads split the list, each reads its rows front
+# to back (the order CATS' kernel reads its kept rows in).
+READ_ROWS_SOURCE = """
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+int64_t read_rows(torch::Tensor w, torch::Tensor index) {
+  const int64_t words = w.size(1) * w.element_size() / 8;
+  TORCH_CHECK(w.is_contiguous() && words % 8 == 0, "rows must be whole 64-byte lines");
+  const auto* base = static_cast<const uint64_t*>(w.data_ptr());
+  const int64_t* rows = index.data_ptr<int64_t>();
+  std::vector<uint64_t> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, index.numel(), 64, [&](int64_t first, int64_t last) {
+    uint64_t line[8] = {};  // one cache line of XORs: the compiler reads a line per step
+    for (int64_t j = first; j < last; ++j) {
+      const uint64_t* row = base + rows[j] * words;
+      for (int64_t k = 0; k < words; k += 8)
+        for (int i = 0; i < 8; ++i) line[i] ^= row[k + i];
+    }
+    for (int i = 0; i < 8; ++i) seen[at::get_thread_num()] ^= line[i];
+  });
+  uint64_t all = 0;
+  for (uint64_t v : seen) all ^= v;
+  return int64_t(all);
+}
+"""
+
+
+def read_rows_rate(matrices: list[torch.Tensor], index: torch.Tensor) -> float:
+    """Bytes per second of a plain read of rows `index` of each of `matrices`."""
+    module = load_inline("caprese_bench_read_rows", cpp_sources=READ_ROWS_SOURCE,
+                         functions=["read_rows"], **cpu.BUILD_FLAGS)
+    total = sum(index.numel() * m.shape[1] * m.element_size() for m in matrices)
+    return total / median_seconds(lambda: [module.read_rows(m, index) for m in matrices])
 
 
 def on_small_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -165,8 +202,10 @@ def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
             against.cats_decode(flat_act, tau, up, down, flat_x).to(x.dtype)
             for up, down in layers]
     seconds = alternating_medians(runs)
+    kept = torch.nonzero(act.reshape(-1).float().abs() > tau).reshape(-1)
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
             "read": read_rate([up for up, _ in layers]) / 1e9, "pytorch": None,
+            "read, kept rows": read_rows_rate([t for pair in layers for t in pair], kept) / 1e9,
             **({"read, 4 KiB pages": read_rate([up for up, _ in small]) / 1e9} if pages else {}),
             **{name: kept_bytes / spent / 1e9 for name, spent in seconds.items()}}
 
@@ -237,6 +276,9 @@ def main() -> None:
             line += (f" {read:.1f} | {kernel:.1f} | {r['read'] / read:.3f} | "
                      f"{r['caprese'] / kernel:.3f} |")
         print(line)
+    cats = next(r for r in rows if "read, kept rows" in r)
+    print(f"A plain read of CATS' kept rows alone: {cats['read, kept rows']:.1f} GB/s; "
+          f"caprese's kernel {cats['caprese'] / cats['read, kept rows']:.0%} of it.")
     if args.out:
         command = "python benchmarks/gemv_kernels.py" + (
             f" --against {args.against}" if against else "") + (" --pages" if args.pages else "")

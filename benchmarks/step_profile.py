@@ -1,15 +1,18 @@
-"""Where a compiled CPU decode step's time goes: torch.profiler over decode steps of the full
-model with caprese's kernels, per operator (each product shape apart), after one prompt.
+"""Where a compiled CPU decode step's time goes: torch.profiler over decode steps of a variant
+(default: the full model with caprese's kernels), per operator (each product shape apart),
+after one prompt.
 The table gives each operator's self time per step and its share of the steps' wall time;
 what the compiled graph does itself (norms, rotary embeddings, residuals: inductor's own
 C++ code) shows as its "Call CompiledFxGraph" row.
 
     python benchmarks/step_profile.py --model qwen2.5-coder-1.5b-instruct --prompt-len 256 \
-        [--attention caprese_grouped] --out benchmarks/results/step_profile_<cpu>.json
+        [--variant cats:k] [--attention caprese_grouped] \
+        --out benchmarks/results/step_profile_<cpu>.json
 
-`--attention` runs the steps with another attention implementation (default: what compiled
-CPU steps use, caprese.compiled.DECODE_ATTENTION). The profiler adds its own cost per
-operator, so read the shares, not the wall time, against other runs.
+`--variant` takes `caprese bench`'s variant names (density 0.5, an untrained path of rank
+256, as the bench's). `--attention` runs the steps with another attention implementation
+(default: what compiled CPU steps use, caprese.compiled.DECODE_ATTENTION). The profiler adds
+its own cost per operator, so read the shares, not the wall time, against other runs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from caprese import compiled, phases
-from caprese.bench.latency import machine
+from caprese.bench.latency import machine, variant
 from caprese.models.load import load_model
 
 
@@ -61,13 +64,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--variant", default="full:k", help="a `caprese bench` variant")
     parser.add_argument("--attention", help="attention implementation for the steps")
     parser.add_argument("--rows", type=int, default=12, help="operators in the table")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args()
     model, _ = load_model(args.model, dtype=args.dtype)
-    phases.use_decode_kernels(model)
-    with torch.no_grad():
+    with torch.no_grad(), variant(model, args.variant, density=0.5, rank=256, adapter=None):
         averages, seconds = profiled_steps(model, args.prompt_len, args.steps, args.attention)
     step_ms = 1e3 * seconds / args.steps
     rows = [{"operator": a.key, "shapes": str(a.input_shapes), "calls_per_step":
@@ -77,8 +80,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     attention = args.attention or compiled.DECODE_ATTENTION["cpu"]
-    print(f"{args.model}, {args.dtype}, batch 1, prompt {args.prompt_len}, compiled (inductor), "
-          f"caprese's kernels, {attention} attention, {torch.get_num_threads()} threads, "
+    print(f"{args.model} as {args.variant}, {args.dtype}, batch 1, prompt {args.prompt_len}, "
+          f"compiled (inductor), {attention} attention, {torch.get_num_threads()} threads, "
           f"{machine()}, commit {commit}; {args.steps} steps, {step_ms:.1f} ms per step profiled")
     print("| operator | input shapes | calls per step | self ms per step | of the step |")
     print("|---|---|---|---|---|")
@@ -89,7 +92,8 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
-             "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
+             "model": args.model, "variant": args.variant, "dtype": args.dtype,
+             "prompt_len": args.prompt_len,
              "attention": attention, "steps": args.steps, "step_ms": step_ms,
              "command": " ".join(["python", "benchmarks/step_profile.py", *sys.argv[1:]]),
              "rows": rows[:40]},
