@@ -1,8 +1,8 @@
 """One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
 kernel, and a plain read of the same bytes (the limit), in GB/s; CATS' sparse decode,
-counted in the bytes of the rows it keeps, against a plain read of those same scattered rows
-too (its own limit); and a decode token's attention after a 2048-token
-prompt (decode_attention), counted in the bytes of the keys and values it reads.
+counted in the bytes of the rows it keeps, also against a plain read of just those scattered
+rows (its own limit); and a decode token's attention after a 2048-token prompt
+(decode_attention), counted in the bytes of the keys and values it reads.
 
 The shapes are qwen2.5-coder-1.5b's: gate/up (8960 x 1536), down (1536 x 8960) and the LM
 head (151936 x 1536), and the down projection as rows the way GRIFFIN's gathered matrices
@@ -62,7 +62,7 @@ int64_t read_rows(torch::Tensor w, torch::Tensor index) {
   const int64_t* rows = index.data_ptr<int64_t>();
   std::vector<uint64_t> seen(at::get_num_threads(), 0);
   at::parallel_for(0, index.numel(), 64, [&](int64_t first, int64_t last) {
-    uint64_t line[8] = {};  // one cache line of XORs: the compiler reads a line per step
+    uint64_t line[8] = {};  // eight independent words per step: one 64-byte line
     for (int64_t j = first; j < last; ++j) {
       const uint64_t* row = base + rows[j] * words;
       for (int64_t k = 0; k < words; k += 8)
