@@ -33,6 +33,16 @@ def test_collapse_moves_a_tensor_onto_huge_pages_in_place():
         assert 3 * HUGE_PAGE <= moved <= 4 * HUGE_PAGE
 
 
+def test_keep_off_gives_small_pages_even_in_memory_that_held_huge_ones():
+    """The allocator hands freed memory out again; pages it still holds from earlier tensors
+    on huge pages must not make the small-paged side of a comparison huge."""
+    for _ in range(10):
+        earlier = [torch.ones(int(n * HUGE_PAGE // 4)) for n in (3.5, 5, 9, 17)]
+        del earlier
+        values = torch.randn(4 * HUGE_PAGE // 4)
+        assert huge_page_bytes(small_paged(values)) == 0
+
+
 def test_collapse_leaves_tensors_under_one_huge_page_alone():
     assert collapse([torch.ones(1000), torch.ones(HUGE_PAGE // 8)]) == 0
 

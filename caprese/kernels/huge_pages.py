@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 ENVIRONMENT = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch's CPU allocator at its first allocation
-_MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 14, 15, 25  # linux/mman.h
+_MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 4, 14, 15, 25  # linux/mman.h
 
 
 def enable_for_new_tensors() -> None:
@@ -86,8 +86,11 @@ def collapse(tensors: Iterable[torch.Tensor]) -> int:
 
 def keep_off(tensor: torch.Tensor) -> torch.Tensor:
     """An untouched tensor (torch.empty) whose pages will be 4 KiB ones when first written,
-    whatever THP_MEM_ALLOC_ENABLE says: the other side of a comparison."""
-    _advise(tensor, _MADV_NOHUGEPAGE)
+    whatever THP_MEM_ALLOC_ENABLE says: the other side of a comparison. Its pages are also
+    dropped (its values are garbage anyway): memory the allocator hands out again may still
+    sit on huge pages from an earlier tensor, which the advice alone does not split."""
+    if _advise(tensor, _MADV_NOHUGEPAGE):
+        _advise(tensor, _MADV_DONTNEED)
     return tensor
 
 
