@@ -186,7 +186,8 @@ def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
     x = torch.randn(1, 1, dim).to(torch.bfloat16)
     act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
     tau = act.float().abs().median()
-    kept_bytes = count * 2 * int((act.float().abs() > tau).sum()) * dim * 2
+    kept = torch.nonzero(act.reshape(-1).float().abs() > tau).reshape(-1)
+    kept_bytes = count * 2 * kept.numel() * dim * 2
     runs = {"caprese": lambda: [cpu.cats_decode(x, act, tau, up, down) for up, down in layers]}
     small = [on_small_pages(pair) for pair in layers] if pages else []
     if pages:
@@ -202,7 +203,6 @@ def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
             against.cats_decode(flat_act, tau, up, down, flat_x).to(x.dtype)
             for up, down in layers]
     seconds = alternating_medians(runs)
-    kept = torch.nonzero(act.reshape(-1).float().abs() > tau).reshape(-1)
     return {"matrix": "CATS up + down, kept rows", "shape": [d_ff, dim], "matrices": 2 * count,
             "read": read_rate([up for up, _ in layers]) / 1e9, "pytorch": None,
             "read, kept rows": read_rows_rate([t for pair in layers for t in pair], kept) / 1e9,
