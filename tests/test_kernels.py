@@ -25,17 +25,13 @@ def test_the_kernels_build():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 8 rows / 16 cols
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_kernel_equals_torch(dtype, shape, with_bias):
+def test_linear_kernel_equals_torch(dtype, shape, with_bias, monkeypatch):
+    monkeypatch.setattr(cpu, "fp32_kernels", lambda: True)  # as on an AMD CPU
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(dtype)
     bias = torch.randn(shape[0], generator=generator).to(dtype) if with_bias else None
     x = torch.randn(1, 1, shape[1], generator=generator).to(dtype)
-    if dtype == torch.float32:  # fp32 stays with PyTorch; the C++ kernel still takes it
-        assert decode_linear(x, weight, bias) is None
-        got = torch.ops.caprese.linear(x.reshape(1, -1), weight) + (0 if bias is None else bias)
-        got = got.reshape(1, 1, -1)
-    else:
-        got = decode_linear(x, weight, bias)
+    got = decode_linear(x, weight, bias)
     reference = torch.nn.functional.linear(x.double(), weight.double(),
                                            None if bias is None else bias.double())
     assert got.shape == (1, 1, shape[0]) and got.dtype == dtype
@@ -165,7 +161,6 @@ def test_kernels_decline_what_they_do_not_do():
     assert decode_linear(torch.randn(2, 1, 16), weight, None) is None  # two tokens
     assert decode_linear(torch.randn(1, 16), weight.t().contiguous().t(), None) is None
     assert decode_linear(torch.randn(1, 16), weight.half(), None) is None
-    assert decode_linear(torch.randn(1, 16), weight.float(), None) is None
     trained = weight.clone().requires_grad_()
     assert decode_linear(torch.randn(1, 16), trained, None) is None  # autograd stays in torch
     with torch.no_grad():
@@ -261,6 +256,38 @@ def test_kernels_built_for_other_cpus_compute_the_same(march):
         reference = (weights @ value.double()).reshape(2, 1, 14, 40)
         torch.testing.assert_close(ops.decode_attention(query, key, value, mask, 40 ** -0.5)
                                    .double(), reference, **tolerance)
+
+
+def test_fp32_products_take_the_kernels_off_intel_cpus(tmp_path, monkeypatch):
+    """fp32 single-token products go to the kernels on x86 CPUs not made by Intel (MKL runs
+    generic code there) and stay with PyTorch on Intel's and on CPUs without a vendor id."""
+    cpuinfo = {"GenuineIntel": False, "AuthenticAMD": True, "HygonGenuine": True}
+    for vendor, expected in cpuinfo.items():
+        (tmp_path / vendor).write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t: avx2\n")
+        assert cpu.fp32_kernels(str(tmp_path / vendor)) is expected
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert not cpu.fp32_kernels(str(tmp_path / "arm"))
+    assert not cpu.fp32_kernels(str(tmp_path / "missing"))
+
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(24, 40, generator=generator)
+    rows = torch.randn(40, 24, generator=generator)
+    x, h = torch.randn(1, 1, 40, generator=generator), torch.randn(1, 1, 40, generator=generator)
+    monkeypatch.setattr(cpu, "fp32_kernels", lambda: False)
+    assert decode_linear(x, weight, None) is None and decode_rows_product(h, rows, None) is None
+    monkeypatch.setattr(cpu, "fp32_kernels", lambda: True)
+    torch.testing.assert_close(decode_linear(x, weight, None), x @ weight.t())
+    torch.testing.assert_close(decode_rows_product(h, rows, None), h @ rows)
+
+
+def test_the_kernels_march_comes_from_the_environment(monkeypatch):
+    """CAPRESE_KERNELS_MARCH picks the instruction set the kernels are built for."""
+    monkeypatch.delenv(cpu.MARCH_ENV, raising=False)
+    assert cpu.march() == "native" and "-march=native" in cpu._cflags(cpu.march())
+    monkeypatch.setenv(cpu.MARCH_ENV, "x86-64-v3")
+    assert cpu.march() == "x86-64-v3"
+    flags = cpu._cflags(cpu.march())
+    assert "-march=x86-64-v3" in flags and not any(f == "-march=native" for f in flags)
 
 
 def test_the_kernel_cache_is_per_cpu_kind(tmp_path):

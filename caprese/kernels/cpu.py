@@ -9,9 +9,9 @@ AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCH
 
 - `linear`: y = x W^T for a few rows of x, four weight rows at a time so the memory system
   streams several rows at once; on an AVX-512 BF16 CPU a bf16 decode step of the 1.5B model
-  is 9% faster with it (docs/BENCHMARKS.md). fp32 products stay with PyTorch, which is faster
-  there. `rows_product`: y = x M for M stored as rows (the transposed down projection with R
-  appended), threads splitting the rows.
+  is 9% faster with it (docs/BENCHMARKS.md). fp32 products go to the kernel only on CPUs
+  not made by Intel (fp32_kernels). `rows_product`: y = x M for M stored as rows (the
+  transposed down projection with R appended), threads splitting the rows.
 - `cats_decode`: for one token CATS keeps about `density` of the D_FF gate entries; it reads
   only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop. PyTorch
   has no fused gather + matrix-vector product (index_select copies the rows first, which
@@ -25,6 +25,7 @@ torch.compile calls them inside its one graph.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"  # includes the headers beside it
 DISABLE_ENV = "CAPRESE_NO_KERNELS"
+# The instruction set the kernels are built for: this CPU's by default; e.g. x86-64-v3 (AVX2 +
+# FMA) for a build cache shared with AVX2 machines, or to time the AVX2 path on an AVX-512 one.
+MARCH_ENV = "CAPRESE_KERNELS_MARCH"
 BUILD_FLAGS = {"extra_cflags": ["-O3", "-march=native", "-fopenmp"],
                "extra_ldflags": ["-fopenmp"]}
 
@@ -63,11 +67,41 @@ def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """This CPU's instruction-set flags as /proc/cpuinfo lists them (none without it)."""
+    return _cpuinfo_field("flags", cpuinfo).split()
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The x86 vendor string (GenuineIntel, AuthenticAMD, ...), "" where there is none."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
+
+
+def _cpuinfo_field(name: str, cpuinfo: str) -> str:
     try:
         with open(cpuinfo) as lines:
-            return next(line for line in lines if line.startswith("flags")).split()
+            line = next(line for line in lines if line.split(":")[0].strip() == name)
     except (OSError, StopIteration):
-        return []
+        return ""
+    return line.partition(":")[2].strip()
+
+
+@functools.cache
+def fp32_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether single-token fp32 products go to the kernels as bf16 ones do: on x86 CPUs not
+    made by Intel. PyTorch multiplies fp32 with MKL, whose one-token product read 21 GB/s on a
+    Zen 5 EPYC where the kernel reads 39 (generic code off Intel's CPUs); on Intel Xeons MKL's
+    reached 83% of the bandwidth floor and the kernel measured slower (docs/BENCHMARKS.md)."""
+    vendor = cpu_vendor(cpuinfo)
+    return bool(vendor) and vendor != "GenuineIntel"
+
+
+def march() -> str:
+    """The -march the kernels are built with (MARCH_ENV, else native)."""
+    return os.environ.get(MARCH_ENV, "").strip() or "native"
+
+
+def _cflags(march: str) -> list[str]:
+    return [f"-march={march}" if flag.startswith("-march=") else flag
+            for flag in BUILD_FLAGS["extra_cflags"]]
 
 
 def module():
@@ -86,10 +120,14 @@ def module():
                 source_tag = hashlib.sha256("".join(
                     name + text for name, text in sorted(source_files().items())).encode()
                 ).hexdigest()[:8]
-                log.info("building caprese's CPU decode kernels (once; cached afterwards)")
-                _module = load(
-                    name=f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}", sources=[str(SOURCE)],
-                    **BUILD_FLAGS, verbose=False)
+                target = march()
+                name = f"caprese_cpu_kernels_{source_tag}_{cpu_tag()}"
+                if target != "native":
+                    name += "_" + hashlib.sha256(target.encode()).hexdigest()[:8]
+                log.info("building caprese's CPU decode kernels for -march=%s (once; cached "
+                         "afterwards)", target)
+                _module = load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(target),
+                               extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
                 _register_shapes()
             except Exception as error:  # no compiler, no headers: the dense form still works
                 log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
@@ -116,8 +154,7 @@ def build_variant(files: dict[str, str], namespace: str, march: str = "native"):
         for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
             text = text.replace(f"{macro}(caprese,", f"{macro}({namespace},")
         renamed[name] = text
-    flags = [f"-march={march}" if flag.startswith("-march=") else flag
-             for flag in BUILD_FLAGS["extra_cflags"]]
+    flags = _cflags(march)
     tag = hashlib.sha256(f"{march} {sorted(renamed.items())}".encode()).hexdigest()[:8]
     with tempfile.TemporaryDirectory() as folder:
         for name, text in renamed.items():
@@ -230,11 +267,12 @@ def abs_histogram(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | N
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One token, bf16 contiguous weights, on the CPU, no autograd (the kernels compute values,
-    not gradients). fp32 stays with PyTorch: its fp32 product already runs at 83% of the
-    bandwidth floor and the kernel measured slower (docs/BENCHMARKS.md)."""
+    """One token, contiguous bf16 weights (fp32 ones where fp32_kernels), on the CPU, no
+    autograd (the kernels compute values, not gradients)."""
     return (x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and (weight.dtype == torch.bfloat16
+                 or (weight.dtype == torch.float32 and fp32_kernels()))
+            and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
