@@ -20,6 +20,7 @@ from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import cudagraph_skips, format_table, run_bench
 from caprese.evaluate.tasks import EvalTask
 from caprese.generation import GenerationSettings, generate
+from caprese.kernels import cpu
 from caprese.kernels.attention import DECODE, decode_attention
 
 # (method, density, rank): the full model, each method alone and with the low-rank path.
@@ -300,11 +301,15 @@ def kernel_calls(run) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("method, rank", [(None, None), ("griffin", 8), ("cats", 8)])
-def test_a_compiled_step_keeps_the_cpu_kernels(method, rank):
+@pytest.mark.parametrize("method, rank, dtype", [
+    (None, None, torch.bfloat16), ("griffin", 8, torch.bfloat16), ("cats", 8, torch.bfloat16),
+    (None, None, torch.float32), ("griffin", 8, torch.float32)])
+def test_a_compiled_step_keeps_the_cpu_kernels(method, rank, dtype, monkeypatch):
     """The kernels are torch operators: the compiled step calls them in one graph, and
-    generates what the eager step with the same kernels generates."""
-    model = variant_model(method, 0.5, rank, dtype=torch.bfloat16)
+    generates what the eager step with the same kernels generates (fp32 products as on a CPU
+    not made by Intel)."""
+    monkeypatch.setattr(cpu, "FP32_KERNELS", True)
+    model = variant_model(method, 0.5, rank, dtype=dtype)
     phases.use_decode_kernels(model)
     prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
     eager = greedy_decode(model, prompt, 8)

@@ -26,7 +26,7 @@ def test_the_kernels_build():
 @pytest.mark.parametrize("shape", [(13, 37), (64, 48), (130, 160)])  # tails of 8 rows / 16 cols
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_kernel_equals_torch(dtype, shape, with_bias, monkeypatch):
-    monkeypatch.setattr(cpu, "fp32_kernels", lambda: True)  # as on an AMD CPU
+    monkeypatch.setattr(cpu, "FP32_KERNELS", True)  # as on an AMD CPU
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(dtype)
     bias = torch.randn(shape[0], generator=generator).to(dtype) if with_bias else None
@@ -273,9 +273,9 @@ def test_fp32_products_take_the_kernels_off_intel_cpus(tmp_path, monkeypatch):
     weight = torch.randn(24, 40, generator=generator)
     rows = torch.randn(40, 24, generator=generator)
     x, h = torch.randn(1, 1, 40, generator=generator), torch.randn(1, 1, 40, generator=generator)
-    monkeypatch.setattr(cpu, "fp32_kernels", lambda: False)
+    monkeypatch.setattr(cpu, "FP32_KERNELS", False)
     assert decode_linear(x, weight, None) is None and decode_rows_product(h, rows, None) is None
-    monkeypatch.setattr(cpu, "fp32_kernels", lambda: True)
+    monkeypatch.setattr(cpu, "FP32_KERNELS", True)
     torch.testing.assert_close(decode_linear(x, weight, None), x @ weight.t())
     torch.testing.assert_close(decode_rows_product(h, rows, None), h @ rows)
 

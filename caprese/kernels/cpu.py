@@ -25,7 +25,6 @@ torch.compile calls them inside its one graph.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -84,7 +83,6 @@ def _cpuinfo_field(name: str, cpuinfo: str) -> str:
     return line.partition(":")[2].strip()
 
 
-@functools.cache
 def fp32_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether single-token fp32 products go to the kernels as bf16 ones do: on x86 CPUs not
     made by Intel. PyTorch multiplies fp32 with MKL, whose one-token product read 21 GB/s on a
@@ -92,6 +90,10 @@ def fp32_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
     reached 83% of the bandwidth floor and the kernel measured slower (docs/BENCHMARKS.md)."""
     vendor = cpu_vendor(cpuinfo)
     return bool(vendor) and vendor != "GenuineIntel"
+
+
+# Read once here: a decode step being compiled asks at every product and cannot open files.
+FP32_KERNELS = fp32_kernels()
 
 
 def march() -> str:
@@ -267,11 +269,11 @@ def abs_histogram(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | N
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One token, contiguous bf16 weights (fp32 ones where fp32_kernels), on the CPU, no
+    """One token, contiguous bf16 weights (fp32 ones where FP32_KERNELS), on the CPU, no
     autograd (the kernels compute values, not gradients)."""
     return (x.device.type == "cpu" and x.numel() == x.shape[-1]
             and (weight.dtype == torch.bfloat16
-                 or (weight.dtype == torch.float32 and fp32_kernels()))
+                 or (weight.dtype == torch.float32 and FP32_KERNELS))
             and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
