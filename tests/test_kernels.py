@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from caprese.bench.latency import machine
 from caprese.kernels import cpu
 from caprese.kernels.cpu import cpu_tag, module
 from caprese.kernels.cpu import linear as decode_linear
@@ -281,13 +282,15 @@ def test_fp32_products_take_the_kernels_off_intel_cpus(tmp_path, monkeypatch):
 
 
 def test_the_kernels_march_comes_from_the_environment(monkeypatch):
-    """CAPRESE_KERNELS_MARCH picks the instruction set the kernels are built for."""
+    """CAPRESE_KERNELS_MARCH picks the instruction set the kernels are built for, and the
+    benchmarks' machine line says so."""
     monkeypatch.delenv(cpu.MARCH_ENV, raising=False)
     assert cpu.march() == "native" and "-march=native" in cpu._cflags(cpu.march())
     monkeypatch.setenv(cpu.MARCH_ENV, "x86-64-v3")
     assert cpu.march() == "x86-64-v3"
     flags = cpu._cflags(cpu.march())
     assert "-march=x86-64-v3" in flags and not any(f == "-march=native" for f in flags)
+    assert "kernels -march=x86-64-v3" in machine()  # every bench table names it
 
 
 def test_the_kernel_cache_is_per_cpu_kind(tmp_path):

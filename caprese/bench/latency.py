@@ -26,6 +26,7 @@ from caprese.config import CapreseConfig
 from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
+from caprese.kernels.cpu import march
 from caprese.kernels.huge_pages import collapse
 from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
 from caprese.phases import prepare_decode, use_decode_kernels
@@ -376,8 +377,9 @@ def machine(device: torch.device | str = "cpu") -> str:
         model = ""
     bf16 = ("AMX" if cpu_has_amx() else "AVX512_BF16, no AMX" if cpu_has_bf16_unit()
             else "no bf16 unit")
+    built = "" if march() == "native" else f", kernels -march={march()}"
     return (f"{model or platform.processor() or platform.machine()} "
-            f"({torch.backends.cpu.get_cpu_capability()}, {bf16})")
+            f"({torch.backends.cpu.get_cpu_capability()}, {bf16}{built})")
 
 
 def _mib(value: int | None) -> str:
