@@ -10,7 +10,7 @@ AVX2 CPU, which turned CATS' 21% fewer bytes into a 26% slower token (docs/BENCH
 - `linear`: y = x W^T for a few rows of x, four weight rows at a time so the memory system
   streams several rows at once; on an AVX-512 BF16 CPU a bf16 decode step of the 1.5B model
   is 9% faster with it (docs/BENCHMARKS.md). fp32 products go to the kernel only on CPUs
-  not made by Intel (fp32_kernels). `rows_product`: y = x M for M stored as rows (the
+  not made by Intel (FP32_KERNELS). `rows_product`: y = x M for M stored as rows (the
   transposed down projection with R appended), threads splitting the rows.
 - `cats_decode`: for one token CATS keeps about `density` of the D_FF gate entries; it reads
   only the kept rows of W1 (up) and of W2^T (down), so the bytes read really drop. PyTorch
@@ -86,8 +86,9 @@ def _cpuinfo_field(name: str, cpuinfo: str) -> str:
 def fp32_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether single-token fp32 products go to the kernels as bf16 ones do: on x86 CPUs not
     made by Intel. PyTorch multiplies fp32 with MKL, whose one-token product read 21 GB/s on a
-    Zen 5 EPYC where the kernel reads 39 (generic code off Intel's CPUs); on Intel Xeons MKL's
-    reached 83% of the bandwidth floor and the kernel measured slower (docs/BENCHMARKS.md)."""
+    Zen 5 EPYC where the kernel reads 39 (generic code off Intel's CPUs); on an Intel Xeon MKL's
+    reached 83% of the bandwidth floor and the kernel of that time measured slower
+    (docs/BENCHMARKS.md)."""
     vendor = cpu_vendor(cpuinfo)
     return bool(vendor) and vendor != "GenuineIntel"
 
