@@ -26,7 +26,7 @@ from caprese.config import CapreseConfig
 from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
-from caprese.kernels.cpu import march
+from caprese.kernels.cpu import cpuinfo_field, march
 from caprese.kernels.huge_pages import collapse
 from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
 from caprese.phases import prepare_decode, use_decode_kernels
@@ -369,12 +369,7 @@ def machine(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as lines:
-            model = next((line.split(":", 1)[1].strip() for line in lines
-                          if line.startswith("model name")), "")
-    except OSError:
-        model = ""
+    model = cpuinfo_field("model name")
     bf16 = ("AMX" if cpu_has_amx() else "AVX512_BF16, no AMX" if cpu_has_bf16_unit()
             else "no bf16 unit")
     built = "" if march() == "native" else f", kernels -march={march()}"

@@ -66,15 +66,17 @@ def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """This CPU's instruction-set flags as /proc/cpuinfo lists them (none without it)."""
-    return _cpuinfo_field("flags", cpuinfo).split()
+    return cpuinfo_field("flags", cpuinfo).split()
 
 
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The x86 vendor string (GenuineIntel, AuthenticAMD, ...), "" where there is none."""
-    return _cpuinfo_field("vendor_id", cpuinfo)
+    return cpuinfo_field("vendor_id", cpuinfo)
 
 
-def _cpuinfo_field(name: str, cpuinfo: str) -> str:
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first value /proc/cpuinfo gives for `name` ("model name", "flags", ...), "" where
+    there is none."""
     try:
         with open(cpuinfo) as lines:
             line = next(line for line in lines if line.split(":")[0].strip() == name)
