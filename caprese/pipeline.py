@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from caprese import distributed
+from caprese.bench.latency import machine
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, run_job
 from caprese.dtypes import cpu_has_amx, resolve_dtype
@@ -153,7 +154,7 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
             # provenance note rather than by a machine's cache folder.
             setup = {"model": preset.model, "weights": weights_description(preset.model),
                      "dtype": choice.name, "dtype_reason": choice.reason, "device": device,
-                     "command": command}
+                     "machine": machine(device), "command": command}
             with applied(model, variant):
                 evaluate(model, tokenizer, variant.describe(), task, result, setup)
     report = out / "report.md"

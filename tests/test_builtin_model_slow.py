@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from caprese import data, models
+from caprese.bench.latency import machine
 from caprese.cli import main
 from caprese.dtypes import resolve_dtype
 from caprese.prompts import COT_INSTRUCTION
@@ -93,6 +94,7 @@ def test_a_hub_id_runs_like_the_builtin_model(smollm2, tmp_path):
     setup = json.loads((tmp_path / "hub.json").read_text())["setup"]
     assert setup["command"].startswith("caprese eval --method griffin") and repo_id in setup[
         "command"]
+    assert setup["machine"] == machine("cpu")  # bf16 answers can differ between CPUs
 
 
 def test_software_bf16_is_warned_about_once_per_process(smollm2, monkeypatch, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from caprese.bench.latency import machine
 from caprese.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -72,6 +73,7 @@ def test_pipeline_passes_device_and_dtype_to_every_step(monkeypatch, tmp_path):
         assert setup["model"] == str(tmp_path) and setup["command"].startswith(
             "caprese pipeline --quick")
         assert setup["weights"] == "Org/Model, weights dequantized from GGUF Q4_K_M"
+        assert setup["machine"] == machine("cpu")  # answers in bf16 depend on the CPU
 
 
 def test_the_default_preset_needs_fast_matrix_products(monkeypatch):

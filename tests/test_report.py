@@ -28,7 +28,8 @@ def math_result(folder, name, variant, correct_ids, problems=10):
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = {"task": "gsm-symbolic-all", "variant": variant, "summary": summarize(rows, 1),
               "records_file": f"{name}.jsonl",
-              "setup": {"command": f"caprese eval --label {name}", "weights": "w"}}
+              "setup": {"command": f"caprese eval --label {name}", "weights": "w",
+                        **({"machine": "Some CPU (AVX512)"} if name == "caprese" else {})}}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result))
     return path
@@ -144,7 +145,8 @@ def test_report_has_the_table_recovery_retention_and_plots(tmp_path):
     assert "| Caprese(GRIFFIN) | 50 | 29.40 | 14.40 | 24.40 | -0.60 |" in text
     assert (tmp_path / "report_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "report_length_by_level.png").stat().st_size > 1000
-    assert "caprese eval --label griffin" in text
+    assert "caprese eval --label griffin`; w\n" in text  # no machine recorded: none shown
+    assert "caprese eval --label caprese`; w; on Some CPU (AVX512)\n" in text
 
 
 def test_xsum_runs_compare_only_with_the_full_run_on_the_same_articles(tmp_path):

@@ -8,6 +8,7 @@ import shlex
 import torch
 
 from caprese import distributed
+from caprese.bench.latency import machine
 from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
 from caprese.models import load_model, weights_description
 
@@ -27,7 +28,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def load_for(args: argparse.Namespace):
     """(model, tokenizer, setup) for --model/--dtype/--device/--threads; `setup` is what a
-    result file records about how the model was loaded and the command that ran."""
+    result file records about how the model was loaded, on what hardware (bf16 greedy
+    answers can differ between CPUs, whose products round differently) and the command
+    that ran."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = distributed.init(args.device)  # under torchrun: this rank's device
@@ -35,7 +38,7 @@ def load_for(args: argparse.Namespace):
     choice = resolve_dtype(args.dtype, args.device)
     setup = {"model": args.model, "weights": weights_description(args.model),
              "dtype": choice.name, "dtype_reason": choice.reason, "device": args.device,
-             "command": command_line(args)}
+             "machine": machine(args.device), "command": command_line(args)}
     return model, tokenizer, setup
 
 

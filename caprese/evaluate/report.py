@@ -304,8 +304,10 @@ def build_report(paths: list[str | Path], out: str | Path, intro: str | Path | N
     sections += ["## Runs", ""]
     for r, path in zip(results, paths, strict=True):
         setup = r.get("setup", {})
+        ran_on = f"; on {setup['machine']}" if setup.get("machine") else ""
         sections.append(f"- `{path}`: {r['variant']['label']} on {r['task']}; "
-                        f"command: `{setup.get('command', '?')}`; {setup.get('weights', '')}")
+                        f"command: `{setup.get('command', '?')}`; {setup.get('weights', '')}"
+                        + ran_on)
     atomic_write_text(out, "\n".join([*sections, "", MARKER]) + "\n")
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"recovery": recovery}, indent=2))
     return out
