@@ -40,13 +40,26 @@ restore() {  # restore RESULT_JSON NAME: a result kept in git by an earlier sess
     if [[ $2 == caprese-* ]]; then  # only for the very adapter it measured, not a new one
         local method=${2#caprese-}
         method=${method%-rho*}  # a reselection row measures its method's adapter
-        cmp -s "$OUT/adapter-$method/summary.json" "$KEEP/distill-$method/summary.json" || return 0
+        measured_adapter "$kept" "$OUT/adapter-$method" || return 0
     fi
     if [ -e "$KEEP/$(basename "$records").gz" ]; then
         gunzip -c "$KEEP/$(basename "$records").gz" > "$records.tmp" && mv "$records.tmp" "$records"
     fi
     cp "$kept" "$1.tmp" && mv "$1.tmp" "$1"
     echo "[recovery] restored from $KEEP: $1"
+}
+measured_adapter() {  # measured_adapter RESULT_JSON ADAPTER_DIR: did the result measure it?
+    # By the digest of the adapter's weights, which results record; a result without one
+    # predates that record and measured an adapter no longer here.
+    python - "$1" "$2/caprese_config.json" <<'PY'
+import json, sys
+result, config = sys.argv[1:]
+try:
+    measured = json.load(open(result))["variant"].get("adapter_sha256")
+    sys.exit(0 if measured and measured == json.load(open(config))["weights_sha256"] else 1)
+except FileNotFoundError:
+    sys.exit(1)
+PY
 }
 keep() {  # keep RESULT_JSON: the summary and its compressed records, into git's folder
     if cmp -s "$1" "$KEEP/$(basename "$1")"; then return; fi  # kept already (or restored)

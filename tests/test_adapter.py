@@ -12,6 +12,7 @@ from conftest import prompt_ids, tiny_model
 from helpers import attached_copy, generate_with_logits, randomize_lowrank
 
 import caprese
+from caprese.io import sha256_file
 from caprese.version import ADAPTER_FORMAT
 
 
@@ -272,7 +273,10 @@ def test_saved_adapters_record_format_version_and_stage(tmp_path):
     assert info.trained == {"stage": "e2e"} and info.config.method == "cats"
     from caprese.evaluate.variant import Variant
 
-    assert Variant("m", adapter=str(tmp_path / "a")).describe()["kind"] == "e2e"
+    described = Variant("m", adapter=str(tmp_path / "a")).describe()
+    assert described["kind"] == "e2e"
+    # a result names the adapter it measured by its weights, not only by a folder's name
+    assert described["adapter_sha256"] == sha256_file(tmp_path / "a" / "adapter.safetensors")
     record["format"] = ADAPTER_FORMAT + 1
     (tmp_path / "a" / "caprese_config.json").write_text(json.dumps(record))
     with pytest.raises(caprese.AdapterError, match="upgrade caprese"):

@@ -43,8 +43,9 @@ class Variant:
                              f"{', '.join(VARIANT_METHODS)}")
 
     def describe(self) -> dict:
-        """What results record: kind, method, density, rank, adapter, label (and rho, and
-        whether the CPU kernels decode)."""
+        """What results record: kind, method, density, rank, adapter (its folder and the
+        digest of its weights: which adapter a result measured, wherever it lies now), label
+        (and rho, and whether the CPU kernels decode)."""
         rho = {} if self.reselect_every is None else {"reselect_every": self.reselect_every}
         kernels = {"cpu_kernels": True} if self.cpu_kernels else {}
         if self.adapter:
@@ -56,7 +57,8 @@ class Variant:
                 rho = {"reselect_every": config.reselect_every}
             kind = self.stage or info.trained.get("stage") or "caprese"
             return {"kind": kind, "method": config.method, "density": config.density,
-                    "rank": config.rank, "adapter": str(self.adapter), **rho, **kernels,
+                    "rank": config.rank, "adapter": str(self.adapter),
+                    "adapter_sha256": info.weights_sha256, **rho, **kernels,
                     "label": self.label or f"Caprese {kind} ({config.method})"}
         if self.method == "none":
             if rho:
