@@ -26,8 +26,16 @@ KEEP=${KEEP:-benchmarks/results/recovery_1p5b}
 PAPER=${PAPER:-1}           # 0: the report without the paper's other settings (rho, 4-bit)
 RHOS=${RHOS:-128 32}       # GRIFFIN's reselection intervals (answers average ~315 tokens)
 FIDELITY=${FIDELITY:-24}   # held-out MATH solutions for the 4-bit method's fidelity
+# The methods whose adapters and rows this run works on (the full model's always); e.g.
+# METHODS=griffin does GRIFFIN's distillation and every GRIFFIN row, then the report.
+METHODS=${METHODS:-griffin cats cats-low nf4}
 mkdir -p "$OUT/results" "$KEEP"
 
+wanted() {  # wanted NAME: is NAME (griffin, caprese-griffin-rho32, full, ...) in $METHODS?
+    local method=${1#caprese-}
+    method=${method%-rho*}
+    [ "$method" = full ] || [[ " $METHODS " == *" $method "* ]]
+}
 step() {  # step OUTPUT caprese-args...
     local output=$1; shift
     if [ -e "$output" ]; then echo "[recovery] skip (exists): $output"; return; fi
@@ -84,6 +92,7 @@ for rho in $RHOS; do  # GRIFFIN's reselection every rho generated tokens, with a
     VARIANT[caprese-griffin-rho$rho]="--adapter $OUT/adapter-griffin --reselect-every $rho --label Caprese(GRIFFIN)@$rho"
 done
 math_step() {  # math_step NAME
+    wanted "$1" || return 0
     local out="$OUT/results/math-$1.json"
     restore "$out" "$1"
     # shellcheck disable=SC2086
@@ -92,6 +101,7 @@ math_step() {  # math_step NAME
     keep "$out"
 }
 eval_step() {  # eval_step TASK NAME LIMIT BATCH
+    wanted "$2" || return 0
     local out="$OUT/results/$1-$2.json"
     restore "$out" "$2"
     # shellcheck disable=SC2086
@@ -112,6 +122,7 @@ if [ ! -e "$TEACHER" ] && [ -e "$KEEP/teacher_text.jsonl.gz" ]; then
     gunzip -c "$KEEP/teacher_text.jsonl.gz" > "$TEACHER"
 fi
 distill_step() {  # distill_step NAME METHOD-ARGS...
+    wanted "$1" || return 0
     local name=$1 dir="$OUT/adapter-$1"; shift
     local resume=()
     if [ -e "$dir/run.json" ]; then resume=(--resume); fi
