@@ -25,8 +25,8 @@ import torch._dynamo
 
 import caprese
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import machine
 from caprese.io import atomic_write_text
+from caprese.kernels.cpu import machine
 from caprese.models import load_model
 
 # name: (method, whether an untrained low-rank path rides along: it times as a trained one)

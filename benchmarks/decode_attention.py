@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from caprese import compiled, phases
-from caprese.bench.latency import machine
 from caprese.kernels.attention import DECODE, GROUPED
+from caprese.kernels.cpu import machine
 from caprese.models.load import load_model
 
 ATTENTIONS = ("sdpa", "eager", GROUPED, DECODE)

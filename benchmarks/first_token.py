@@ -20,8 +20,8 @@ import torch
 
 import caprese
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import machine
 from caprese.io import atomic_write_text
+from caprese.kernels.cpu import machine
 from caprese.models import load_model
 
 VARIANTS = {"full": None, "griffin": "griffin", "cats": "cats"}

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from caprese.bench.latency import machine, median_seconds
+from caprese.bench.latency import median_seconds
 from caprese.kernels import cpu
+from caprese.kernels.cpu import machine
 from caprese.kernels.huge_pages import collapse, keep_off
 
 SHAPES = {"gate/up": (8960, 1536), "down": (1536, 8960), "lm head": (151936, 1536)}

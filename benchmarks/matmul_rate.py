@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from caprese.bench.latency import machine, median_seconds
+from caprese.bench.latency import median_seconds
+from caprese.kernels.cpu import machine
 
 ROWS = {"prefill (2048 tokens)": 2048, **{f"decode (batch {n})": n for n in (1, 20, 32, 64, 128)}}
 HIDDEN, INTERMEDIATE = 1536, 8960

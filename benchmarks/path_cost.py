@@ -39,8 +39,9 @@ import torch._dynamo
 
 import caprese
 from caprese.bench.decode import greedy_decode
-from caprese.bench.latency import bandwidth_probe, bytes_per_token, machine
+from caprese.bench.latency import bandwidth_probe, bytes_per_token
 from caprese.io import atomic_write_text
+from caprese.kernels.cpu import machine
 from caprese.models import load_model
 
 METHODS = ("griffin", "cats")

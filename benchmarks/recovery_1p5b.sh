@@ -59,14 +59,15 @@ restore() {  # restore RESULT_JSON NAME: a result kept in git by an earlier sess
 measured_adapter() {  # measured_adapter RESULT_JSON ADAPTER_DIR: did the result measure it?
     # By the digest of the adapter's weights, which results record; a result without one
     # predates that record and measured an adapter no longer here.
-    python - "$1" "$2/caprese_config.json" <<'PY'
+    python - "$1" "$2" <<'PY'
 import json, sys
-result, config = sys.argv[1:]
-try:
-    measured = json.load(open(result))["variant"].get("adapter_sha256")
-    sys.exit(0 if measured and measured == json.load(open(config))["weights_sha256"] else 1)
-except FileNotFoundError:
-    sys.exit(1)
+from pathlib import Path
+import caprese
+result, adapter = sys.argv[1:]
+if not (Path(adapter) / "caprese_config.json").is_file():
+    sys.exit(1)  # not distilled here
+measured = json.loads(Path(result).read_text())["variant"].get("adapter_sha256")
+sys.exit(0 if measured and measured == caprese.read_adapter(adapter).weights_sha256 else 1)
 PY
 }
 keep() {  # keep RESULT_JSON: the summary and its compressed records, into git's folder

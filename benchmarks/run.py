@@ -49,7 +49,6 @@ from caprese import data
 from caprese.bench.alone import peaks_alone, record_peaks
 from caprese.bench.decode import greedy_decode
 from caprese.bench.latency import bytes_per_token, format_table, measure_bandwidth, run_bench
-from caprese.bench.latency import machine as bench_machine
 from caprese.bench.memory import free_large_blocks_at_once, settled_rss
 from caprese.bench.peer import LlamaCppPeer, peer_gguf
 from caprese.data import training_split
@@ -63,6 +62,7 @@ from caprese.dtypes import resolve_dtype
 from caprese.evaluate.fidelity import fidelity
 from caprese.info import load_config
 from caprese.io import atomic_write_text
+from caprese.kernels.cpu import machine as bench_machine
 from caprese.models import load_model, weights_description
 from caprese.models.load import import_model_code
 from caprese.prompts import teacher_forced

@@ -28,7 +28,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from caprese import compiled, phases
-from caprese.bench.latency import machine, variant
+from caprese.bench.latency import variant
+from caprese.kernels.cpu import machine
 from caprese.models.load import load_model
 
 

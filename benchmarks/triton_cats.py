@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caprese.bench.latency import machine, median_seconds
+from caprese.bench.latency import median_seconds
 from caprese.io import atomic_write_text
+from caprese.kernels.cpu import machine
 from caprese.kernels.triton import cats_decode
 
 # (block_j, block_d, rows_per_program); the first is the kernel as it was before its rows were

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from caprese import compiled, phases
-from caprese.bench.latency import machine, variant
+from caprese.bench.latency import variant
+from caprese.kernels.cpu import machine
 from caprese.models.load import load_model
 
 WRAPPERS = {"python": {"cpp_wrapper": False}, "cpp": compiled.CPU_OPTIONS}

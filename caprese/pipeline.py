@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 from caprese import distributed
-from caprese.bench.latency import machine
 from caprese.config import CapreseConfig
 from caprese.distillation import DistillJob, DistillSettings, run_job
 from caprese.dtypes import cpu_has_amx, resolve_dtype
 from caprese.evaluate.report import build_report
-from caprese.evaluate.tasks import EvalTask, evaluate
+from caprese.evaluate.tasks import EvalTask, evaluate, load_setup
 from caprese.evaluate.variant import Variant, applied
-from caprese.models import load_model, weights_description
+from caprese.models import load_model
 
 METHODS = ("griffin", "cats")
 DENSITY = 0.5
@@ -150,11 +149,7 @@ def run_pipeline(preset: Preset, out: Path, device: str | None = None, dtype: st
             if _skip(result, f"evaluate {name} on {task.task}"):
                 continue
             model, tokenizer = base.get()
-            # Described once loaded: a built-in model is then prepared, and named by its
-            # provenance note rather than by a machine's cache folder.
-            setup = {"model": preset.model, "weights": weights_description(preset.model),
-                     "dtype": choice.name, "dtype_reason": choice.reason, "device": device,
-                     "machine": machine(device), "command": command}
+            setup = load_setup(preset.model, choice, device, command)
             with applied(model, variant):
                 evaluate(model, tokenizer, variant.describe(), task, result, setup)
     report = out / "report.md"

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from caprese import data, models
-from caprese.bench.latency import machine
 from caprese.cli import main
 from caprese.dtypes import resolve_dtype
+from caprese.kernels.cpu import machine
 from caprese.prompts import COT_INSTRUCTION
 from tests.hub_cache import cache_as_hub_model
 

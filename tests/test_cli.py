@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from caprese.bench.latency import machine
 from caprese.cli import main
+from caprese.kernels.cpu import machine
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

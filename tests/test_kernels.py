@@ -7,9 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caprese.bench.latency import machine
 from caprese.kernels import cpu
-from caprese.kernels.cpu import cpu_tag, module
+from caprese.kernels.cpu import cpu_tag, machine, module
 from caprese.kernels.cpu import linear as decode_linear
 from caprese.kernels.cpu import rows_product as decode_rows_product
 from caprese.phases import state_of, use_decode_kernels

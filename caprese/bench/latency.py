@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,10 +22,9 @@ from caprese.bench import memory
 from caprese.bench.decode import greedy_decode
 from caprese.bench.lora import attach_lora, matched_rank
 from caprese.config import CapreseConfig
-from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
 from caprese.families import text_config
 from caprese.info import budget
-from caprese.kernels.cpu import cpuinfo_field, march
+from caprese.kernels.cpu import machine
 from caprese.kernels.huge_pages import collapse
 from caprese.methods.nf4 import SETTINGS as NF4_SETTINGS
 from caprese.phases import prepare_decode, use_decode_kernels
@@ -361,20 +359,6 @@ def run_bench(model, variants, prompt_len: int, gen_len: int, repeats: int, batc
         "kv_cache_bytes": kv_cache,
         "variants": rows,
     }
-
-
-def machine(device: torch.device | str = "cpu") -> str:
-    """The hardware a number was measured on: GPU name, or CPU model with the SIMD level
-    PyTorch uses and its bf16 unit (they decide which dtype is fast)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = cpuinfo_field("model name")
-    bf16 = ("AMX" if cpu_has_amx() else "AVX512_BF16, no AMX" if cpu_has_bf16_unit()
-            else "no bf16 unit")
-    built = "" if march() == "native" else f", kernels -march={march()}"
-    return (f"{model or platform.processor() or platform.machine()} "
-            f"({torch.backends.cpu.get_cpu_capability()}, {bf16}{built})")
 
 
 def _mib(value: int | None) -> str:

@@ -8,9 +8,9 @@ import shlex
 import torch
 
 from caprese import distributed
-from caprese.bench.latency import machine
 from caprese.dtypes import DTYPE_CHOICES, resolve_dtype
-from caprese.models import load_model, weights_description
+from caprese.evaluate.tasks import load_setup
+from caprese.models import load_model
 
 
 def default_device() -> str:
@@ -35,10 +35,8 @@ def load_for(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     args.device = distributed.init(args.device)  # under torchrun: this rank's device
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    choice = resolve_dtype(args.dtype, args.device)
-    setup = {"model": args.model, "weights": weights_description(args.model),
-             "dtype": choice.name, "dtype_reason": choice.reason, "device": args.device,
-             "machine": machine(args.device), "command": command_line(args)}
+    setup = load_setup(args.model, resolve_dtype(args.dtype, args.device), args.device,
+                       command_line(args))
     return model, tokenizer, setup
 
 

@@ -17,6 +17,7 @@ import torch
 from caprese import data, distributed, prompts
 from caprese.compiled import BACKENDS
 from caprese.data.general import RESERVED_ARTICLES, article_body, reserved
+from caprese.dtypes import DtypeChoice
 from caprese.evaluate import protocols
 from caprese.evaluate.fidelity import fidelity
 from caprese.evaluate.language import XSUM_MAX_NEW_TOKENS, XSUM_STOP, evaluate_xsum
@@ -29,7 +30,8 @@ from caprese.io import (
     remove_stale_temporaries,
     sha256_file,
 )
-from caprese.models import ready_adapters
+from caprese.kernels.cpu import machine
+from caprese.models import ready_adapters, weights_description
 from caprese.samples import at_least
 
 MATH_TASKS = ("gsm-symbolic", "gsm-symbolic-all", "gsm-symbolic-test", "gsm8k", "math500", "aime24",
@@ -166,6 +168,16 @@ def batch_journal(out: Path, variant: dict, setup: dict) -> BatchJournal:
                **{k: setup.get(k) for k in ("model", "weights", "dtype")},
                "device": str(setup.get("device")).split(":")[0]}
     return BatchJournal(journal_folder(out), json.dumps(context, sort_keys=True))
+
+
+def load_setup(model: str, dtype: DtypeChoice, device: str, command: str) -> dict:
+    """What a result records about the loaded model, the hardware (bf16 greedy answers can
+    differ between CPUs, whose products round differently) and the command that ran. Call it
+    once the model is loaded: a built-in model is then prepared and named by its provenance
+    note rather than by a machine's cache folder."""
+    return {"model": model, "weights": weights_description(model), "dtype": dtype.name,
+            "dtype_reason": dtype.reason, "device": device, "machine": machine(device),
+            "command": command}
 
 
 def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from caprese.dtypes import cpu_has_amx, cpu_has_bf16_unit
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"  # includes the headers beside it
@@ -83,6 +85,20 @@ def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
     except (OSError, StopIteration):
         return ""
     return line.partition(":")[2].strip()
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """The hardware a number was measured on: GPU name, or CPU model with the SIMD level
+    PyTorch uses and its bf16 unit (they decide which dtype is fast)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = cpuinfo_field("model name")
+    bf16 = ("AMX" if cpu_has_amx() else "AVX512_BF16, no AMX" if cpu_has_bf16_unit()
+            else "no bf16 unit")
+    built = "" if march() == "native" else f", kernels -march={march()}"
+    return (f"{model or platform.processor() or platform.machine()} "
+            f"({torch.backends.cpu.get_cpu_capability()}, {bf16}{built})")
 
 
 def fp32_kernels(cpuinfo: str = "/proc/cpuinfo") -> bool:
