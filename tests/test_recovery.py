@@ -254,6 +254,9 @@ def test_the_report_tables_a_distill_run_as_its_summary_says(tmp_path, tiny_dir)
     assert cells[4].startswith(f"{check['kl_method']:.4f} -> {check['kl_caprese']:.4f}")
     assert ("worse than the method alone" in cells[4]) == summary["worse_than_method"]
     assert cells[6].startswith(f"{summary['stages']['layerwise']['seconds'] / 3600:.2f} / -")
+    stage_peak = summary["stages"]["layerwise"]["peak_memory_gib"]  # which stage needs it
+    assert 0 < stage_peak <= summary["peak_memory_gib"]
+    assert cells[7] == f"{summary['peak_memory_gib']:.1f} GiB ({stage_peak:.1f} / -)"
 
 
 def test_a_folder_that_is_not_a_distill_run_is_a_clear_report_error(tmp_path, capsys):

@@ -234,7 +234,8 @@ def _layer_span(layers: list[int]) -> str:
 def distill_table(runs: list[tuple[Path, dict, dict]]) -> str:
     """One row per distillation run: its setting, the do-no-harm cut and check, its cost."""
     lines = ["| run | method | training samples | rank kept (layers) | held-out KL, math: "
-             "method -> Caprese | held-out KL, general | layer-wise / E2E hours | peak memory |",
+             "method -> Caprese | held-out KL, general | layer-wise / E2E hours "
+             "| peak memory (by the end of layer-wise / E2E) |",
              "|---" * 8 + "|"]
     for folder, run, summary in runs:
         adapter, stages = run["caprese"], summary["stages"]
@@ -242,6 +243,8 @@ def distill_table(runs: list[tuple[Path, dict, dict]]) -> str:
                            for s in ("layerwise", "e2e"))
         verdict = " **worse than the method alone**" if summary.get("worse_than_method") else ""
         memory = summary.get("peak_memory_gib")
+        by_stage = " / ".join(f"{stages[s]['peak_memory_gib']:.1f}" if "peak_memory_gib"
+                              in stages.get(s, {}) else "-" for s in ("layerwise", "e2e"))
         lines.append(
             f"| {folder.name} | {adapter['method']} {adapter['density']}, "
             f"{_layer_span(adapter['layers'])}, r = {adapter['rank']} "
@@ -249,7 +252,8 @@ def distill_table(runs: list[tuple[Path, dict, dict]]) -> str:
             f"{run['continuations']}, general share {run.get('general_share', 0)}) "
             f"| {_kept(summary, len(adapter['layers']))} | {_check(summary, 'math')}{verdict} "
             f"| {_check(summary, 'general')} | {hours} "
-            f"| {f'{memory:.1f} GiB' if memory else ''} |")
+            f"| {f'{memory:.1f} GiB' if memory else ''}"
+            f"{f' ({by_stage})' if by_stage != '- / -' else ''} |")
     return "\n".join(lines)
 
 
