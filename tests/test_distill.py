@@ -393,7 +393,7 @@ def test_fidelity_in_chunks_of_positions_equals_one_chunk(monkeypatch):
     held_out = tiny_samples(6, seed=3)
     model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=8))
     whole = fidelity(model, held_out, progress=False, layer_errors=False)
-    monkeypatch.setattr(divergence, "LOGIT_ROWS", 5)
+    monkeypatch.setattr(divergence, "SCORED_ROWS", 5)
     chunked = fidelity(model, held_out, progress=False, layer_errors=False)
     assert whole["tokens"] > 5 * 4
     assert chunked["tokens"] == whole["tokens"] and chunked["top1"] == whole["top1"]
