@@ -181,8 +181,8 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
         started = time.perf_counter()
         result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
         result["seconds"] = time.perf_counter() - started
-        # This process's peak so far: a stage's own where it rose (so a report shows which
-        # stage needs the memory); a resumed run's starts again at what the resume loaded.
+        # This process's peak so far: the stage that raised it is the one that needs the
+        # memory. A resumed run's process counts from its own start only.
         result["peak_memory_gib"] = _peak_memory_gib()
         distributed.barrier()  # no rank is still reading this stage's checkpoints
         if distributed.is_main():
