@@ -7,6 +7,7 @@
     e2e.py           end-to-end objectives (hidden-state MSE, logit KL)
     trainer.py       the Adam loop (warm-up, linear decay, checkpoints, resume)
     checkpoint.py    checkpoints that are never half-read
+    cost.py          a stage's seconds and peak memory across the processes that ran it
     teacher_text.py  the original model's own continuations as training text
     harm.py          do no harm: cut each layer's path to what helps on held-out text;
                      the adapter against the method alone

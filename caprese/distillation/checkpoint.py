@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from caprese import distributed
+from caprese.distillation import cost
 from caprese.io import atomic_write, atomic_write_text, sha256_file
 
 
@@ -53,6 +54,7 @@ def save_checkpoint(
     atomic_write(tensor_file, lambda tmp: save_file(cpu, tmp))
     pointer = {**meta, "tensors": tensor_file.name, "sha256": sha256_file(tensor_file)}
     atomic_write_text(directory / f"{name}.json", json.dumps(pointer, indent=2))
+    cost.note_checkpoint(directory)
     for stale in directory.glob(f"{name}.*.safetensors"):
         if stale != tensor_file:
             stale.unlink(missing_ok=True)

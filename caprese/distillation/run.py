@@ -3,10 +3,12 @@
 A run directory holds everything a run writes:
     caprese_config.json, adapter.safetensors    the final adapter (caprese.load accepts it)
     stages/layerwise/, stages/e2e/               the adapter after each stage
-    checkpoints/                                 resumable state (removed once a stage is done)
+    checkpoints/                                 resumable state and the running stage's cost
+                                                 so far (removed once a stage is done)
     run.json                                     the settings, checked on --resume
     run_log.jsonl                                one line per step / layer report
-    summary.json                                 time per stage, peak memory, losses
+    summary.json                                 time and peak memory per stage (across resumed
+                                                 processes), losses
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import resource
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from caprese import distributed
 from caprese.adapter import blocks, config_of, load_weights, save
+from caprese.distillation import cost
 from caprese.distillation.checkpoint import remove_checkpoint
 from caprese.distillation.e2e import e2e_loss
 from caprese.distillation.harm import CHECK, adapter_check, drop_harmful, kept_summary
@@ -129,12 +130,6 @@ def _disk_full(error: BaseException) -> bool:
     return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
 
 
-def _peak_memory_gib() -> float:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def check_solver(model: torch.nn.Module, settings: DistillSettings) -> None:
     """Refuse a model the layer-wise solver cannot fit, before anything is computed."""
     if settings.solver == "sequential" and "layerwise" in settings.stages:
@@ -178,20 +173,21 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
             load_weights(model, stage_dir)
             summary["stages"][stage] = json.loads((stage_dir / "stage.json").read_text())
             continue
-        started = time.perf_counter()
-        result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
-        result["seconds"] = time.perf_counter() - started
-        # This process's peak so far: the stage that raised it is the one that needs the
-        # memory. A resumed run's process counts from its own start only.
-        result["peak_memory_gib"] = _peak_memory_gib()
+        # seconds and peak memory across the processes that ran the stage; the peak is a
+        # process's so far, so the stage that raised it is the one that needs the memory
+        with cost.costed(out / "checkpoints", stage) as stage_cost:
+            result = _run_stage(model, stage, samples, held_out, settings, out, pad_id)
+            result.update(stage_cost.so_far())
         distributed.barrier()  # no rank is still reading this stage's checkpoints
         if distributed.is_main():
             save(model, stage_dir, trained={"stage": stage})
             atomic_write_text(stage_dir / "stage.json", json.dumps(result, indent=2))
             for name in CHECKPOINTS:
                 remove_checkpoint(out / "checkpoints", name)
+            cost.forget(out / "checkpoints")
         summary["stages"][stage] = result
-    summary["peak_memory_gib"] = _peak_memory_gib()
+    summary["peak_memory_gib"] = max([cost.peak_memory_gib()] + [
+        stage.get("peak_memory_gib", 0.0) for stage in summary["stages"].values()])
     summary.update(_do_no_harm(summary["stages"], settings.stages))
     if distributed.is_main():
         save(model, out, trained={"stage": settings.stages[-1]})
