@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from caprese import compiled, distributed, phases
+from caprese import compiled, distributed, heap, phases
 from caprese.adapter import decode_reselection
 from caprese.io import atomic_write_text, remove_stale_temporaries
 
@@ -140,6 +140,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]],
             outputs = _generate_batch(model, batch, settings, pad_id, ended, device)
             if journal:
                 journal.save(index, key, outputs)
+            heap.release()  # the next batch's cache has another size: see caprese/heap.py
         for row, sequence in enumerate(outputs):
             done.append((chunk[row // settings.samples],
                          _completion(sequence, tokenizer, ends, settings)))

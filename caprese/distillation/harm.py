@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from caprese import distributed
+from caprese import distributed, heap
 from caprese.adapter import blocks
 from caprese.data.general import SOURCE as GENERAL_SOURCE
 from caprese.distillation.checkpoint import CheckpointClock, load_checkpoint, save_checkpoint
@@ -147,6 +147,7 @@ def adapter_check(model: torch.nn.Module, held_out: Sequence[Sample], batch_size
         if run_dir is not None and clock.due(index + 1, len(work)) and distributed.is_main():
             save_checkpoint(run_dir / "checkpoints", CHECK, sums, {"batches": index + 1})
         progress.update()
+        heap.release()
     progress.close()
     result: dict = {}
     for name, (kl_method, kl_caprese, tokens) in sums.items():

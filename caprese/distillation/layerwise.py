@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from caprese import distributed
+from caprese import distributed, heap
 from caprese.adapter import blocks
 from caprese.capture import capture
 from caprese.distillation.checkpoint import CheckpointClock, load_checkpoint, save_checkpoint
@@ -68,6 +68,7 @@ def collect_stats(
         if distributed.mine(index):
             batch = collate(samples[index * batch_size:(index + 1) * batch_size], pad_id)
             capture(model, batch, lambda i, x, y: stats[i].add(x, y))
+            heap.release()
         progress.update()
         done = index + 1
         if clock.due(done, total):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from caprese import distributed
+from caprese import distributed, heap
 from caprese.adapter import blocks
 from caprese.distillation.checkpoint import (
     CheckpointClock,
@@ -113,6 +113,7 @@ def train(
             _checkpoint(run_dir, settings.name, params, optimizer, step)
         if on_step is not None:
             on_step(step)
+        heap.release()  # the next step's sequences have other lengths: see caprese/heap.py
     progress.close()
     return losses
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from caprese import distributed
+from caprese import distributed, heap
 from caprese.adapter import blocks
 from caprese.capture import capture
 from caprese.divergence import batch_divergence
@@ -40,6 +40,7 @@ def fidelity(
         if distributed.mine(index):  # under torchrun: whole batches, batch i on rank i % N
             batch = collate(samples[start : start + batch_size], pad_id).to(device)
             parts.append((index, _batch_sums(model, batch, layer_errors)))
+            heap.release()
     kl_sum, agree, tokens = 0.0, 0, 0
     nll = torch.zeros(2, dtype=torch.float64)  # teacher, student: -log p(actual next token)
     layer_sums = {i: torch.zeros(3, dtype=torch.float64) for i in blocks(model)}

@@ -1,0 +1,37 @@
+"""Give freed CPU memory back to the system between the steps of a long loop.
+
+PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks under its mmap
+threshold (which rises to 32 MiB after the first large block is freed) from its heap, and
+keeps what is freed there for reuse. When tensor sizes change from step to step (batches of
+sequences of other lengths), new blocks rarely fit the holes and the heap only grows: on
+qwen2.5-coder-1.5b-instruct a CATS E2E stage's resident memory climbed from 11.6 to 18.5 GB
+over its first eight steps, and one malloc_trim(0) (which hands every free page of the heap
+back) brought it to 6.0 GB at once. So the loops that run for seconds to minutes per step
+(E2E steps, statistics batches, held-out scoring, evaluation batches) call `release()` after
+each step; a step that needs the memory again takes fresh pages from the system, which costs
+far less than the step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+import sys
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library is another (macOS, musl)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release() -> bool:
+    """Return the heap's free pages to the system; True if any were returned."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
