@@ -40,7 +40,7 @@ def test_release_hands_freed_heap_pages_back():
 
 
 def test_every_step_of_a_distillation_hands_its_heap_back(tmp_path, monkeypatch):
-    """Each statistics batch, E2E step and held-out check batch ends with a release."""
+    """Each statistics batch, E2E micro-batch and held-out check batch ends with a release."""
     from conftest import tiny_model
     from distill_job import tiny_samples
 
@@ -51,7 +51,7 @@ def test_every_step_of_a_distillation_hands_its_heap_back(tmp_path, monkeypatch)
     monkeypatch.setattr(heap, "release", lambda: calls.append(1) or True)
     model = caprese.attach(tiny_model("llama"), caprese.CapreseConfig(method="cats", rank=4))
     settings = DistillSettings(stages=("layerwise", "e2e"), capture_batch=4, e2e_epochs=1,
-                               e2e_batch=4, micro_batch=4)
+                               e2e_batch=4, micro_batch=2)
     distill(model, tiny_samples(16), tmp_path, settings, held_out=tiny_samples(4, seed=1))
-    # statistics: 4 training + 1 held-out batch; E2E: 4 steps; the check: 1 batch of 4
-    assert len(calls) == 4 + 1 + 4 + 1
+    # statistics: 4 training + 1 held-out batch; E2E: 4 steps of 2 micro-batches; the check: 1
+    assert len(calls) == 4 + 1 + 4 * 2 + 1

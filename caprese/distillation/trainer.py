@@ -113,7 +113,6 @@ def train(
             _checkpoint(run_dir, settings.name, params, optimizer, step)
         if on_step is not None:
             on_step(step)
-        heap.release()  # the next step's sequences have other lengths: see caprese/heap.py
     progress.close()
     return losses
 
@@ -130,6 +129,7 @@ def _accumulate(chunk: Sequence[Sample], loss_fn: LossFn, micro_batch: int, toke
         if distributed.mine(index):
             part, _ = loss_fn(collate(chunk[start : start + micro_batch], pad_id), 1.0 / tokens)
             loss_sum += part
+            heap.release()  # the next micro-batch's lengths differ: see caprese/heap.py
     if distributed.world_size() > 1:
         for param in params.values():
             if param.grad is None:  # no micro-batch on this rank
