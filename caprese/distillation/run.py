@@ -187,7 +187,7 @@ def _run_stages(model, samples, out: Path, settings: DistillSettings, held_out,
             cost.forget(out / "checkpoints")
         summary["stages"][stage] = result
     summary["peak_memory_gib"] = max([cost.peak_memory_gib()] + [
-        stage.get("peak_memory_gib", 0.0) for stage in summary["stages"].values()])
+        result.get("peak_memory_gib", 0.0) for result in summary["stages"].values()])
     summary.update(_do_no_harm(summary["stages"], settings.stages))
     if distributed.is_main():
         save(model, out, trained={"stage": settings.stages[-1]})
