@@ -8,8 +8,8 @@ qwen2.5-coder-1.5b-instruct a CATS E2E stage's resident memory climbed from 11.6
 over its first eight steps, and one malloc_trim(0) (which hands every free page of the heap
 back) brought it to 6.0 GB at once. So the loops that run for seconds to minutes per step
 (E2E steps, statistics batches, held-out scoring, evaluation batches) call `release()` after
-each step; a step that needs the memory again takes fresh pages from the system, which costs
-far less than the step.
+each step. A step that needs the memory again takes fresh pages from the system; what that
+costs beside the step is not measured side by side yet (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
