@@ -4,12 +4,12 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks unde
 threshold (which rises to 32 MiB after the first large block is freed) from its heap, and
 keeps what is freed there for reuse. When tensor sizes change from step to step (batches of
 sequences of other lengths), new blocks rarely fit the holes and the heap only grows: on
-qwen2.5-coder-1.5b-instruct a CATS E2E stage's resident memory climbed from 11.6 to 18.5 GB
+qwen2.5-coder-1.5b-instruct a CATS E2E stage's resident memory climbed from 11.1 to 17.6 GiB
 over its first eight steps, and one malloc_trim(0) (which hands every free page of the heap
-back) brought it to 6.0 GB at once. So the loops that run for seconds to minutes per step
-(E2E steps, statistics batches, held-out scoring, evaluation batches) call `release()` after
-each step. A step that needs the memory again takes fresh pages from the system; what that
-costs beside the step is not measured side by side yet (docs/BENCHMARKS.md).
+back) brought it to 5.7 GiB at once. So the loops that run for seconds to minutes per step
+(E2E micro-batches, statistics batches, held-out scoring, generation batches) call
+`release()` after each one. A step that needs the memory again takes fresh pages from the
+system; what that costs beside the step is not measured side by side yet (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
