@@ -7,4 +7,4 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=10 "$@"

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils import cpp_extension
 
 from caprese.kernels import cpu
 from caprese.kernels.cpu import cpu_tag, machine, module
@@ -300,6 +307,49 @@ def test_the_kernel_cache_is_per_cpu_kind(tmp_path):
     assert cpu_tag(str(avx2)) == cpu_tag(str(avx2))
     assert cpu_tag(str(avx2)) != cpu_tag(str(avx512))
     assert cpu_tag(str(tmp_path / "missing"))  # no /proc: still a tag
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch waits without end on the `lock` file a killed build leaves; the next build
+    clears it and compiles."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu.build_folder("caprese_probe")
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # what a build killed by Ctrl-C or a time limit leaves
+    seen = {}
+
+    def load(name, build_directory, **_):
+        seen["lock left"] = (Path(build_directory) / "lock").exists()
+        seen["folder"] = Path(build_directory)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert cpu._load("caprese_probe", Path("kernels.cpp"), ["-O3"]) == "module"
+    assert seen == {"lock left": False, "folder": folder}
+
+
+def test_a_live_build_keeps_its_lock(tmp_path, caplog):
+    """While another process builds, its `lock` is not stale: the next build waits for it
+    instead of clearing it."""
+    folder = tmp_path / "module"
+    builder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from pathlib import Path
+            from caprese.kernels.cpu import exclusive_build
+            folder = Path({str(folder)!r})
+            with exclusive_build(folder):
+                (folder / "lock").touch()
+                print("building", flush=True)
+                time.sleep(1.0)
+                (folder / "lock").unlink()
+        """)], stdout=subprocess.PIPE, text=True)
+    assert builder.stdout.readline().strip() == "building"
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        with cpu.exclusive_build(folder):  # entered early, it would delete the live lock
+            assert not (folder / "lock").exists()
+    assert builder.wait() == 0, "the builder's own lock was taken from it"
+    assert "killed" not in caplog.text
 
 
 @pytest.mark.parametrize("method", ["none", "griffin"])

@@ -29,8 +29,10 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,8 +138,6 @@ def module():
     with _lock:
         if _module is None and not _failed:
             try:
-                from torch.utils.cpp_extension import load
-
                 source_tag = hashlib.sha256("".join(
                     name + text for name, text in sorted(source_files().items())).encode()
                 ).hexdigest()[:8]
@@ -147,8 +147,7 @@ def module():
                     name += "_" + hashlib.sha256(target.encode()).hexdigest()[:8]
                 log.info("building caprese's CPU decode kernels for -march=%s (once; cached "
                          "afterwards)", target)
-                _module = load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(target),
-                               extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
+                _module = _load(name, SOURCE, _cflags(target))
                 _register_shapes()
             except Exception as error:  # no compiler, no headers: the dense form still works
                 log.warning("CPU decode kernels unavailable (%s); using PyTorch", error)
@@ -168,8 +167,6 @@ def build_variant(files: dict[str, str], namespace: str, march: str = "native"):
     torch.ops.<namespace>.* beside caprese's own: benchmarks time another revision's kernels
     side by side, and tests check the AVX2 and plain-loop paths on any x86 CPU. Returns that
     namespace."""
-    from torch.utils.cpp_extension import load
-
     renamed = {}
     for name, text in files.items():
         for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
@@ -180,9 +177,56 @@ def build_variant(files: dict[str, str], namespace: str, march: str = "native"):
     with tempfile.TemporaryDirectory() as folder:
         for name, text in renamed.items():
             (Path(folder) / name).write_text(text)
-        load(name=f"{namespace}_{tag}_{cpu_tag()}", sources=[str(Path(folder) / SOURCE.name)],
-             extra_cflags=flags, extra_ldflags=BUILD_FLAGS["extra_ldflags"], verbose=False)
+        _load(f"{namespace}_{tag}_{cpu_tag()}", Path(folder) / SOURCE.name, flags)
     return getattr(torch.ops, namespace)
+
+
+def _load(name: str, source: Path, cflags: list[str]):
+    """torch's C++ extension `load`, in a build folder no killed build can block."""
+    from torch.utils.cpp_extension import load
+
+    folder = build_folder(name)
+    with exclusive_build(folder):
+        return load(name=name, sources=[str(source)], extra_cflags=cflags,
+                    extra_ldflags=BUILD_FLAGS["extra_ldflags"], build_directory=str(folder),
+                    verbose=False)
+
+
+def build_folder(name: str) -> Path:
+    """Where module `name` is built and cached: torch's layout (TORCH_EXTENSIONS_DIR, else
+    torch's default root, one folder per Python version)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"{python}_cpu" / name
+
+
+@contextmanager
+def exclusive_build(folder: Path):
+    """Hold `folder` for one build at a time, and clear a lock a killed build left there.
+
+    torch marks a build in progress with a file named `lock` and waits, without end, until
+    that file is gone; a build killed midway (Ctrl-C, a job's time limit) leaves it behind,
+    and every later process then hangs on its first decode. An flock on a file of our own
+    is released by the operating system when its holder dies, so whoever holds it knows
+    that no live caprese process is building here and that a `lock` file is stale."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(folder / "caprese-build.flock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was killed", stale)
+            stale.unlink()
+        try:
+            yield
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
 
 
 def _register_shapes() -> None:
