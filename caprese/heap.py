@@ -9,15 +9,22 @@ over its first eight steps, and one malloc_trim(0) (which hands every free page 
 back) brought it to 5.7 GiB at once. So the loops that run for seconds to minutes per step
 (E2E micro-batches, statistics batches, held-out scoring, generation batches) call
 `release()` after each one. A step that needs the memory again takes fresh pages from the
-system; what that costs beside the step is not measured side by side yet (docs/BENCHMARKS.md).
+system, a page fault per 4 KiB: on that model and CPU (AMD EPYC Zen 5, bf16) an E2E
+micro-batch of 4 sequences took 1.17x as long with the release as without it
+(benchmarks/heap_release.py, docs/BENCHMARKS.md). Memory first, by default; where memory is
+plentiful, CAPRESE_HEAP_RELEASE=0 keeps the freed heap in the process (faster E2E steps, a
+resident size that grows).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import sys
+
+ENVIRONMENT = "CAPRESE_HEAP_RELEASE"  # "0": never hand the heap back
 
 
 @functools.cache
@@ -34,4 +41,6 @@ def _malloc_trim():
 def release() -> bool:
     """Return the heap's free pages to the system; True if any were returned."""
     trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
+    if trim is None or os.environ.get(ENVIRONMENT) == "0":
+        return False
+    return bool(trim(0))
