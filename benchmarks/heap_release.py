@@ -29,6 +29,7 @@ import torch
 
 import caprese
 from caprese import heap
+from caprese.bench.memory import rss_bytes
 from caprese.distillation.e2e import e2e_loss
 from caprese.io import atomic_write_text
 from caprese.kernels.cpu import machine
@@ -36,13 +37,6 @@ from caprese.models import load_model
 from caprese.samples import Sample, collate
 
 MODES = ("keep", "release")
-
-
-def resident_gib() -> float:
-    """This process's resident memory now (Linux /proc)."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * 4096 / 2**30
 
 
 def micro_batches(rounds: int, per_block: int, size: int, vocab: int, seed: int,
@@ -104,7 +98,7 @@ def main() -> None:
                     seconds.append(time.perf_counter() - started)
                 model.zero_grad(set_to_none=True)
             result[f"{mode}_s"] = statistics.median(seconds)
-            result[f"{mode}_resident_gib"] = resident_gib()
+            result[f"{mode}_resident_gib"] = rss_bytes() / 2**30
         result["ratio"] = result["release_s"] / result["keep_s"]
         rows.append(result)
         print(f"round {round_index}: keep {result['keep_s']:.3g} s, release "

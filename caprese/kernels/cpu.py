@@ -217,16 +217,13 @@ def exclusive_build(folder: Path):
     except ImportError:  # not POSIX: torch's own lock alone
         yield
         return
-    with open(folder / "caprese-build.flock", "w") as holder:
+    with open(folder / "caprese-build.flock", "w") as holder:  # closing it unlocks
         fcntl.flock(holder, fcntl.LOCK_EX)
         stale = folder / "lock"
         if stale.exists():
             log.warning("removing %s, left by a build that was killed", stale)
             stale.unlink()
-        try:
-            yield
-        finally:
-            fcntl.flock(holder, fcntl.LOCK_UN)
+        yield
 
 
 def _register_shapes() -> None:
