@@ -1,4 +1,4 @@
-"""One decode token's matrix-vector products in bf16, timed alone: PyTorch, caprese's CPU
+"""One decode token's matrix-vector products in bf16 (or fp32), timed alone: PyTorch, caprese's CPU
 kernel, and a plain read of the same bytes (the limit), in GB/s; CATS' sparse decode,
 counted in the bytes of the rows it keeps, also against a plain read of just those scattered
 rows (its own limit); and a decode token's attention after a 2048-token prompt
@@ -11,6 +11,9 @@ store it at density 0.5 with the low-rank path's r = 256 rows appended (4736 x 1
 none stays in the caches; median of 9 after 2 untimed runs.
 
     python benchmarks/gemv_kernels.py --out benchmarks/results/gemv_kernels_<cpu>.json
+
+`--dtype fp32` times the fp32 kernels instead (the ones CPUs not made by Intel decode with,
+`caprese.kernels.cpu.FP32_KERNELS`; the matrices then hold half as many values per MB).
 
 `--against REV` also builds the kernel source of git revision REV (under an operator
 namespace of its own) and times it against the working tree's, the two alternating run by run
@@ -41,6 +44,7 @@ from caprese.kernels import cpu
 from caprese.kernels.cpu import machine
 from caprese.kernels.huge_pages import collapse, keep_off
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPES = {"gate/up": (8960, 1536), "down": (1536, 8960), "lm head": (151936, 1536)}
 
 
@@ -134,19 +138,20 @@ def gigabytes_per_second(weights: list[torch.Tensor], ours, theirs, old=None,
             **{name: total / spent / 1e9 for name, spent in seconds.items()}}
 
 
-def random_weights(megabytes: int, shape: tuple[int, int]) -> list[torch.Tensor]:
-    """Enough distinct bf16 matrices of `shape` that none stays in the caches, on huge pages."""
-    count = max(1, megabytes * 2**20 // (shape[0] * shape[1] * 2))
-    weights = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
+def random_weights(megabytes: int, shape: tuple[int, int], dtype: torch.dtype
+                   ) -> list[torch.Tensor]:
+    """Enough distinct matrices of `shape` that none stays in the caches, on huge pages."""
+    count = max(1, megabytes * 2**20 // (shape[0] * shape[1] * dtype.itemsize))
+    weights = [torch.randn(shape).to(dtype) for _ in range(count)]
     collapse(weights)
     return weights
 
 
-def linear_rows(megabytes: int, name: str, shape: tuple[int, int], against=None,
-                revision: str = "", pages: bool = False) -> dict:
+def linear_rows(megabytes: int, name: str, shape: tuple[int, int], dtype: torch.dtype,
+                against=None, revision: str = "", pages: bool = False) -> dict:
     """y = x W^T, W (out, in)."""
-    weights = random_weights(megabytes, shape)
-    x = torch.randn(1, shape[1]).to(torch.bfloat16)
+    weights = random_weights(megabytes, shape, dtype)
+    x = torch.randn(1, shape[1]).to(dtype)
     old = None
     if against is not None:  # the same work as cpu.linear, rounding the output
         row = x.reshape(1, -1)
@@ -163,11 +168,12 @@ def linear_rows(megabytes: int, name: str, shape: tuple[int, int], against=None,
                                    pages)}
 
 
-def down_rows(megabytes: int, against=None, revision: str = "", pages: bool = False) -> dict:
+def down_rows(megabytes: int, dtype: torch.dtype, against=None, revision: str = "",
+              pages: bool = False) -> dict:
     """y = h M for M stored as rows (GRIFFIN's gathered W2^T with R below it)."""
     shape = (4480 + 256, SHAPES["down"][0])
-    weights = random_weights(megabytes, shape)
-    h = torch.randn(1, shape[0]).to(torch.bfloat16)
+    weights = random_weights(megabytes, shape, dtype)
+    h = torch.randn(1, shape[0]).to(dtype)
     flat = h.reshape(-1).float()
     old = None if against is None else (
         lambda w: against.rows_product(flat, w).to(h.dtype))  # as cpu.rows_product does
@@ -176,19 +182,20 @@ def down_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
                                    lambda w: h @ w, old, revision, pages)}
 
 
-def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = False) -> dict:
+def cats_rows(megabytes: int, dtype: torch.dtype, against=None, revision: str = "",
+              pages: bool = False) -> dict:
     """CATS' sparse decode of one MLP's up and down rows (gate values drawn so that about
     half the rows survive), against a read of the same count of bytes."""
     d_ff, dim = SHAPES["gate/up"]
-    count = max(1, megabytes * 2**20 // (2 * d_ff * dim * 2))
-    layers = [(torch.randn(d_ff, dim).to(torch.bfloat16), torch.randn(d_ff, dim).to(torch.bfloat16))
+    count = max(1, megabytes * 2**20 // (2 * d_ff * dim * dtype.itemsize))
+    layers = [(torch.randn(d_ff, dim).to(dtype), torch.randn(d_ff, dim).to(dtype))
               for _ in range(count)]
     collapse(t for pair in layers for t in pair)
-    x = torch.randn(1, 1, dim).to(torch.bfloat16)
-    act = torch.randn(1, 1, d_ff).to(torch.bfloat16)
+    x = torch.randn(1, 1, dim).to(dtype)
+    act = torch.randn(1, 1, d_ff).to(dtype)
     tau = act.float().abs().median()
     kept = torch.nonzero(act.reshape(-1).float().abs() > tau).reshape(-1)
-    kept_bytes = count * 2 * kept.numel() * dim * 2
+    kept_bytes = count * 2 * kept.numel() * dim * dtype.itemsize
     runs = {"caprese": lambda: [cpu.cats_decode(x, act, tau, up, down) for up, down in layers]}
     small = [on_small_pages(pair) for pair in layers] if pages else []
     if pages:
@@ -211,21 +218,21 @@ def cats_rows(megabytes: int, against=None, revision: str = "", pages: bool = Fa
             **{name: kept_bytes / spent / 1e9 for name, spent in seconds.items()}}
 
 
-def attention_rows(megabytes: int, against=None, revision: str = "", pages: bool = False
-                   ) -> dict:
+def attention_rows(megabytes: int, dtype: torch.dtype, against=None, revision: str = "",
+                   pages: bool = False) -> dict:
     """One decode token's attention (decode_attention) after a 2048-token prompt: the 1.5B
-    model's 12 query heads on 2 KV heads of 128, bf16, in a static cache of 2304 positions
-    whose last 255 the mask closes; in GB/s of the open keys and values it reads."""
+    model's 12 query heads on 2 KV heads of 128 in a static cache of 2304 positions whose
+    last 255 the mask closes; in GB/s of the open keys and values it reads."""
     heads, kv_heads, dim, positions, open_positions = 12, 2, 128, 2304, 2049
     shape = (1, kv_heads, positions, dim)
-    count = max(1, megabytes * 2**20 // (2 * positions * kv_heads * dim * 2))
-    layers = [(torch.randn(shape).to(torch.bfloat16), torch.randn(shape).to(torch.bfloat16))
+    count = max(1, megabytes * 2**20 // (2 * positions * kv_heads * dim * dtype.itemsize))
+    layers = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
               for _ in range(count)]
     collapse(t for pair in layers for t in pair)
-    query = torch.randn(1, heads, 1, dim).to(torch.bfloat16)
+    query = torch.randn(1, heads, 1, dim).to(dtype)
     mask = torch.zeros(1, positions)
-    mask[:, open_positions:] = torch.finfo(torch.bfloat16).min
-    open_bytes = count * 2 * kv_heads * open_positions * dim * 2
+    mask[:, open_positions:] = torch.finfo(dtype).min
+    open_bytes = count * 2 * kv_heads * open_positions * dim * dtype.itemsize
     runs = {"caprese": lambda: [torch.ops.caprese.decode_attention(query, k, v, mask, dim**-0.5)
                                 for k, v in layers]}
     if against is not None:
@@ -245,19 +252,25 @@ def main() -> None:
                         help="also time the kernels of this git revision, side by side")
     parser.add_argument("--pages", action="store_true",
                         help="also time the kernels and the read on copies on 4 KiB pages")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", help="write the results JSON here")
     args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
     if cpu.module() is None:
         raise SystemExit("caprese's CPU kernels did not build on this machine")
+    if dtype == torch.float32 and not cpu.FP32_KERNELS:
+        raise SystemExit("fp32 products stay with PyTorch (MKL) on this CPU: nothing to time")
     against = kernels_at(args.against) if args.against else None
-    rows = [linear_rows(args.megabytes, name, shape, against, args.against or "", args.pages)
+    revision = args.against or ""
+    rows = [linear_rows(args.megabytes, name, shape, dtype, against, revision, args.pages)
             for name, shape in SHAPES.items()]
-    rows.append(down_rows(args.megabytes, against, args.against or "", args.pages))
-    rows.append(cats_rows(args.megabytes, against, args.against or "", args.pages))
-    rows.append(attention_rows(args.megabytes, against, args.against or ""))
+    rows.append(down_rows(args.megabytes, dtype, against, revision, args.pages))
+    rows.append(cats_rows(args.megabytes, dtype, against, revision, args.pages))
+    rows.append(attention_rows(args.megabytes, dtype, against, revision))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(f"bf16, one token, {torch.get_num_threads()} threads, {machine()}, commit {commit}")
+    print(f"{args.dtype}, one token, {torch.get_num_threads()} threads, {machine()}, "
+          f"commit {commit}")
     old = f"caprese at {args.against}"
     extra = f" {args.against} GB/s | {args.against} / caprese time |" if against else ""
     small = " read, 4 KiB pages | caprese, 4 KiB pages | huge / 4 KiB, read | huge / 4 KiB, " \
@@ -281,11 +294,12 @@ def main() -> None:
     print(f"A plain read of CATS' kept rows alone: {cats['read, kept rows']:.1f} GB/s; "
           f"caprese's kernel {cats['caprese'] / cats['read, kept rows']:.0%} of it.")
     if args.out:
-        command = "python benchmarks/gemv_kernels.py" + (
+        command = f"python benchmarks/gemv_kernels.py --dtype {args.dtype}" + (
             f" --against {args.against}" if against else "") + (" --pages" if args.pages else "")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
-            {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
+            {"machine": machine(), "dtype": args.dtype, "threads": torch.get_num_threads(),
+             "commit": commit,
              "command": command, "rows": rows}, indent=2))
 
 
