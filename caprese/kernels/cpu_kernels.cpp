@@ -159,6 +159,22 @@ static void dot_rows(const T* w, const float* x, const at::BFloat16* x_bf16, int
     }
   }
 #endif
+#if CAPRESE_SIMD == 8
+  if constexpr (std::is_same_v<T, float>) {
+    // AVX2, fp32: rows of up to 8 KB one at a time, front to back, as bf16 rows above.
+    if (in <= kShortRow / 2) {
+      const int64_t whole = in / 32 * 32;
+      for (int r = 0; r < nr; ++r) {
+        vec part[4] = {vzero(), vzero(), vzero(), vzero()};  // four chains of FMAs in flight
+        for (int64_t e = 0; e < whole; e += 32)
+          for (int k = 0; k < 4; ++k)
+            part[k] = vfma(vload(row[r] + e + 8 * k), vload(x + e + 8 * k), part[k]);
+        acc[r] = vadd(vadd(part[0], part[1]), vadd(part[2], part[3]));
+      }
+      d = whole;
+    }
+  }
+#endif
   for (; d + CAPRESE_SIMD <= in; d += CAPRESE_SIMD) {
     const vec xv = vload(x + d);
     for (int r = 0; r < nr; ++r) {
