@@ -116,7 +116,8 @@ static void linear_block(const T* w, const float* x, int64_t rows, int64_t in, i
 // One token (x a single row): eight weight rows per pass, each prefetched a little ahead of
 // its loads. More streams in flight and the prefetch keep the memory system busy: on a
 // 2-core AMD EPYC in bf16 the 1.5B model's 8960 x 1536 products read 22-33 instead of
-// 16-19 GB/s (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md).
+// 16-19 GB/s (benchmarks/gemv_kernels.py, docs/BENCHMARKS.md). Rows of up to 8 KB go one
+// at a time instead where that measured faster: bf16 with AVX512_BF16, fp32 with AVX2.
 constexpr int kRowsPerPass = 8;
 constexpr int64_t kPrefetchAhead = 1024;  // bytes
 constexpr int64_t kShortRow = 4096;  // bf16 values
