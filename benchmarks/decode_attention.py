@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from caprese import compiled, phases
+from caprese.io import atomic_write_text
 from caprese.kernels.attention import DECODE, GROUPED
 from caprese.kernels.cpu import machine
 from caprese.models.load import load_model
@@ -92,7 +93,7 @@ def main() -> None:
               f"{row['to_sdpa']:.3f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(
+        atomic_write_text(Path(args.out), json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
              "model": args.model, "dtype": args.dtype,
              "command": " ".join(["python", "benchmarks/decode_attention.py", *sys.argv[1:]]),

@@ -40,6 +40,7 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 from caprese.bench.latency import median_seconds
+from caprese.io import atomic_write_text
 from caprese.kernels import cpu
 from caprese.kernels.cpu import machine
 from caprese.kernels.huge_pages import collapse, keep_off
@@ -297,10 +298,9 @@ def main() -> None:
         command = f"python benchmarks/gemv_kernels.py --dtype {args.dtype}" + (
             f" --against {args.against}" if against else "") + (" --pages" if args.pages else "")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(
+        atomic_write_text(Path(args.out), json.dumps(
             {"machine": machine(), "dtype": args.dtype, "threads": torch.get_num_threads(),
-             "commit": commit,
-             "command": command, "rows": rows}, indent=2))
+             "commit": commit, "command": command, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

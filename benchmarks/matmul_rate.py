@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from caprese.bench.latency import median_seconds
+from caprese.io import atomic_write_text
 from caprese.kernels.cpu import machine
 
 ROWS = {"prefill (2048 tokens)": 2048, **{f"decode (batch {n})": n for n in (1, 20, 32, 64, 128)}}
@@ -61,8 +62,10 @@ def main() -> None:
         print(f"| {name} | {rate['fp32']:.0f} | {rate['bf16']:.0f} "
               f"| {rate['bf16'] / rate['fp32']:.2f} |")
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine(), "threads": torch.get_num_threads(),
-                                        "torch": torch.__version__, "rows": rows}, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps({"machine": machine(), "torch": torch.__version__,
+                                                "threads": torch.get_num_threads(), "rows": rows},
+                                               indent=1))
 
 
 if __name__ == "__main__":
