@@ -61,10 +61,11 @@ def test_linear_kernel_takes_x_in_float32_or_bf16():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(300, 70), (5, 1), (600, 200), (1, 64), (513, 97)])
-def test_rows_product_equals_torch(shape):
-    """Tails of a cache line and of a SIMD vector, one thread's rows and two threads'."""
-    dtype = torch.bfloat16
+def test_rows_product_equals_torch(shape, dtype):
+    """Tails of a cache line, of a SIMD vector and of four rows (fp32 on AVX2 adds four rows
+    at a time), one thread's rows and two threads'."""
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(*shape, generator=generator).to(dtype)
     x = torch.randn(1, 1, shape[0], generator=generator).to(dtype)
