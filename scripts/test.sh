@@ -7,4 +7,8 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 ruff check .
-python -m pytest -q --durations=10 "$@"
+# Two workers of one thread each (pytest-xdist): much of the suite is single-threaded Python
+# (compiling, process start-up), so two of them keep both cores busy where one test at a
+# time, given both cores, left one idle; one thread each keeps them from taking turns on the
+# cores. The kernel tests still run theirs on two threads. `-n 0` runs it in one process.
+OMP_NUM_THREADS=1 python -m pytest -q -n 2 --durations=10 "$@"

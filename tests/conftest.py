@@ -56,6 +56,12 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     return model
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests (marked slow) first: split between workers (pytest-xdist), a long
+    test handed out last would hold up the end of the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -25,6 +25,16 @@ from tests.helpers import attached_copy, generate_with_logits, randomize_lowrank
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    """The kernels split their rows between threads: test them on two, also where the test
+    command gives each worker one (scripts/test.sh)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_the_kernels_build():
     assert module() is not None, "the CPU decode kernels did not build"
 
