@@ -4,7 +4,8 @@ GPUs), the way gpt-fast decodes.
 A decode step of a 1.5B model at batch 1 is a few hundred small kernels; on a GPU their
 launches cost more than their work, and capturing the whole step once removes that cost.
 Capture needs shapes that stay the same from step to step, and caprese's decode has them:
-- the KV cache is transformers' StaticCache, allocated at its full length before the prompt;
+- the KV cache is transformers' StaticCache, allocated at its full length before the prompt
+  (its sliding-window layers made full ones, the window left to the mask: _windows_by_mask);
 - GRIFFIN's gathered matrices keep k rows per sample and are written in place by every
   prompt (`prepare_decode`), CATS' weights are the shared layout: the same tensors, at the
   same addresses, in every step;
@@ -39,6 +40,7 @@ import gc
 import torch
 from torch import nn
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.generation import CompileConfig
 
 from caprese.block import CapreseBlock
@@ -282,14 +284,30 @@ def static_cache(model: nn.Module, length: int, batch: int) -> StaticCache:
     parameter = next(model.parameters())
     shape = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET, parameter.dtype, parameter.device)
     if not replays_cuda_graphs(parameter.device):
-        return StaticCache(config=model.config, max_cache_len=shape[1])
+        return _windows_by_mask(StaticCache(config=model.config, max_cache_len=shape[1]), shape[1])
     kept = getattr(model, "_caprese_static_cache", None)
     if kept is not None and kept[0] == shape:
         kept[1].reset()
         return kept[1]
     model._caprese_static_cache = None  # the old cache's memory goes before the new one's
-    cache = StaticCache(config=model.config, max_cache_len=shape[1])
+    cache = _windows_by_mask(StaticCache(config=model.config, max_cache_len=shape[1]), shape[1])
     model._caprese_static_cache = (shape, cache)
+    return cache
+
+
+def _windows_by_mask(cache: StaticCache, length: int) -> StaticCache:
+    """The cache with each sliding-window layer (Gemma 2/3, Mistral) replaced by a full one.
+
+    transformers' static sliding-window layer counts its tokens in a Python int, which the
+    mask code reads at every step: with static shapes dynamo guards on its value, so a Gemma
+    decode step compiled again at every token (15 s a token on a tiny model) until dynamo's
+    limit stopped it. A full layer counts in a tensor; the window is then the mask's work
+    (transformers' sliding-window mask excludes keys a window behind the query). Same keys
+    attended, same memory up to the window's length; past it the sliding layers hold, and
+    attention reads, the whole cache instead of the window."""
+    for index, layer in enumerate(cache.layers):
+        if layer.is_sliding:
+            cache.layers[index] = StaticLayer(max_cache_len=length)
     return cache
 
 

@@ -45,8 +45,8 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def variant_model(method, density, rank, dtype=torch.float32, family="qwen2"):
-    model = tiny_model(family, max_position_embeddings=512).to(dtype)
+def variant_model(method, density, rank, dtype=torch.float32, family="qwen2", **config):
+    model = tiny_model(family, **{"max_position_embeddings": 512, **config}).to(dtype)
     if method is not None:
         caprese.attach(model, caprese.CapreseConfig(method=method, density=density, rank=rank))
         if rank:
@@ -65,6 +65,19 @@ def test_compiled_decode_generates_the_eager_tokens(method, density, rank, batch
     assert compiled_graphs() >= 1  # it did compile, as one graph (fullgraph=True)
     assert torch.equal(first.tokens, eager.tokens)
     assert torch.equal(again.tokens, eager.tokens)
+
+
+@pytest.mark.parametrize("family, config", [("gemma2", {}), ("mistral", {"sliding_window": 8})])
+def test_a_sliding_window_model_compiles_its_step_once(family, config):
+    """Gemma 2 alternates windowed and full layers (a window of 16 here), a windowed Mistral
+    has only windowed ones (8): the step compiles once, not once a token, and generates past
+    the window what the eager step (transformers' own windowed cache) generates."""
+    model = variant_model("griffin", 0.5, 8, family=family, **config)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    eager = greedy_decode(model, prompt, 16)
+    assert torch.equal(greedy_decode(model, prompt, 16, compile="inductor").tokens,
+                       eager.tokens)
+    assert compiled_graphs() == 1
 
 
 def test_more_compiled_variants_than_dynamos_limit_in_one_process():
