@@ -92,7 +92,6 @@ def main() -> None:
         print(f"| {row['prompt_len']} | {row['attention']} | {row['step_ms']:.1f} | "
               f"{row['to_sdpa']:.3f} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(
             {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit,
              "model": args.model, "dtype": args.dtype,

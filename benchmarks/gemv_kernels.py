@@ -297,7 +297,6 @@ def main() -> None:
     if args.out:
         command = f"python benchmarks/gemv_kernels.py --dtype {args.dtype}" + (
             f" --against {args.against}" if against else "") + (" --pages" if args.pages else "")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(
             {"machine": machine(), "dtype": args.dtype, "threads": torch.get_num_threads(),
              "commit": commit, "command": command, "rows": rows}, indent=2))

@@ -62,7 +62,6 @@ def main() -> None:
         print(f"| {name} | {rate['fp32']:.0f} | {rate['bf16']:.0f} "
               f"| {rate['bf16'] / rate['fp32']:.2f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps({"machine": machine(), "torch": torch.__version__,
                                                 "threads": torch.get_num_threads(), "rows": rows},
                                                indent=1))

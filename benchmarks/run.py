@@ -123,7 +123,6 @@ def machine() -> str:
 
 def write(report: dict, experiment: dict) -> None:
     out = ROOT / experiment["out"]
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
 
 

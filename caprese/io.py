@@ -37,7 +37,9 @@ FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """write(tmp_path) then rename over path: readers see the old file or the new one."""
+    """write(tmp_path) then rename over path: readers see the old file or the new one. The
+    folder is made first, so a result path in a new folder needs nothing from the caller."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -12,7 +12,7 @@ from conftest import prompt_ids, tiny_model
 from helpers import attached_copy, generate_with_logits, randomize_lowrank
 
 import caprese
-from caprese.io import sha256_file
+from caprese.io import atomic_write_text, sha256_file
 from caprese.version import ADAPTER_FORMAT
 
 
@@ -194,6 +194,14 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         caprese.save(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_atomic_write_makes_its_folder_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "new" / "deeper" / "result.json"
+    atomic_write_text(target, "{}")
+    atomic_write_text(target, "[]")  # over its own file
+    assert target.read_text() == "[]"
+    assert list(target.parent.iterdir()) == [target]
 
 
 def test_decode_without_prefill_and_cacheless_generation_are_refused():

@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     result["setup"].update(model=args.model, dtype_reason=setup["dtype_reason"],
                            command=setup["command"])
     if args.out:  # before the table: minutes of measurements never hang on its printing
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(format_table(result))
     return 0

@@ -105,7 +105,6 @@ def run_lm_eval(args: argparse.Namespace) -> int:
                                                    "max_new_tokens": args.max_new_tokens},
         "setup": {**setup, "threads": torch.get_num_threads(), "limit": args.limit,
                   "seconds": time.perf_counter() - started, "lm_eval": lm_eval.__version__}}
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=2, default=str))
     print(json.dumps(output["results"], indent=2, default=str))
     return 0

@@ -202,7 +202,6 @@ def evaluate(model, tokenizer, variant: dict, task: EvalTask, out: str | Path,
     if distributed.world_size() > 1:
         record["setup"]["processes"] = distributed.world_size()
     if distributed.is_main():  # under torchrun every rank holds the whole result
-        out.parent.mkdir(parents=True, exist_ok=True)
         if per_problem:
             atomic_write_text(per_problem,
                               "".join(json.dumps(r) + "\n" for r in result["records"]))
