@@ -5,7 +5,7 @@ A decode step of a 1.5B model at batch 1 is a few hundred small kernels; on a GP
 launches cost more than their work, and capturing the whole step once removes that cost.
 Capture needs shapes that stay the same from step to step, and caprese's decode has them:
 - the KV cache is transformers' StaticCache, allocated at its full length before the prompt
-  (its sliding-window layers made full ones, the window left to the mask: _windows_by_mask);
+  (its sliding-window layers made full ones, the window left to the mask: _new_static_cache);
 - GRIFFIN's gathered matrices keep k rows per sample and are written in place by every
   prompt (`prepare_decode`), CATS' weights are the shared layout: the same tensors, at the
   same addresses, in every step;
@@ -284,19 +284,20 @@ def static_cache(model: nn.Module, length: int, batch: int) -> StaticCache:
     parameter = next(model.parameters())
     shape = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET, parameter.dtype, parameter.device)
     if not replays_cuda_graphs(parameter.device):
-        return _windows_by_mask(StaticCache(config=model.config, max_cache_len=shape[1]), shape[1])
+        return _new_static_cache(model, shape[1])
     kept = getattr(model, "_caprese_static_cache", None)
     if kept is not None and kept[0] == shape:
         kept[1].reset()
         return kept[1]
     model._caprese_static_cache = None  # the old cache's memory goes before the new one's
-    cache = _windows_by_mask(StaticCache(config=model.config, max_cache_len=shape[1]), shape[1])
+    cache = _new_static_cache(model, shape[1])
     model._caprese_static_cache = (shape, cache)
     return cache
 
 
-def _windows_by_mask(cache: StaticCache, length: int) -> StaticCache:
-    """The cache with each sliding-window layer (Gemma 2/3, Mistral) replaced by a full one.
+def _new_static_cache(model: nn.Module, length: int) -> StaticCache:
+    """A static cache of `length` positions whose sliding-window layers (Gemma 2/3, Mistral)
+    are full ones.
 
     transformers' static sliding-window layer counts its tokens in a Python int, which the
     mask code reads at every step: with static shapes dynamo guards on its value, so a Gemma
@@ -305,6 +306,7 @@ def _windows_by_mask(cache: StaticCache, length: int) -> StaticCache:
     (transformers' sliding-window mask excludes keys a window behind the query). Same keys
     attended, same memory up to the window's length; past it the sliding layers hold, and
     attention reads, the whole cache instead of the window."""
+    cache = StaticCache(config=model.config, max_cache_len=length)
     for index, layer in enumerate(cache.layers):
         if layer.is_sliding:
             cache.layers[index] = StaticLayer(max_cache_len=length)
